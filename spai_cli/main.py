@@ -1,0 +1,191 @@
+"""The ``spai`` command: parses arguments and dispatches to ``pipelines``, ``tune`` and ``spai_core``.
+
+Each subcommand's work lives in the library; this module only turns flags into calls, so the same
+functions serve Python users and the CLI. Imports are lazy so ``spai --help`` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+EPILOG = """Environment:
+  RAY_ADDRESS          connect to a running Ray cluster instead of starting a local one
+  MLFLOW_TRACKING_URI  where runs are tracked (default: a local store, ./mlruns)
+  AWS_ENDPOINT_URL     S3-compatible endpoint for s3:// URIs (MinIO, Ceph, moto, ...); credentials come
+                       from the usual AWS variables and profiles (AWS_PROFILE, ~/.aws/credentials)
+"""
+
+
+def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "manifest",
+        help="build a Parquet manifest from GenImage folders, SPAI CSVs or real/fake folders",
+        description="Build one Parquet manifest (uri, label, split, generator, source, group) from a dataset "
+        "layout on disk or under an s3:// prefix, and write a JSON sidecar with counts. "
+        "Run `spai validate` on it next to find corrupt or duplicated images.",
+    )
+    kinds = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
+    gen = kinds.add_parser("genimage", help="<root>/<generator>/{train,val}/{ai,nature} (all 8 generators)")
+    gen.add_argument("root", help="GenImage root directory or s3:// prefix")
+    gen.add_argument("--generators", nargs="*", default=None, help="generator folders to include (default: all)")
+    gen.add_argument("--val-fraction", type=float, default=0.0,
+                     help="move this fraction of each generator's train groups to val (GenImage's val is used as test)")
+    csv = kinds.add_parser("csv", help="official SPAI CSV (image,class,split; extra columns kept)")
+    csv.add_argument("csv", help="CSV file (local or s3://)")
+    csv.add_argument("--root", default=None, help="root dir for relative image paths (default: the CSV's folder)")
+    csv.add_argument("--generator", default=None, help="generator name for all rows (default: a `generator` column "
+                     "if present, else 'real' for class 0 and 'unknown' for class 1)")
+    fold = kinds.add_parser("folders", help="real and fake folders, searched recursively")
+    fold.add_argument("--real", nargs="+", required=True, help="folder(s) or s3:// prefixes of real images")
+    fold.add_argument("--fake", nargs="+", required=True,
+                      help="folder(s) of generated images; NAME=PATH names the generator (default: folder name)")
+    fold.add_argument("--balance", action="store_true", help="subsample reals to the number of fakes")
+    fold.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, split by group (seeded)")
+    fold.add_argument("--seed", type=int, default=0)
+    for k in (gen, csv, fold):
+        k.add_argument("--output", "-o", required=True, help="manifest path (directory) or s3:// URI")
+        k.add_argument("--source", default=None, help="dataset name for the `source` column")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spai",
+        description="SPAI AI-generated image detection on Ray: build manifests, train, tune, score, evaluate.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_manifest_parser(sub)
+
+    p = sub.add_parser("validate", help="open every image of a manifest; record sizes and hashes, list rejects",
+                       description="A Ray Data job that decodes every image of a manifest, records width, height, "
+                       "format, bytes and a content hash, writes rejects (missing, zero-byte, truncated, not an "
+                       "image, decompression bomb, unreadable) with their reason, and reports content duplicated "
+                       "across splits (leakage).")
+    p.add_argument("manifest", help="manifest path or s3:// URI")
+    p.add_argument("--output", "-o", default=None,
+                   help="where to write the validated manifest (default: <manifest>.validated)")
+    p.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit in pixels")
+
+    p = sub.add_parser("train", help="train or fine-tune SPAI with Ray Train (DDP), tracked in MLflow",
+                       description="Train SPAI on a manifest with Ray Train. The YAML config holds the recipe "
+                       "(configs/spai.yaml is the official one, configs/tiny.yaml a CPU-sized one); key=value "
+                       "overrides change any field, e.g. optim.lr=1e-4 model.mask_radius=24.")
+    p.add_argument("--config", "-c", default=None, help="training config YAML (default: the official recipe)")
+    p.add_argument("--manifest", "-m", required=True, help="manifest path or s3:// URI with train and val rows")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU, gloo)")
+    p.add_argument("--output", "-o", default=None, help="run directory or s3:// URI (default: runs/)")
+    p.add_argument("--name", default=None, help="run name (default: generated)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--experiment", default="spai-train", help="MLflow experiment name")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run with this --name/--output")
+    p.add_argument("--init", default=None, help="start from weights: official spai.pth or our checkpoint")
+    p.add_argument("--backbone", default=None, help="MFM ViT-B/16 backbone weights (mfm_pretrain_vit_base.pth)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune + ASHA; every trial is a real train run",
+                       description="Hyperparameter search over the training config with Ray Tune and ASHA. "
+                       "configs/search_space.yaml is the default space (lr, mask radius, epochs as max_t).")
+    p.add_argument("--config", "-c", default=None, help="base training config YAML")
+    p.add_argument("--manifest", "-m", required=True)
+    p.add_argument("--space", default=None, help="search space YAML (default: the shipped one)")
+    p.add_argument("--trials", type=int, default=8, help="number of trials to sample")
+    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0)
+    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--output", "-o", default=None, help="search directory or s3:// URI (default: runs/tune)")
+    p.add_argument("--name", default=None)
+    p.add_argument("--mlflow-uri", default=None)
+    p.add_argument("--experiment", default="spai-tune")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted search without re-running trials")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base training config")
+
+    p = sub.add_parser("score", help="score images (folder, CSV, manifest or s3:// prefix) with Ray Data",
+                       description="Batch scoring: read -> decode on CPU workers -> score on an actor pool -> "
+                       "write, streaming and resumable (re-run the same command to continue).")
+    p.add_argument("--weights", "-w", required=True, help="official spai.pth or our checkpoint (.safetensors)")
+    p.add_argument("--input", "-i", required=True, help="folder, official CSV, manifest or s3:// prefix")
+    p.add_argument("--output", "-o", required=True, help="PATH.parquet, PATH.csv or s3:// URI")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="fp32 reproduces the official scores; bf16 is faster on GPUs and bf16-capable CPUs "
+                   "(auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    p.add_argument("--workers", type=int, default=None, help="scoring actors (default: GPUs, else 1)")
+    p.add_argument("--gpus", type=float, default=None, help="GPUs per scoring actor")
+    p.add_argument("--resize-to", type=int, default=None, help="resize so the SHORTER side is N (official behaviour)")
+    p.add_argument("--max-tiles", type=int, default=None, help="cap on 224-px tiles per image (huge images)")
+    p.add_argument("--feature-batch", type=int, default=None, help="tiles encoded at once (bounds memory)")
+    p.add_argument("--jpeg-quality", type=int, default=None, help="degradation: re-encode as JPEG at this quality")
+    p.add_argument("--blur-sigma", type=float, default=None, help="degradation: Gaussian blur sigma")
+    p.add_argument("--noise-sigma", type=float, default=None, help="degradation: Gaussian noise sigma (0-255)")
+    p.add_argument("--scale", type=float, default=None, help="degradation: resize by this factor")
+    p.add_argument("--root", default=None, help="root dir for relative paths of a CSV input")
+    p.add_argument("--split", default=None, help="score only rows of this split")
+    p.add_argument("--tag", default="spai", help="score column name in the official CSV layout")
+    p.add_argument("--official-csv", action="store_true",
+                   help="write the official CSV layout (input columns + --tag column) instead of ours")
+
+    p = sub.add_parser("evaluate", help="metrics per generator (and per degradation) from a scored table",
+                       description="AUC, AP, accuracy, TPR at 1%%/5%% FPR and ECE per generator, each fake "
+                       "generator paired with all real rows; writes a table and ROC plots.")
+    p.add_argument("scores", nargs="+", help="scored table(s) written by `spai score`")
+    p.add_argument("--output", "-o", default=None, help="report directory (table CSV/Markdown + ROC PNG)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--seen", nargs="*", default=None, help="generators seen in training (listed apart)")
+    p.add_argument("--mlflow-uri", default=None, help="log the report to this MLflow tracking URI")
+    p.add_argument("--run-id", default=None, help="MLflow run to attach the report to")
+
+    p = sub.add_parser("convert", help="convert weights between the official .pth layout and our .safetensors",
+                       description="official spai.pth -> ours.safetensors, or ours -> official layout (.pth) "
+                       "loadable by the official code. Direction is taken from the file suffixes.")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--config", default=None, help="model config name for an official file (default: spai_vit_b16)")
+
+    p = sub.add_parser("demo", help="offline demo: build corpus -> train -> score -> evaluate on this machine",
+                       description="Builds (or reuses) the offline demo corpus from committed photos and CPU "
+                       "generators, trains the tiny config with Ray Train, scores the held-out set with Ray Data "
+                       "and prints a per-generator table with a ROC report.")
+    p.add_argument("--output", "-o", default="demo_out", help="working directory for corpus, runs and report")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the corpus even if it exists")
+
+    p = sub.add_parser("demo-data", help="build only the offline demo corpus (photos + CPU generators)")
+    p.add_argument("--output", "-o", default="demo_out/corpus")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+# command -> "module:function"; each function takes the parsed argparse.Namespace
+COMMANDS = {
+    "manifest": "pipelines.manifest:main",
+    "validate": "pipelines.validate:main",
+    "train": "pipelines.train:main",
+    "tune": "tune.search:main",
+    "score": "pipelines.score:main",
+    "evaluate": "pipelines.evaluate:main",
+    "convert": "spai_core.checkpoint:convert_main",
+    "demo": "pipelines.demo:main",
+    "demo-data": "pipelines.demo_data:main",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = COMMANDS[args.command].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
