@@ -1,0 +1,323 @@
+"""Image transforms for training (the official SPAI augmentation) and scoring (resize + robustness degradations).
+
+Every transform is a plain function ``f(image, rng) -> image`` on ``H x W x 3`` uint8 RGB arrays, built from a typed
+dataclass config with :func:`make_train_transform` / :func:`make_score_transform`. The built transforms are
+``functools.partial`` objects of module-level functions, so they pickle and Ray can ship them to workers. All
+randomness comes from the ``numpy.random.Generator`` passed in, so a seeded generator reproduces a result exactly.
+
+The official code uses albumentations/OpenCV; this is a numpy + Pillow re-implementation of the same operations,
+probabilities and ranges (spec 1.9). Resampling is OpenCV-style bilinear (half-pixel centres, edge clamping, no
+antialiasing when downscaling), so it may differ from OpenCV's fixed-point arithmetic by one grey level.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import math
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+def _check_range(name: str, bounds: tuple[float, float], low: float, high: float) -> None:
+    if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] <= high:
+        raise ValueError(f"{name} must be two values (min, max) with {low} <= min <= max <= {high}, got {bounds}")
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    """The official training augmentation (spec 1.9); each probability and range is configurable.
+
+    Per view, in order: random resized crop to ``size``, horizontal flip, vertical flip, rotation with crop to the
+    largest inscribed rectangle then resize back to ``size``, Gaussian blur, Gaussian noise, JPEG re-encoding.
+    """
+
+    views: int = 4
+    size: int = 224
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # fraction of the image area
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # width / height
+    hflip_p: float = 0.5
+    vflip_p: float = 0.5
+    rotate_p: float = 0.5
+    rotate_limit: float = 90.0  # degrees, angle uniform in [-limit, limit]
+    blur_p: float = 0.5
+    blur_kernel: tuple[int, int] = (3, 9)  # odd kernel sizes in this range, uniformly
+    blur_sigma: tuple[float, float] = (0.01, 0.5)
+    noise_p: float = 0.5
+    noise_var: tuple[float, float] = (10.0, 50.0)  # variance on the 0..255 scale, independent per channel
+    jpeg_p: float = 0.5
+    jpeg_quality: tuple[int, int] = (50, 100)
+
+    def __post_init__(self) -> None:
+        if self.views < 1 or self.size < 1:
+            raise ValueError(f"views and size must be >= 1, got views={self.views}, size={self.size}")
+        for name in ("hflip_p", "vflip_p", "rotate_p", "blur_p", "noise_p", "jpeg_p"):
+            _check_probability(name, getattr(self, name))
+        _check_range("crop_scale", self.crop_scale, 1e-6, 1.0)
+        _check_range("crop_ratio", self.crop_ratio, 1e-6, math.inf)
+        _check_range("blur_kernel", self.blur_kernel, 1, math.inf)
+        if (self.blur_kernel[0] | 1) > self.blur_kernel[1]:
+            raise ValueError(f"blur_kernel {self.blur_kernel} contains no odd kernel size; widen it, e.g. (3, 9)")
+        _check_range("blur_sigma", self.blur_sigma, 1e-6, math.inf)
+        _check_range("noise_var", self.noise_var, 0.0, math.inf)
+        _check_range("jpeg_quality", self.jpeg_quality, 1, 100)
+        if not 0.0 <= self.rotate_limit <= 180.0:
+            raise ValueError(f"rotate_limit must be in [0, 180] degrees, got {self.rotate_limit}")
+
+
+@dataclasses.dataclass
+class ScoreTransformConfig:
+    """Preprocessing before scoring: optional resize plus robustness degradations (all off by default).
+
+    Degradations run in the official test-transform order: JPEG, blur, noise, scale; then ``resize_to``. The result
+    keeps its resolution otherwise (no crop, no pad: the model pads sides < 224 itself). Noise is random, so callers
+    seed it per image (:func:`image_rng`) to make robustness runs independent of worker count and order.
+    """
+
+    resize_to: int | None = None  # shorter side becomes exactly N, up- or down-scaling (official --resize-to)
+    jpeg_quality: int | None = None  # 1..100
+    blur_sigma: float | None = None  # kernel covers +-3 sigma
+    noise_sigma: float | None = None  # standard deviation on the 0..255 scale, independent per channel
+    scale: float | None = None  # resize factor applied to both sides
+
+    def __post_init__(self) -> None:
+        if self.resize_to is not None and self.resize_to < 1:
+            raise ValueError(f"resize_to must be a positive number of pixels or null, got {self.resize_to}")
+        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in 1..100 or null, got {self.jpeg_quality}")
+        for name in ("blur_sigma", "noise_sigma", "scale"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 or null (off), got {value}")
+
+
+def _check_image(image: np.ndarray) -> None:
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
+        raise ValueError(
+            f"expected an H x W x 3 uint8 RGB array, got {image.dtype} {image.shape}; "
+            "convert inputs with spai_core.images.to_rgb_array"
+        )
+
+
+def _to_uint8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear source indices and weights for one axis, OpenCV style (half-pixel centres, clamped at edges)."""
+    coords = (np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5
+    coords = np.clip(coords, 0.0, source - 1)
+    low = np.floor(coords).astype(np.intp)
+    high = np.minimum(low + 1, source - 1)
+    return low, high, (coords - low).astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize to ``height x width`` with OpenCV ``INTER_LINEAR`` semantics (the official resampling)."""
+    if image.shape[:2] == (height, width):
+        return image
+    top, bottom, wy = _linear_taps(image.shape[0], height)
+    left, right, wx = _linear_taps(image.shape[1], width)
+    rows = image[top].astype(np.float32) * (1 - wy)[:, None, None] + image[bottom] * wy[:, None, None]
+    out = rows[:, left] * (1 - wx)[None, :, None] + rows[:, right] * wx[None, :, None]
+    return _to_uint8(out)
+
+
+def random_resized_crop(
+    image: np.ndarray, size: int, scale: tuple[float, float], ratio: tuple[float, float], rng: np.random.Generator
+) -> np.ndarray:
+    """Crop a random area fraction / aspect ratio and resize it to ``size x size``.
+
+    Ten tries to fit a crop inside the image, then a centre crop clamped to the ratio range (the torchvision /
+    albumentations algorithm), so images smaller than ``size`` work too: the crop is upscaled.
+    """
+    height, width = image.shape[:2]
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_w = round(math.sqrt(target_area * aspect))
+        crop_h = round(math.sqrt(target_area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            return resize_bilinear(image[top : top + crop_h, left : left + crop_w], size, size)
+    crop_h, crop_w = height, width
+    if width / height < ratio[0]:
+        crop_h = max(1, round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        crop_w = max(1, round(height * ratio[1]))
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return resize_bilinear(image[top : top + crop_h, left : left + crop_w], size, size)
+
+
+def largest_inscribed_rect(height: int, width: int, angle: float) -> tuple[int, int, int, int]:
+    """``(y0, y1, x0, x1)`` of the largest axis-aligned rectangle inside a ``height x width`` image rotated by
+    ``angle`` degrees about its centre, clipped to the canvas (the crop of albumentations ``Rotate(crop_border)``).
+    """
+    sin_a, cos_a = abs(math.sin(math.radians(angle))), abs(math.cos(math.radians(angle)))
+    long_side, short_side = max(height, width), min(height, width)
+    if short_side <= 2.0 * sin_a * cos_a * long_side or abs(sin_a - cos_a) < 1e-10:
+        # Two corners of the rectangle touch the long sides of the rotated image.
+        half = 0.5 * short_side
+        rect_w, rect_h = (half / sin_a, half / cos_a) if width >= height else (half / cos_a, half / sin_a)
+    else:
+        # All four corners touch the rotated image's sides.
+        cos_2a = cos_a * cos_a - sin_a * sin_a
+        rect_w = (width * cos_a - height * sin_a) / cos_2a
+        rect_h = (height * cos_a - width * sin_a) / cos_2a
+    x0, x1 = max(0, int(width / 2 - rect_w / 2)), min(width, int(width / 2 + rect_w / 2))
+    y0, y1 = max(0, int(height / 2 - rect_h / 2)), min(height, int(height / 2 + rect_h / 2))
+    return y0, y1, x0, x1
+
+
+def _reflect101(index: np.ndarray, size: int) -> np.ndarray:
+    """Map out-of-range indices back inside like OpenCV ``BORDER_REFLECT_101`` (edge pixel not repeated)."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    index = np.abs(index) % period
+    return np.where(index >= size, period - index, index)
+
+
+def rotate_crop(image: np.ndarray, angle: float) -> np.ndarray:
+    """Rotate counter-clockwise by ``angle`` degrees about the centre (bilinear, reflect-101 border) and crop to the
+    largest inscribed rectangle, so the result has no border fill. Only the kept pixels are computed.
+    """
+    height, width = image.shape[:2]
+    y0, y1, x0, x1 = largest_inscribed_rect(height, width, angle)
+    cy, cx = height / 2 - 0.5, width / 2 - 0.5  # OpenCV's rotation centre
+    cos_a, sin_a = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    ys, xs = np.meshgrid(np.arange(y0, y1) - cy, np.arange(x0, x1) - cx, indexing="ij")
+    src_x = cos_a * xs - sin_a * ys + cx  # inverse of the forward rotation: output pixel -> source position
+    src_y = sin_a * xs + cos_a * ys + cy
+    left, top = np.floor(src_x), np.floor(src_y)
+    wx, wy = (src_x - left)[..., None], (src_y - top)[..., None]
+    left, top = left.astype(np.intp), top.astype(np.intp)
+    x_a, x_b = _reflect101(left, width), _reflect101(left + 1, width)
+    y_a, y_b = _reflect101(top, height), _reflect101(top + 1, height)
+    pixels = image.astype(np.float32)
+    upper = pixels[y_a, x_a] * (1 - wx) + pixels[y_a, x_b] * wx
+    lower = pixels[y_b, x_a] * (1 - wx) + pixels[y_b, x_b] * wx
+    return _to_uint8(upper * (1 - wy) + lower * wy)
+
+
+def gaussian_blur(image: np.ndarray, kernel: int, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur with an odd ``kernel``-tap kernel and reflect-101 borders (OpenCV's default)."""
+    radius = kernel // 2
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = (taps / taps.sum()).astype(np.float32)
+    # numpy's "reflect" does not repeat the edge pixel, i.e. it is reflect-101.
+    padded = np.pad(image.astype(np.float32), ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    height, width = image.shape[:2]
+    rows = sum(w * padded[i : i + height] for i, w in enumerate(taps))
+    out = sum(w * rows[:, i : i + width] for i, w in enumerate(taps))
+    return _to_uint8(out)
+
+
+def add_gaussian_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Add zero-mean Gaussian noise of standard deviation ``sigma`` (0..255 scale), independently per channel."""
+    noise = rng.standard_normal(image.shape, dtype=np.float32)  # float32 draws: half the time of float64 on big images
+    noise *= sigma
+    noise += image
+    return _to_uint8(noise)
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
+    """Encode as JPEG at ``quality`` and decode again, in memory (libjpeg defaults, 4:2:0 chroma)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB"))
+
+
+def augment_view(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """One augmented ``size x size`` view. Every coin is drawn even for p = 0 or 1, so the random stream (and thus
+    the other views of a seeded run) does not depend on which operations are enabled.
+    """
+    view = random_resized_crop(image, cfg.size, cfg.crop_scale, cfg.crop_ratio, rng)
+    if rng.random() < cfg.hflip_p:
+        view = view[:, ::-1]
+    if rng.random() < cfg.vflip_p:
+        view = view[::-1]
+    if rng.random() < cfg.rotate_p:
+        view = resize_bilinear(rotate_crop(view, rng.uniform(-cfg.rotate_limit, cfg.rotate_limit)), cfg.size, cfg.size)
+    if rng.random() < cfg.blur_p:
+        # Uniform over odd sizes (albumentations bumps even draws up instead); with sigma <= 0.5 the taps beyond
+        # +-1 pixel weigh < 1e-3, so the size distribution barely matters.
+        odd_sizes = np.arange(cfg.blur_kernel[0] | 1, cfg.blur_kernel[1] + 1, 2)
+        view = gaussian_blur(view, int(rng.choice(odd_sizes)), rng.uniform(*cfg.blur_sigma))
+    if rng.random() < cfg.noise_p:
+        view = add_gaussian_noise(view, math.sqrt(rng.uniform(*cfg.noise_var)), rng)
+    if rng.random() < cfg.jpeg_p:
+        view = jpeg_roundtrip(view, int(rng.integers(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1)))
+    return np.ascontiguousarray(view)
+
+
+def train_views(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
+    """``cfg.views`` independently augmented views of one image, shape ``(views, size, size, 3)`` uint8."""
+    _check_image(image)
+    return np.stack([augment_view(image, cfg, rng) for _ in range(cfg.views)])
+
+
+def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the shorter side is exactly ``size`` (up or down), keeping the aspect ratio (``SmallestMaxSize``)."""
+    height, width = image.shape[:2]
+    factor = size / min(height, width)
+    return resize_bilinear(image, max(1, round(height * factor)), max(1, round(width * factor)))
+
+
+def score_transform(image: np.ndarray, cfg: ScoreTransformConfig, rng: np.random.Generator) -> np.ndarray:
+    """Apply the enabled degradations (JPEG, blur, noise, scale) and ``resize_to``, in the official order.
+
+    ``rng`` only drives the noise; pass a generator seeded per image (:func:`image_rng`) for reproducible runs.
+    """
+    _check_image(image)
+    if cfg.jpeg_quality is not None:
+        image = jpeg_roundtrip(image, cfg.jpeg_quality)
+    if cfg.blur_sigma is not None:
+        image = gaussian_blur(image, 2 * math.ceil(3 * cfg.blur_sigma) + 1, cfg.blur_sigma)
+    if cfg.noise_sigma is not None:
+        image = add_gaussian_noise(image, cfg.noise_sigma, rng)
+    if cfg.scale is not None:
+        height, width = image.shape[:2]
+        image = resize_bilinear(image, max(1, round(height * cfg.scale)), max(1, round(width * cfg.scale)))
+    if cfg.resize_to is not None:
+        image = resize_shorter_side(image, cfg.resize_to)
+    return image
+
+
+def image_rng(key: str, seed: int = 0) -> np.random.Generator:
+    """A generator determined by ``seed`` and an image key (e.g. its path), stable across processes and machines
+    (unlike ``hash()``, which Python salts per process)."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+def _call_with_config(fn: Callable, cfg: object, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    # A module-level adapter so ``partial`` can bind the config in the middle argument and still pickle.
+    return fn(image, cfg, rng)
+
+
+def make_train_transform(cfg: AugmentConfig) -> Transform:
+    """``f(image, rng) -> (views, size, size, 3)`` uint8 for training; picklable for Ray workers."""
+    return functools.partial(_call_with_config, train_views, cfg)
+
+
+def make_score_transform(cfg: ScoreTransformConfig) -> Transform | None:
+    """``f(image, rng) -> image`` for scoring, or None when ``cfg`` enables nothing so callers can skip the work."""
+    if all(value is None for value in dataclasses.asdict(cfg).values()):
+        return None
+    return functools.partial(_call_with_config, score_transform, cfg)
