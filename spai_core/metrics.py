@@ -1,0 +1,92 @@
+"""Binary detection metrics shared by training validation, evaluation and tuning.
+
+Label convention as in SPAI: 1 = AI-generated (positive), 0 = real; scores are P(AI-generated), i.e. sigmoid of the
+logit. AUC and AP are exact (scikit-learn), matching the official torchmetrics ``BinaryAUROC`` /
+``BinaryAveragePrecision``; accuracy predicts positive iff ``score > threshold`` (strictly), as the official code does.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+
+ECE_BINS = 15
+
+
+def _validated(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(labels).reshape(-1)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"labels and scores must have the same length, got {y.size} and {s.size}")
+    if y.size == 0:
+        raise ValueError("no samples to evaluate: labels and scores are empty")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"labels must be 0 (real) or 1 (AI-generated), got values {np.unique(y)[:10].tolist()}")
+    if not np.isfinite(s).all():
+        raise ValueError("scores contain NaN or infinity; check the model output for this batch")
+    return y.astype(np.int64), s
+
+
+def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_target: float) -> float:
+    """TPR at false-positive rate ``fpr_target``, linearly interpolated on the ROC curve.
+
+    Where several ROC points share an FPR (a vertical step) the highest TPR reached at that FPR is used; between
+    points the curve is linear, which for tied scores equals the expected TPR under random tie-breaking.
+    """
+    fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    unique_fpr, starts = np.unique(fpr, return_index=True)
+    # fpr is non-decreasing and tpr is non-decreasing along it, so the top of each step is its maximum.
+    top_tpr = np.maximum.reduceat(tpr, starts)
+    return float(np.interp(fpr_target, unique_fpr, top_tpr))
+
+
+def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the scores as probabilities of class 1.
+
+    ``bins`` equal-width bins on [0, 1] (the last one closed, so a score of 1.0 counts); ECE is the sample-weighted
+    mean over non-empty bins of |fraction of positives - mean score|. NaN when scores are not probabilities (e.g. raw
+    logits outside [0, 1]).
+    """
+    if scores.min() < 0.0 or scores.max() > 1.0:
+        return float("nan")
+    index = np.minimum((scores * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(index, minlength=bins)
+    label_sums = np.bincount(index, weights=labels, minlength=bins)
+    gap = np.abs(label_sums - np.bincount(index, weights=scores, minlength=bins))
+    # Per bin: count * |mean label - mean score| = |sum labels - sum scores|, so empty bins contribute 0.
+    return float(gap.sum() / counts.sum())
+
+
+def binary_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5) -> dict[str, float]:
+    """AUC, AP, accuracy, TPR at 1% / 5% FPR, ECE and class counts for one evaluation set.
+
+    With a single class present AUC, AP and the TPRs are NaN (they need both classes) while accuracy and ECE are
+    still reported, so single-class CSVs (e.g. one generator) can be evaluated like the official ``test`` does.
+    """
+    y, s = _validated(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    both_classes = n_pos > 0 and n_neg > 0
+    nan = float("nan")
+    return {
+        "auc": float(roc_auc_score(y, s)) if both_classes else nan,
+        "ap": float(average_precision_score(y, s)) if both_classes else nan,
+        "accuracy": float(np.mean((s > threshold) == y)),
+        "tpr_at_fpr_1": tpr_at_fpr(y, s, 0.01) if both_classes else nan,
+        "tpr_at_fpr_5": tpr_at_fpr(y, s, 0.05) if both_classes else nan,
+        "ece": expected_calibration_error(y, s),
+        "n": int(y.size),
+        "n_pos": n_pos,
+        "n_neg": n_neg,
+    }
+
+
+def roc_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, tpr, thresholds)`` of the ROC curve for plotting (collinear points dropped)."""
+    y, s = _validated(labels, scores)
+    if y.min() == y.max():
+        raise ValueError(
+            f"an ROC curve needs both real (0) and AI-generated (1) samples, got only class {int(y[0])}; "
+            "evaluate this set together with a set of the other class"
+        )
+    return roc_curve(y, s)

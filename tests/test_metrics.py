@@ -1,0 +1,112 @@
+"""Binary metrics against small hand-computed cases."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+from spai_core.metrics import binary_metrics, expected_calibration_error, roc_points
+
+
+def assert_metrics(result: dict[str, float], expected: dict[str, float]) -> None:
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_perfect_ranking() -> None:
+    result = binary_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])
+    # ECE: each score is alone in its bin -> (0.1 + 0.2 + 0.2 + 0.1) / 4.
+    assert_metrics(result, dict(auc=1.0, ap=1.0, accuracy=1.0, tpr_at_fpr_1=1.0, tpr_at_fpr_5=1.0, ece=0.15))
+    assert (result["n"], result["n_pos"], result["n_neg"]) == (4, 2, 2)
+
+
+def test_inverted_ranking() -> None:
+    result = binary_metrics([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1])
+    # AP: positives at ranks 3 and 4 -> precision 1/3 at recall 1/2, 2/4 at recall 1 -> (1/3 + 1/2) / 2 = 5/12.
+    assert_metrics(result, dict(auc=0.0, ap=5 / 12, accuracy=0.0, tpr_at_fpr_1=0.0, tpr_at_fpr_5=0.0, ece=0.85))
+
+
+def test_partial_ties_are_interpolated() -> None:
+    labels = [0, 0, 1, 1, 1]
+    scores = [0.1, 0.4, 0.4, 0.8, 0.9]
+    result = binary_metrics(labels, scores)
+    # AUC: 5 of 6 (pos, neg) pairs ordered right, one tie counts 1/2.
+    # ROC points (0,0) (0,1/3) (0,2/3) (0.5,1) (1,1): TPR at FPR f in (0, 0.5) is 2/3 + (f / 0.5) / 3.
+    # AP: precision 1, 1, 3/4 at recall 1/3, 2/3, 1.  Accuracy: 0.4 is predicted real -> 4/5 right.
+    # ECE bins: {0.1}: 0.1, {0.4, 0.4}: |1 - 0.8|, {0.8}: 0.2, {0.9}: 0.1 -> 0.6 / 5.
+    assert_metrics(result, dict(auc=5.5 / 6, ap=(1 + 1 + 0.75) / 3, accuracy=0.8, ece=0.12,
+                                tpr_at_fpr_1=2 / 3 + 0.02 / 3, tpr_at_fpr_5=2 / 3 + 0.1 / 3))
+
+
+def test_all_tied_scores() -> None:
+    result = binary_metrics([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5])
+    # The ROC is the diagonal, so TPR at FPR f is f (random tie-breaking); 0.5 is not > 0.5, so all predicted real.
+    assert_metrics(result, dict(auc=0.5, ap=0.5, accuracy=0.5, tpr_at_fpr_1=0.01, tpr_at_fpr_5=0.05, ece=0.0))
+
+
+def test_accuracy_threshold_is_strict() -> None:
+    assert binary_metrics([1, 1], [0.5, 0.5])["accuracy"] == 0.0
+    assert binary_metrics([1, 0], [0.5, 0.5], threshold=0.4)["accuracy"] == 0.5
+    assert binary_metrics([1, 0], [2.0, -1.0], threshold=0.0)["accuracy"] == 1.0
+
+
+def test_random_scores_match_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=2000)
+    scores = rng.random(2000)
+    result = binary_metrics(labels, scores)
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    pairwise_auc = np.mean(pos[:, None] > neg[None, :])
+    assert result["auc"] == pytest.approx(pairwise_auc, abs=1e-9)
+    assert abs(result["auc"] - 0.5) < 0.05
+    for key, fpr in (("tpr_at_fpr_1", 0.01), ("tpr_at_fpr_5", 0.05)):
+        # Without ties the interpolated value lies between the TPRs of the thresholds just around that FPR.
+        threshold = np.sort(neg)[::-1][int(math.floor(fpr * neg.size))]
+        assert np.mean(pos > threshold) <= result[key] <= np.mean(pos >= threshold) + 1 / pos.size
+    # Labels independent of uniform scores: ECE is about E|0.5 - score| = 0.25.
+    assert result["ece"] == pytest.approx(0.25, abs=0.03)
+
+
+def test_ece_is_small_for_calibrated_scores() -> None:
+    rng = np.random.default_rng(1)
+    scores = rng.random(20000)
+    labels = (rng.random(20000) < scores).astype(int)  # P(label = 1 | score) = score
+    assert binary_metrics(labels, scores)["ece"] < 0.02
+
+
+@pytest.mark.parametrize("label", [0, 1])
+def test_single_class_gives_nan_not_an_exception(label: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no UndefinedMetricWarning from scikit-learn either
+        result = binary_metrics([label] * 3, [0.2, 0.7, 0.9])
+    for key in ("auc", "ap", "tpr_at_fpr_1", "tpr_at_fpr_5"):
+        assert math.isnan(result[key]), key
+    assert result["accuracy"] == pytest.approx(2 / 3 if label == 1 else 1 / 3)
+    assert (result["n_pos"], result["n_neg"]) == ((3, 0) if label == 1 else (0, 3))
+
+
+def test_ece_bins_and_out_of_range_scores() -> None:
+    # 1.0 falls in the last bin (closed on the right); a perfectly calibrated extreme gives 0.
+    assert expected_calibration_error(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0
+    assert math.isnan(binary_metrics([0, 1], [-2.0, 3.0], threshold=0.0)["ece"]), "logits are not probabilities"
+
+
+def test_roc_points() -> None:
+    fpr, tpr, thresholds = roc_points([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0) and len(thresholds) == len(fpr)
+    with pytest.raises(ValueError, match="both real"):
+        roc_points([1, 1], [0.2, 0.3])
+
+
+@pytest.mark.parametrize(("labels", "scores", "match"), [
+    ([0, 2], [0.1, 0.2], "labels must be 0"),
+    ([0, 1], [0.1], "same length"),
+    ([], [], "no samples"),
+    ([0, 1], [0.1, float("nan")], "NaN"),
+])
+def test_invalid_inputs_explain_the_problem(labels: list, scores: list, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        binary_metrics(labels, scores)
