@@ -1,0 +1,243 @@
+"""Checkpoint I/O: the official ``spai.pth`` layout, MFM backbones, and our safetensors format.
+
+Loading is strict and safe:
+- strict: every parameter the model uses must be present with the right shape; keys the official model
+  stores but never uses are ignored by name (the stored frequency mask is checked against the config);
+  anything else is an error. fp16/bf16 tensors are cast to fp32.
+- safe: ``.pth`` files are read with PyTorch's weights-only unpickler. The official file pickles a yacs
+  ``CfgNode``; it is admitted as plain data (a dict) through a stand-in class, never imported or run.
+  Any other object in the pickle is refused with an error naming it.
+
+Our format is a ``.safetensors`` file whose metadata holds the model config (so the file alone rebuilds the
+model: mask radius, sizes) and free-form provenance (training run, epoch, metrics).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import from_dict
+from .filters import frequency_mask
+from .spai import SPAI, ModelConfig, build_model, get_model_config
+
+FORMAT_NAME = "spai-ray"
+FORMAT_VERSION = "1"
+# Official top-level keys that live under ``sca.`` in our module tree.
+_SCA_KEYS = ("patch_aggregator", "to_kv.", "to_out.")
+# Parameters the official model stores but never uses at inference (spec section 2).
+_OFFICIAL_UNUSED = ("mfvit.vit.cls_pos_embed", "mfvit.vit.actual_cls_token", "mfvit.vit.fc_norm.",
+                    "mfvit.vit.cls_blocks.", "mfvit.vit.intermediate_fc_norm.", "mfvit.vit.head.")
+_MASK_KEY = "mfvit.frequencies_mask"
+
+
+class CheckpointError(ValueError):
+    """A weights file that is missing, corrupt, unsafe, or does not fit the model."""
+
+
+class CfgNode(dict):
+    """Stand-in for ``yacs.config.CfgNode`` so the official checkpoint's config unpickles as plain data."""
+
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
+        self.update(state)  # yacs keeps its flags (immutable, etc.) in __dict__; keep them as data only
+
+
+CfgNode.__module__ = "yacs.config"
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    """Weights in our key layout, the config that built them, and provenance metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: ModelConfig
+    metadata: dict[str, Any]
+    kind: str  # "spai-ray" | "official" | "mfm-backbone"
+
+
+def official_to_ours_key(key: str) -> str:
+    return "sca." + key if key.startswith(_SCA_KEYS) else key
+
+
+def ours_to_official_key(key: str) -> str:
+    return key[len("sca."):] if key.startswith("sca.") else key
+
+
+def _read_torch_file(path: Path) -> Any:
+    """Weights-only unpickling of a ``.pth`` file; the official config object is admitted as a dict."""
+    try:
+        with torch.serialization.safe_globals([CfgNode]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to unpickle an object that is not plain data ({exc}). Only tensors, containers and "
+            "the official yacs config are read, so no code in the file can run. If the file is trusted, load it "
+            "with the code that wrote it and save its state dict with torch.save(model.state_dict(), ...)."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def read_checkpoint(path: str | Path, config: ModelConfig | str | None = None) -> LoadedCheckpoint:
+    """Read any supported weights file into our key layout (tensors cast to fp32), without building a model.
+
+    ``config`` is needed only for official and MFM files, which carry no usable architecture description;
+    it defaults to ``spai_vit_b16``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (interrupted download?)")
+    if _is_safetensors(path):
+        return _read_ours(path)
+    obj = _read_torch_file(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    cfg = get_model_config(config or "spai_vit_b16") if not isinstance(config, ModelConfig) else config
+    wrapped = isinstance(obj.get("model"), Mapping)
+    weights = obj["model"] if wrapped else obj
+    if any(str(k).startswith("encoder.") for k in weights):
+        return LoadedCheckpoint(_fp32(_strip_encoder(weights)), cfg, {"source": str(path)}, "mfm-backbone")
+    return _from_official(path, weights, cfg, obj if wrapped else {})
+
+
+def _fp32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _strip_encoder(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    prefix = "encoder."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
+
+
+def _from_official(path: Path, state: Mapping[str, Any], cfg: ModelConfig, wrapper: Mapping[str, Any]) -> LoadedCheckpoint:
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if _MASK_KEY in state:
+        cfg = dataclasses.replace(cfg, mask_radius=_radius_of_mask(path, state[_MASK_KEY], cfg.img_size))
+    ours = {official_to_ours_key(k): v for k, v in state.items() if k != _MASK_KEY and not k.startswith(_OFFICIAL_UNUSED)}
+    meta = {"source": str(path)}
+    if "epoch" in wrapper:
+        meta["epoch"] = int(wrapper["epoch"])
+    return LoadedCheckpoint(_fp32(ours), cfg, meta, "official")
+
+
+def _radius_of_mask(path: Path, mask: torch.Tensor, size: int) -> int:
+    """The radius that rebuilds a stored frequency mask exactly; the mask itself is not trusted blindly."""
+    stored = mask.bool()
+    for radius in range(1, size):
+        if torch.equal(frequency_mask(size, radius), stored):
+            return radius
+    raise CheckpointError(f"{path}: its frequency mask is not a circular mask of any radius for {size}px tiles")
+
+
+def _read_ours(path: Path) -> LoadedCheckpoint:
+    try:
+        state = load_file(str(path))
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {exc}") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: a safetensors file without our metadata; convert official weights with "
+                              "`spai convert spai.pth spai.safetensors`")
+    cfg = from_dict(ModelConfig, json.loads(meta["model_config"]), where=f"{path}:model_config")
+    return LoadedCheckpoint(_fp32(state), cfg, json.loads(meta.get("metadata", "{}")), FORMAT_NAME)
+
+
+def load_state_strict(model: SPAI, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
+    """Load every parameter of ``model`` from ``state``; any missing, unexpected or mis-shaped key is an error."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[:3]}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit model {model.cfg.name}: " + "; ".join(problems) +
+                              ". Is the model config right (--config / the checkpoint's config)?")
+    model.load_state_dict(state, strict=True)
+
+
+def load_backbone(model: SPAI, path: str | Path) -> None:
+    """Load MFM-pretrained ViT weights (``encoder.`` prefix) into the backbone; every used ViT key must be there."""
+    ckpt = read_checkpoint(path, model.cfg)
+    vit_state = model.mfvit.vit.state_dict()
+    state = ckpt.state_dict
+    if ckpt.kind != "mfm-backbone":
+        prefix = "mfvit.vit."
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    used = {k: state[k] for k in vit_state if k in state}
+    missing = [k for k in vit_state if k not in state]
+    wrong = [k for k in used if used[k].shape != vit_state[k].shape]
+    if missing or wrong:
+        raise CheckpointError(f"{path}: backbone weights do not fit the ViT: missing {missing[:5]}, "
+                              f"wrong shape {wrong[:5]}")
+    model.mfvit.vit.load_state_dict(used, strict=True)
+
+
+def load_model(path: str | Path, config: ModelConfig | str | None = None) -> tuple[SPAI, LoadedCheckpoint]:
+    """Build the model a weights file describes (ours, or official with ``config``) and load it strictly."""
+    ckpt = read_checkpoint(path, config)
+    if ckpt.kind == "mfm-backbone":
+        raise CheckpointError(f"{path}: a backbone-only (MFM) checkpoint; use it to initialise training "
+                              "(`spai train --backbone ...`), not to score")
+    model = build_model(ckpt.config)
+    load_state_strict(model, ckpt.state_dict, str(path))
+    return model.eval(), ckpt
+
+
+def save_checkpoint(path: str | Path, model: SPAI, metadata: Mapping[str, Any] | None = None) -> None:
+    """Write weights + model config + metadata as safetensors (loadable by ``load_model`` alone)."""
+    state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+            "model_config": json.dumps(dataclasses.asdict(model.cfg)),
+            "metadata": json.dumps(dict(metadata or {}), default=str)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+
+
+def save_official(path: str | Path, model: SPAI, epoch: int = 0) -> None:
+    """Write the official layout (``{'model': state_dict, 'epoch': ...}``) for use with the official code.
+
+    Only used parameters are written (plus the frequency mask); the official loader is non-strict and keeps
+    its own initial values for the unused extras.
+    """
+    state = {ours_to_official_key(k): v.detach().float().cpu() for k, v in model.state_dict().items()}
+    state[_MASK_KEY] = model.mfvit.frequencies_mask.long().cpu()
+    torch.save({"model": state, "epoch": epoch}, str(path))
+
+
+def convert(src: str | Path, dst: str | Path, config: str | None = None) -> None:
+    """Convert between the official ``.pth`` layout and ours; the direction follows ``dst``'s suffix."""
+    model, ckpt = load_model(src, config)
+    if str(dst).endswith(".safetensors"):
+        save_checkpoint(dst, model, {**ckpt.metadata, "converted_from": str(src)})
+    else:
+        save_official(dst, model, int(ckpt.metadata.get("epoch", 0)))
+
+
+def convert_main(args) -> int:
+    convert(args.src, args.dst, args.config)
+    print(f"wrote {args.dst}")
+    return 0

@@ -1,0 +1,289 @@
+"""SPAI: spectral learning detector of AI-generated images (Karageorgiou et al., CVPR 2025).
+
+A tile is split into low/high-frequency images (``filters``); the original, low and high images go through
+one ViT (``vit``); the Frequency Restoration Estimator turns the three token stacks into a descriptor
+(72 similarity statistics + a spectral context vector); Spectral Context Attention pools any number of
+tile descriptors of one image; an MLP head gives one logit (sigmoid = P(AI-generated)).
+
+Module and parameter names mirror the official ``PatchBasedMFViT`` so that official checkpoints map by
+name; see ``checkpoint.py`` for the strict loader.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .filters import frequency_mask, split_frequencies
+from .tiling import Offset, pad_to_min_size, tile_offsets
+from .vit import VisionTransformer
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and inference options of a SPAI model; saved inside every checkpoint."""
+
+    name: str = "spai_vit_b16"
+    img_size: int = 224  # tile size and FFT size
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    proj_dim: int = 1024  # FRE projection width = spectral context vector size
+    mask_radius: int = 16  # low-pass radius in frequency bins of the tile spectrum
+    sca_heads: int = 12
+    sca_dim: int = 1536
+    head_mlp_ratio: int = 3
+    dropout: float = 0.5
+    drop_path: float = 0.1
+    minimum_patches: int = 4  # fewer grid tiles than this -> five-crop
+    feature_batch: int = 400  # tiles encoded at once; bounds activation memory, not results
+    max_tiles: int | None = None  # cap on tiles per image (None = all, as the official model)
+
+    @property
+    def descriptor_dim(self) -> int:
+        """6 similarity statistics per ViT layer + the spectral context vector (1096 for ViT-B)."""
+        return 6 * self.depth + self.proj_dim
+
+
+MODEL_CONFIGS: dict[str, ModelConfig] = {
+    "spai_vit_b16": ModelConfig(),
+    # Same code path at CPU-test size: 4 blocks of width 64, small projections and head.
+    "spai_tiny": ModelConfig(name="spai_tiny", embed_dim=64, depth=4, num_heads=4, proj_dim=64, sca_heads=4,
+                             sca_dim=64, head_mlp_ratio=1, drop_path=0.0),
+    "spai_small": ModelConfig(name="spai_small", embed_dim=192, depth=6, num_heads=3, proj_dim=256, sca_heads=4,
+                              sca_dim=256, head_mlp_ratio=2),
+}
+
+
+def get_model_config(name: str, **overrides) -> ModelConfig:
+    """A copy of a registered config (``spai_vit_b16``, ``spai_small``, ``spai_tiny``) with field overrides."""
+    if name not in MODEL_CONFIGS:
+        raise KeyError(f"unknown model config {name!r}; registered: {sorted(MODEL_CONFIGS)}")
+    return dataclasses.replace(MODEL_CONFIGS[name], **overrides)
+
+
+def _mlp(in_dim: int, dim: int, dropout: float, last_act: nn.Module) -> nn.Sequential:
+    # Index layout (0 Dropout, 1 Linear, 2 GELU, 3 Dropout, 4 Linear, 5 act, 6 Dropout) matches official keys.
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, dim), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(dim, dim), last_act, nn.Dropout(dropout))
+
+
+class Projector(nn.Module):
+    """[LayerNorm] -> 2-layer MLP -> LayerNorm, applied token-wise."""
+
+    def __init__(self, in_dim: int, dim: int, dropout: float, input_norm: bool, last_act: nn.Module):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(in_dim) if input_norm else nn.Identity()
+        self.projector = _mlp(in_dim, dim, dropout, last_act)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.projector(self.norm1(x)))
+
+
+class PerLayerProjector(nn.Module):
+    """One projector per ViT layer, shared by the original, low- and high-pass branches."""
+
+    def __init__(self, depth: int, in_dim: int, dim: int, dropout: float):
+        super().__init__()
+        self.projectors = nn.ModuleList(Projector(in_dim, dim, dropout, True, nn.Identity()) for _ in range(depth))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.stack([proj(tokens[:, i]) for i, proj in enumerate(self.projectors)], dim=1)
+
+
+def _mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.mean(dim=dim), x.std(dim=dim, unbiased=True)
+
+
+class SpectralContextProjector(nn.Module):
+    """Spectral context vector: per-layer token mean/std -> MLP -> softmax(alpha)-weighted layer sum -> MLP."""
+
+    def __init__(self, depth: int, dim: int, dropout: float):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.randn(1, depth, dim))
+        self.proj1 = Projector(2 * dim, dim, dropout, False, nn.GELU())
+        self.proj2 = Projector(dim, dim, dropout, False, nn.GELU())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        mean, std = _mean_std(tokens, dim=2)
+        per_layer = self.proj1(torch.cat([mean, std], dim=-1))
+        pooled = (per_layer * self.alpha.softmax(dim=1)).sum(dim=1)
+        return self.proj2(pooled)
+
+
+class FrequencyRestorationEstimator(nn.Module):
+    """Tile descriptor from ViT tokens of the original, low- and high-pass images."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.patch_projector = PerLayerProjector(cfg.depth, cfg.embed_dim, cfg.proj_dim, cfg.dropout)
+        self.original_features_processor = SpectralContextProjector(cfg.depth, cfg.proj_dim, cfg.dropout)
+
+    def forward(self, orig: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        orig, low, high = (self.patch_projector(t) for t in (orig, low, high))
+        stats = []
+        for a, b in ((orig, low), (orig, high), (low, high)):
+            sim = F.cosine_similarity(a, b, dim=-1, eps=1e-8)  # B x layers x tokens
+            stats.extend(_mean_std(sim, dim=2))
+        return torch.cat(stats + [self.original_features_processor(orig)], dim=1)
+
+
+class PatchEncoder(nn.Module):
+    """Per-tile encoder (official ``MFViT``): FFT split, shared ViT on three images, FRE descriptor."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.vit = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
+                                     cfg.mlp_ratio, cfg.drop_path)
+        self.features_processor = FrequencyRestorationEstimator(cfg)
+        self.backbone_frozen = True
+        self.register_buffer("frequencies_mask", frequency_mask(cfg.img_size, cfg.mask_radius), persistent=False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+
+    def set_mask_radius(self, radius: int) -> None:
+        self.frequencies_mask = frequency_mask(self.vit.patch_embed.img_size, radius).to(self.mean.device)
+
+    def backbone(self, tiles: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
+            return self.vit(tiles)
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``T x 3 x S x S`` tiles in [0, 1] -> ``T x descriptor_dim``."""
+        low, high = split_frequencies(tiles, self.frequencies_mask)
+        images = (torch.cat([tiles, low, high]) - self.mean) / self.std
+        orig_f, low_f, high_f = self.backbone(images).chunk(3)
+        return self.features_processor(orig_f, low_f, high_f)
+
+
+class SpectralContextAttention(nn.Module):
+    """Single learned query cross-attending over one image's tile descriptors (permutation invariant)."""
+
+    def __init__(self, dim: int, heads: int, inner_dim: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.scale = (inner_dim // heads) ** -0.5
+        self.patch_aggregator = nn.Parameter(torch.zeros(heads, 1, inner_dim // heads))
+        nn.init.trunc_normal_(self.patch_aggregator, std=0.02)
+        self.to_kv = nn.Linear(dim, 2 * inner_dim, bias=False)
+        self.attn_drop = nn.Dropout(dropout)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, dim, bias=False), nn.Dropout(dropout))
+
+    def forward(self, desc: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``B x L x D`` descriptors (``valid``: ``B x L`` mask of real tiles) -> pooled ``B x D``, attention ``B x H x L``."""
+        batch, length, _ = desc.shape
+        k, v = self.to_kv(desc).chunk(2, dim=-1)
+        k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (k, v))
+        scores = (self.patch_aggregator @ k.transpose(-2, -1)) * self.scale  # B x H x 1 x L
+        if valid is not None:
+            scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        attn = scores.softmax(dim=-1)
+        pooled = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(batch, -1)
+        return self.to_out(pooled), attn[:, :, 0]
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, dim: int, mlp_ratio: int, dropout: float):
+        super().__init__()
+        hidden = dim * mlp_ratio
+        self.head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden),
+                                  nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+class SPAI(nn.Module):
+    """The full detector. ``forward`` takes fixed-size views (training); ``forward_images`` any resolution."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.sca = SpectralContextAttention(cfg.descriptor_dim, cfg.sca_heads, cfg.sca_dim, cfg.dropout)
+        self.mfvit = PatchEncoder(cfg)
+        self.norm = nn.LayerNorm(cfg.descriptor_dim)
+        self.cls_head = ClassificationHead(cfg.descriptor_dim, cfg.head_mlp_ratio, cfg.dropout)
+        self.apply(_init_weights)
+
+    def set_mask_radius(self, radius: int) -> None:
+        """Change the FFT low-pass radius (a hyper-parameter; checkpoints record it)."""
+        self.cfg = dataclasses.replace(self.cfg, mask_radius=radius)
+        self.mfvit.set_mask_radius(radius)
+
+    def encode_tiles(self, tiles: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Descriptors of ``T`` tiles, encoded ``chunk`` at a time so peak memory is bounded."""
+        chunk = chunk or self.cfg.feature_batch
+        return torch.cat([self.mfvit(tiles[i:i + chunk]) for i in range(0, tiles.shape[0], chunk)])
+
+    def pool(self, desc: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile descriptors ``B x L x D`` -> logits ``B`` and attention over tiles ``B x heads x L``."""
+        pooled, attn = self.sca(desc, valid)
+        return self.cls_head(self.norm(pooled)).squeeze(-1), attn
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """Training path: ``B x V x 3 x S x S`` augmented views of each image -> ``B`` logits."""
+        batch, num_views = views.shape[:2]
+        desc = self.mfvit(views.flatten(0, 1)).view(batch, num_views, -1)
+        return self.pool(desc)[0]
+
+    def forward_images(self, images: Sequence[torch.Tensor], chunk: int | None = None,
+                       return_attention: bool = False):
+        """Any-resolution path: a list of ``3 x H x W`` tensors in [0, 1] -> ``N`` logits.
+
+        Tiles of all images are encoded together in chunks; each image's tiles are pooled on their own.
+        Identical tiles of one image (the five-crop of a 224-px side) are encoded once.
+        """
+        plans = [self.plan_tiles(img) for img in images]
+        unique = [(i, off) for i, (_, offsets) in enumerate(plans) for off in dict.fromkeys(offsets)]
+        desc = self._encode_offsets([p[0] for p in plans], unique, chunk or self.cfg.feature_batch)
+        index = {key: row for row, key in enumerate(unique)}
+        lengths = [len(offsets) for _, offsets in plans]
+        rows = torch.full((len(plans), max(lengths)), 0, dtype=torch.long, device=desc.device)
+        valid = torch.zeros_like(rows, dtype=torch.bool)
+        for i, (_, offsets) in enumerate(plans):
+            rows[i, :len(offsets)] = torch.tensor([index[(i, off)] for off in offsets])
+            valid[i, :len(offsets)] = True
+        logits, attn = self.pool(desc[rows], valid)
+        if return_attention:
+            return logits, attn, plans
+        return logits
+
+    def plan_tiles(self, image: torch.Tensor) -> tuple[torch.Tensor, list[Offset]]:
+        """Pad an image as the official pipeline does and list the offsets of the tiles to pool."""
+        padded, _ = pad_to_min_size(image, self.cfg.img_size)
+        return padded, tile_offsets(*padded.shape[-2:], self.cfg.img_size, self.cfg.minimum_patches,
+                                    self.cfg.max_tiles)
+
+    def _encode_offsets(self, padded: list[torch.Tensor], keys: list[tuple[int, Offset]], chunk: int) -> torch.Tensor:
+        size = self.cfg.img_size
+        out = []
+        for start in range(0, len(keys), chunk):
+            tiles = torch.stack([padded[i][:, r:r + size, c:c + size] for i, (r, c) in keys[start:start + chunk]])
+            out.append(self.mfvit(tiles))
+        return torch.cat(out)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # The official model re-initialises every Linear (trunc-normal .02, zero bias) and LayerNorm (1, 0).
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def build_model(cfg: ModelConfig | str) -> SPAI:
+    """Build a randomly initialised model from a config or a registered config name."""
+    return SPAI(get_model_config(cfg) if isinstance(cfg, str) else cfg)
