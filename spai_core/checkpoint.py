@@ -4,9 +4,10 @@ Loading is strict and safe:
 - strict: every parameter the model uses must be present with the right shape; keys the official model
   stores but never uses are ignored by name (the stored frequency mask is checked against the config);
   anything else is an error. fp16/bf16 tensors are cast to fp32.
-- safe: ``.pth`` files are read with PyTorch's weights-only unpickler. The official file pickles a yacs
-  ``CfgNode``; it is admitted as plain data (a dict) through a stand-in class, never imported or run.
-  Any other object in the pickle is refused with an error naming it.
+- safe: ``.pth`` files are unpickled with an allow-list (tensors, containers, dtypes, numpy scalars). The
+  official file pickles a yacs ``CfgNode``; it is read as plain data into a dict stand-in, never imported
+  or run. (PyTorch's own weights-only unpickler cannot rebuild that dict subclass.) Any other global in the
+  pickle is refused with an error naming it.
 
 Our format is a ``.safetensors`` file whose metadata holds the model config (so the file alone rebuilds the
 model: mask radius, sizes) and free-form provenance (training run, epoch, metrics).
@@ -45,12 +46,6 @@ class CheckpointError(ValueError):
 class CfgNode(dict):
     """Stand-in for ``yacs.config.CfgNode`` so the official checkpoint's config unpickles as plain data."""
 
-    def __setstate__(self, state: Mapping[str, Any]) -> None:
-        self.update(state)  # yacs keeps its flags (immutable, etc.) in __dict__; keep them as data only
-
-
-CfgNode.__module__ = "yacs.config"
-
 
 @dataclasses.dataclass
 class LoadedCheckpoint:
@@ -70,18 +65,53 @@ def ours_to_official_key(key: str) -> str:
     return key[len("sca."):] if key.startswith("sca.") else key
 
 
+# Globals a checkpoint may name: tensor rebuilders, containers, dtypes, numpy scalars. Nothing that runs code.
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "slice"),
+    ("builtins", "complex"), ("_codecs", "encode"), ("torch", "Size"), ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_parameter_with_state"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"),
+}
+_NUMPY_DTYPES = {"Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only plain data; the official yacs ``CfgNode`` becomes our dict stand-in."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("yacs.config", "CfgNode"):
+            return CfgNode
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module == "numpy.dtypes" and name in _NUMPY_DTYPES or (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"the file names the global {module}.{name}, which is not plain data")
+
+
+class _RestrictedPickleModule:
+    """The ``pickle_module`` handed to ``torch.load``: its Unpickler (and legacy ``load``) are restricted."""
+
+    Unpickler = _RestrictedUnpickler
+    __name__ = "spai_restricted_pickle"
+
+    @staticmethod
+    def load(file, **kwargs) -> Any:
+        return _RestrictedUnpickler(file, **kwargs).load()
+
+
 def _read_torch_file(path: Path) -> Any:
-    """Weights-only unpickling of a ``.pth`` file; the official config object is admitted as a dict."""
+    """Unpickle a ``.pth`` file with the allow-list above, so no code in the file can run."""
     try:
-        with torch.serialization.safe_globals([CfgNode]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
     except pickle.UnpicklingError as exc:
+        if "plain data" not in str(exc):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
         raise CheckpointError(
-            f"{path}: refused to unpickle an object that is not plain data ({exc}). Only tensors, containers and "
-            "the official yacs config are read, so no code in the file can run. If the file is trusted, load it "
-            "with the code that wrote it and save its state dict with torch.save(model.state_dict(), ...)."
+            f"{path}: refused to load: {exc}. Only tensors, containers and the official yacs config are read, so "
+            "no code in the file can run. If the file is trusted, load it with the code that wrote it and save "
+            "its state dict with torch.save(model.state_dict(), ...)."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
 
 

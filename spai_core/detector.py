@@ -1,0 +1,138 @@
+"""Inference API: load weights once, score images of any size and mode, explain a score with tile attention."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import load_model
+from .images import ImageLike, to_rgb_array
+from .spai import SPAI, ModelConfig
+from .tiling import tile_offsets
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available; asking for CUDA without a GPU is an error, not a silent fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but PyTorch sees no GPU; use --device cpu or auto")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` is bf16 on GPUs (fast, scores within ~1e-2) and fp32 on CPU (exact official scores)."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or auto, got {precision!r}")
+    return precision
+
+
+def image_to_tensor(image: ImageLike, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``3 x H x W`` float32 in [0, 1]: uint8 times float32(1/255), bit-exact with the official pipeline."""
+    array = to_rgb_array(image)
+    if not array.flags.writeable:
+        array = array.copy()
+    return torch.from_numpy(array).to(device).permute(2, 0, 1).float() * (1 / 255)
+
+
+def file_sha256(path: str | Path, limit: int | None = None) -> str:
+    """Content hash of a file (identifies a checkpoint in score tables)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:limit] if limit else digest.hexdigest()
+
+
+@dataclass
+class Explanation:
+    """Where the attention pooling looked: per-tile weights (mean over heads) and a pixel heat map."""
+
+    logit: float
+    score: float
+    offsets: list[tuple[int, int]]  # tile top-left corners in the padded image
+    weights: np.ndarray  # one weight per tile, summing to 1
+    heatmap: np.ndarray  # H x W float32 over the original image (overlaps averaged, untiled pixels 0)
+
+
+class Detector:
+    """A loaded SPAI model with its device, precision and tiling options."""
+
+    def __init__(self, model: SPAI, device: str | torch.device = "auto", precision: str = "auto",
+                 feature_batch: int | None = None, model_id: str = "unknown"):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.to(self.device).eval()
+        self.feature_batch = feature_batch or model.cfg.feature_batch
+        self.model_id = model_id
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "auto", precision: str = "auto",
+                        config: ModelConfig | str | None = None, feature_batch: int | None = None,
+                        max_tiles: int | None = None, resize_to: int | None = None) -> "Detector":
+        """Load an official ``spai.pth`` or our ``.safetensors`` checkpoint (strictly) for inference."""
+        model, _ = load_model(path, config)
+        if max_tiles is not None:
+            model.cfg.max_tiles = max_tiles
+        return cls(model, device, precision, feature_batch, model_id=file_sha256(path, 16))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.cfg
+
+    @contextlib.contextmanager
+    def _inference(self) -> Iterator[None]:
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                     enabled=self.precision == "bf16"):
+            yield
+
+    def logits(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """Raw logits (float32) of a batch of images; tiles of all images are encoded together."""
+        if not len(images):
+            return np.zeros(0, dtype=np.float32)
+        tensors = [image_to_tensor(img, self.device) for img in images]
+        with self._inference():
+            out = self.model.forward_images(tensors, chunk=self.feature_batch)
+        return out.float().cpu().numpy()
+
+    def score(self, images: Sequence[ImageLike]) -> np.ndarray:
+        """P(AI-generated) = sigmoid(logit) per image."""
+        return 1.0 / (1.0 + np.exp(-self.logits(images).astype(np.float64)))
+
+    def num_tiles(self, height: int, width: int) -> int:
+        """Tiles the attention pools for an image of this size (five-crop counts 5)."""
+        size = self.config.img_size
+        return len(tile_offsets(max(height, size), max(width, size), size, self.config.minimum_patches,
+                                self.config.max_tiles))
+
+    def explain(self, image: ImageLike) -> Explanation:
+        """Score one image and return its tile attention as weights and a heat map."""
+        tensor = image_to_tensor(image, self.device)
+        with self._inference():
+            logits, attn, plans = self.model.forward_images([tensor], chunk=self.feature_batch, return_attention=True)
+        _, offsets = plans[0]
+        weights = attn[0].float().mean(dim=0).cpu().numpy()[:len(offsets)]
+        logit = float(logits[0])
+        return Explanation(logit, float(1 / (1 + np.exp(-logit))), offsets, weights,
+                           self._heatmap(tensor.shape[-2:], offsets, weights))
+
+    def _heatmap(self, shape: Sequence[int], offsets: list[tuple[int, int]], weights: np.ndarray) -> np.ndarray:
+        height, width = shape
+        size = self.config.img_size
+        top, left = max(size - height, 0) // 2, max(size - width, 0) // 2
+        total = np.zeros((max(height, size), max(width, size)), dtype=np.float32)
+        count = np.zeros_like(total)
+        for (r, c), w in zip(offsets, weights):
+            total[r:r + size, c:c + size] += w
+            count[r:r + size, c:c + size] += 1
+        heat = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+        return heat[top:top + height, left:left + width]

@@ -1,0 +1,163 @@
+"""Checkpoint loading is strict and safe; conversions round-trip with identical scores."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from spai_core.checkpoint import (CheckpointError, convert, load_backbone, load_model, ours_to_official_key,
+                                  save_checkpoint, save_official)
+from spai_core.detector import Detector
+from spai_core.spai import build_model, get_model_config
+
+IMAGES = [np.random.default_rng(i).integers(0, 256, (260, 300, 3), dtype=np.uint8) for i in range(2)]
+
+
+@pytest.fixture()
+def tiny():
+    torch.manual_seed(0)
+    return build_model("spai_tiny").eval()
+
+
+def _official_state(model):
+    state = {ours_to_official_key(k): v.clone() for k, v in model.state_dict().items()}
+    state["mfvit.frequencies_mask"] = model.mfvit.frequencies_mask.long()
+    state["mfvit.vit.fc_norm.weight"] = torch.ones(64)  # unused official extra: ignored by name
+    return state
+
+
+def test_ours_round_trip_identical_scores(tiny, tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, tiny, {"epoch": 3})
+    model, ckpt = load_model(path)
+    assert ckpt.config == tiny.cfg and ckpt.metadata["epoch"] == 3
+    np.testing.assert_array_equal(Detector(model, "cpu").logits(IMAGES), Detector(tiny, "cpu").logits(IMAGES))
+
+
+class YacsCfgNode(dict):
+    """What the official file pickles: a yacs.config.CfgNode, a dict subclass with flags in __dict__."""
+
+
+YacsCfgNode.__module__, YacsCfgNode.__qualname__ = "yacs.config", "CfgNode"
+
+
+def test_official_layout_with_config_fp16_and_extras(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", types.SimpleNamespace(CfgNode=YacsCfgNode))
+    cfg = YacsCfgNode(MODEL=YacsCfgNode(FRE=YacsCfgNode(MASKING_RADIUS=16)))
+    cfg.__dict__["__immutable__"] = True
+    state = {k: v.half() if v.is_floating_point() else v for k, v in _official_state(tiny).items()}
+    torch.save({"model": state, "epoch": 7, "config": cfg, "max_accuracy": 0.9}, tmp_path / "spai.pth")
+    monkeypatch.delitem(sys.modules, "yacs.config")  # the loader must not need yacs
+    model, ckpt = load_model(tmp_path / "spai.pth", get_model_config("spai_tiny"))
+    assert ckpt.kind == "official" and ckpt.metadata["epoch"] == 7
+    assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+    half_model = build_model("spai_tiny")
+    half_model.load_state_dict({k: v.half().float() for k, v in tiny.state_dict().items()})
+    np.testing.assert_array_equal(Detector(model, "cpu").logits(IMAGES), Detector(half_model, "cpu").logits(IMAGES))
+
+
+def test_mask_radius_is_read_from_official_mask(tiny, tmp_path):
+    state = _official_state(tiny)
+    tiny.set_mask_radius(24)
+    state["mfvit.frequencies_mask"] = tiny.mfvit.frequencies_mask.long()
+    torch.save({"model": state}, tmp_path / "r24.pth")
+    model, _ = load_model(tmp_path / "r24.pth", "spai_tiny")
+    assert model.cfg.mask_radius == 24
+
+
+def test_missing_key_and_wrong_shape_are_errors(tiny, tmp_path):
+    state = _official_state(tiny)
+    del state["cls_head.head.6.bias"]
+    torch.save({"model": state}, tmp_path / "missing.pth")
+    with pytest.raises(CheckpointError, match="missing key.*cls_head.head.6.bias"):
+        load_model(tmp_path / "missing.pth", "spai_tiny")
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        load_model(tmp_path / "missing.pth", "spai_small")  # wrong config for these weights
+    state = _official_state(tiny)
+    state["something.else"] = torch.zeros(1)
+    torch.save({"model": state}, tmp_path / "extra.pth")
+    with pytest.raises(CheckpointError, match="unexpected key.*something.else"):
+        load_model(tmp_path / "extra.pth", "spai_tiny")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /tmp/spai_pwned",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": torch.zeros(1)}, "payload": _RunsCode()}, path)
+    if os.path.exists("/tmp/spai_pwned"):
+        os.remove("/tmp/spai_pwned")
+    with pytest.raises(CheckpointError, match="refused.*posix.system|refused.*os.system|refused"):
+        load_model(path, "spai_tiny")
+    assert not os.path.exists("/tmp/spai_pwned")
+    legacy = tmp_path / "legacy.pth"
+    legacy.write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(CheckpointError):
+        load_model(legacy, "spai_tiny")
+    assert not os.path.exists("/tmp/spai_pwned")
+
+
+def test_corrupt_truncated_and_empty_files(tiny, tmp_path):
+    save_checkpoint(tmp_path / "good.safetensors", tiny)
+    data = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(tmp_path / "trunc.safetensors")
+    torch.save({"model": _official_state(tiny)}, tmp_path / "good.pth")
+    data = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(tmp_path / "trunc.pth", "spai_tiny")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_model(tmp_path / "empty.pth")
+    (tmp_path / "noise.pth").write_bytes(os.urandom(4096))
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "noise.pth")
+    with pytest.raises(CheckpointError, match="no such"):
+        load_model(tmp_path / "absent.pth")
+
+
+def test_convert_both_ways_keeps_scores(tiny, tmp_path):
+    save_official(tmp_path / "official.pth", tiny, epoch=2)
+    convert(tmp_path / "official.pth", tmp_path / "ours.safetensors", "spai_tiny")
+    convert(tmp_path / "ours.safetensors", tmp_path / "back.pth")
+    reference = Detector(tiny, "cpu").logits(IMAGES)
+    for path in ("ours.safetensors", "back.pth"):
+        model, _ = load_model(tmp_path / path, "spai_tiny")
+        np.testing.assert_array_equal(Detector(model, "cpu").logits(IMAGES), reference)
+    raw = torch.load(tmp_path / "back.pth", weights_only=True)
+    assert "patch_aggregator" in raw["model"] and "to_kv.weight" in raw["model"] and raw["epoch"] == 2
+
+
+def test_convert_cli(tiny, tmp_path):
+    save_official(tmp_path / "official.pth", tiny)
+    subprocess.run([sys.executable, "-m", "spai_cli.main", "convert", str(tmp_path / "official.pth"),
+                    str(tmp_path / "ours.safetensors"), "--config", "spai_tiny"], check=True)
+    assert load_model(tmp_path / "ours.safetensors")[1].config.name == "spai_tiny"
+
+
+def test_mfm_backbone_loads_strictly(tiny, tmp_path):
+    vit = {f"encoder.{k}": v.clone() + 1 for k, v in tiny.mfvit.vit.state_dict().items()}
+    vit["encoder.norm.weight"] = torch.ones(64)  # MFM extras are ignored
+    vit["decoder.pred.weight"] = torch.ones(3)
+    torch.save({"model": vit}, tmp_path / "mfm.pth")
+    model = build_model("spai_tiny")
+    load_backbone(model, tmp_path / "mfm.pth")
+    torch.testing.assert_close(model.mfvit.vit.pos_embed, tiny.mfvit.vit.pos_embed + 1)
+    del vit["encoder.blocks.0.attn.q_bias"]
+    torch.save({"model": vit}, tmp_path / "mfm_bad.pth")
+    with pytest.raises(CheckpointError, match="q_bias"):
+        load_backbone(build_model("spai_tiny"), tmp_path / "mfm_bad.pth")
+    with pytest.raises(CheckpointError, match="backbone-only"):
+        load_model(tmp_path / "mfm.pth", "spai_tiny")
