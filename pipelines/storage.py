@@ -1,0 +1,295 @@
+"""One way to read, write and list files on local disk and S3 (AWS or any S3-compatible endpoint).
+
+Every pipeline goes through these functions so that ``s3://bucket/key`` and local paths behave the same, and so
+that S3 failures reach the user as a :class:`StorageError` that says what is wrong and what to do (missing bucket,
+wrong credentials, unreachable endpoint, missing path) instead of a bare SDK message. pyarrow does the I/O; boto3 is
+used only to resolve credentials and, after a failure, to ask the bucket why (pyarrow reports a missing bucket as a
+missing file).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import posixpath
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import pyarrow.fs as pafs
+
+T = TypeVar("T")
+
+S3_PREFIX = "s3://"
+_DENIED_CODES = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                           "InvalidToken", "AllAccessDisabled"})
+_MISSING_BUCKET_CODES = frozenset({"404", "NoSuchBucket"})
+
+
+class StorageError(OSError):
+    """A file or bucket that cannot be used, with a message that says what to do.
+
+    ``reason`` is one of ``not_found``, ``missing_bucket``, ``access_denied``, ``no_credentials``, ``unreachable``,
+    ``invalid_uri`` or ``io_error``, so callers can record it per row; ``uri`` is the path that failed.
+    """
+
+    def __init__(self, reason: str, uri: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.uri = uri
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageOptions:
+    """Where and how to reach S3. Credentials are not stored here: boto3's usual chain finds them where they run."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    max_attempts: int = 5
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> StorageOptions:
+        """Options from the standard AWS variables (the S3-specific endpoint variable wins, as in boto3)."""
+        env = os.environ if environ is None else environ
+        return cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            profile=env.get("AWS_PROFILE") or None,
+        )
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://`` URIs."""
+    return uri.startswith(S3_PREFIX)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or an ``s3://`` URI (always with ``/`` on S3)."""
+    if is_s3(uri):
+        pieces = [uri.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
+        return "/".join(pieces)
+    return os.path.join(uri, *parts)
+
+
+def parent(uri: str) -> str:
+    """The folder holding ``uri`` (``s3://bucket/a/b`` -> ``s3://bucket/a``)."""
+    if is_s3(uri):
+        return S3_PREFIX + posixpath.dirname(uri[len(S3_PREFIX):].rstrip("/"))
+    return os.path.dirname(os.path.abspath(uri.rstrip(os.sep)))
+
+
+def basename(uri: str) -> str:
+    """The last path component (file or folder name) of a local path or ``s3://`` URI."""
+    return posixpath.basename(uri.rstrip("/")) if is_s3(uri) else os.path.basename(uri.rstrip(os.sep))
+
+
+def relative_to(uri: str, root: str) -> str:
+    """The ``/``-separated path of ``uri`` below folder ``root`` (a listing result relative to what was listed)."""
+    if is_s3(uri):
+        return uri[len(root.rstrip("/")) + 1:]
+    return os.path.relpath(uri, os.path.abspath(os.path.expanduser(root))).replace(os.sep, "/")
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    path = uri[len(S3_PREFIX):]
+    bucket = path.split("/", 1)[0]
+    if not bucket:
+        raise StorageError("invalid_uri", uri, f"{uri!r} has no bucket; S3 URIs look like s3://bucket/path/to/file")
+    return bucket, path.rstrip("/")
+
+
+def _boto_session(options: StorageOptions, uri: str) -> boto3.Session:
+    try:
+        return boto3.Session(profile_name=options.profile, region_name=options.region)
+    except botocore.exceptions.ProfileNotFound as exc:
+        raise StorageError("no_credentials", uri, f"AWS profile {options.profile!r} is not defined: add it to "
+                           "~/.aws/config or ~/.aws/credentials, or set AWS_PROFILE to an existing one") from exc
+
+
+def _s3_filesystem(options: StorageOptions, uri: str) -> pafs.S3FileSystem:
+    """A pyarrow S3 file system with credentials from boto3's chain (env, profile, SSO, instance role...)."""
+    session = _boto_session(options, uri)
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts)}
+    region = options.region or session.region_name
+    if region:
+        kwargs["region"] = region
+    if options.endpoint_url:
+        scheme, _, host = options.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme="http" if scheme == "http" else "https")
+    credentials = session.get_credentials()
+    if credentials is not None:  # otherwise pyarrow tries its own default chain (e.g. an EC2 instance role)
+        frozen = credentials.get_frozen_credentials()
+        kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key, session_token=frozen.token)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _endpoint_name(options: StorageOptions) -> str:
+    return options.endpoint_url or "AWS S3"
+
+
+def _diagnose_bucket(bucket: str, uri: str, options: StorageOptions) -> StorageError | None:
+    """Ask S3 once (boto3 head_bucket) why ``bucket`` is unusable; None when the bucket is fine."""
+    config = botocore.config.Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5,
+                                    read_timeout=10)
+    where = _endpoint_name(options)
+    try:
+        client = _boto_session(options, uri).client("s3", endpoint_url=options.endpoint_url, config=config)
+        client.head_bucket(Bucket=bucket)
+    except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
+        return StorageError("unreachable", uri, f"cannot reach the S3 endpoint {where} to read {uri} ({exc}); check "
+                            "AWS_ENDPOINT_URL, that the server is running and that this machine can reach it")
+    except botocore.exceptions.NoCredentialsError:
+        return StorageError("no_credentials", uri, f"no AWS credentials found to read {uri}; set "
+                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
+    except botocore.exceptions.ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in _MISSING_BUCKET_CODES:
+            return StorageError("missing_bucket", uri, f"bucket {bucket!r} does not exist at {where}: create it "
+                                f"(aws s3 mb s3://{bucket}) or fix the URI {uri}")
+        if code in _DENIED_CODES:
+            return StorageError("access_denied", uri, f"access to bucket {bucket!r} at {where} was denied ({code}): "
+                                "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) "
+                                "and the bucket policy")
+        return StorageError("io_error", uri, f"S3 refused bucket {bucket!r} at {where} ({code}: {exc}); check "
+                            "the bucket name, the region (AWS_REGION) and the endpoint (AWS_ENDPOINT_URL)")
+    except botocore.exceptions.BotoCoreError as exc:
+        return StorageError("io_error", uri, f"S3 at {where} failed for {uri}: {exc}")
+    return None
+
+
+def _translate(exc: OSError, uri: str, action: str, options: StorageOptions) -> StorageError:
+    """Turn a pyarrow/OS error into a StorageError that names the cause and the fix."""
+    if isinstance(exc, StorageError):
+        return exc
+    if is_s3(uri):
+        diagnosis = _diagnose_bucket(_split_s3(uri)[0], uri, options)
+        if diagnosis is not None:
+            return diagnosis
+    if isinstance(exc, FileNotFoundError):
+        return StorageError("not_found", uri, f"{uri} does not exist; check the path (and the working directory "
+                            "for relative paths)")
+    if isinstance(exc, PermissionError):
+        return StorageError("access_denied", uri, f"permission denied to {action} {uri}; check its permissions")
+    return StorageError("io_error", uri, f"could not {action} {uri}: {exc}")
+
+
+class Files:
+    """Reads, writes and lists many URIs, building each file system once and translating errors.
+
+    Building an S3 file system resolves credentials (~20 ms), so loops over many files (a batch of images) should
+    share one instance; it is cheap to create and holds no global state.
+    """
+
+    def __init__(self, options: StorageOptions | None = None):
+        self.options = options if options is not None else StorageOptions.from_env()
+        self._s3: pafs.S3FileSystem | None = None
+        self._local = pafs.LocalFileSystem()
+
+    def resolve(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        """The file system for ``uri`` and the path inside it (``bucket/key`` on S3, an absolute local path)."""
+        if is_s3(uri):
+            _, path = _split_s3(uri)
+            if self._s3 is None:
+                self._s3 = _s3_filesystem(self.options, uri)
+            return self._s3, path
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return self._local, os.path.abspath(os.path.expanduser(path))
+
+    def _run(self, uri: str, action: str, fn: Callable[[pafs.FileSystem, str], T]) -> T:
+        fs, path = self.resolve(uri)
+        try:
+            return fn(fs, path)
+        except OSError as exc:
+            raise _translate(exc, uri, action, self.options) from exc
+
+    def read(self, uri: str) -> bytes:
+        """All bytes of one file."""
+        return self._run(uri, "read", lambda fs, path: _read(fs, path, None))
+
+    def head(self, uri: str, size: int) -> bytes:
+        """The first ``size`` bytes of a file (for magic-byte sniffing without downloading it)."""
+        return self._run(uri, "read", lambda fs, path: _read(fs, path, size))
+
+    def write(self, uri: str, data: bytes) -> None:
+        """Write ``data`` to ``uri``, creating local parent folders."""
+        def _write(fs: pafs.FileSystem, path: str) -> None:
+            if isinstance(fs, pafs.LocalFileSystem):
+                fs.create_dir(os.path.dirname(path), recursive=True)
+            with fs.open_output_stream(path) as stream:
+                stream.write(data)
+        self._run(uri, "write", _write)
+
+    def remove(self, uri: str) -> None:
+        """Delete one file."""
+        self._run(uri, "delete", lambda fs, path: fs.delete_file(path))
+
+    def info(self, uri: str) -> pafs.FileInfo:
+        """Type and size of ``uri``: ``FileType.NotFound`` when absent (an S3 prefix with keys is a directory)."""
+        return self._run(uri, "inspect", lambda fs, path: fs.get_file_info(path))
+
+    def missing(self, uri: str) -> StorageError:
+        """The error for a path that is absent, naming a missing bucket or bad credentials when that is why."""
+        return _translate(FileNotFoundError(uri), uri, "read", self.options)
+
+    def list(self, uri: str, recursive: bool = True, suffixes: Iterable[str] | None = None) -> list[str]:
+        """Full URIs of the files under ``uri`` (sorted), or ``[uri]`` when it is a file.
+
+        Names starting with ``.`` (``.DS_Store``, macOS ``._x.jpg`` forks, hidden folders) are metadata, not data,
+        and are skipped. ``suffixes`` keeps only names ending with one of them (case-insensitive).
+        """
+        info = self.info(uri)
+        if info.type == pafs.FileType.File:
+            return [uri]
+        if info.type == pafs.FileType.NotFound:
+            raise self.missing(uri)
+        entries = self._run(uri, "list", lambda fs, path: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)))
+        base = self.resolve(uri)[1].rstrip("/")
+        wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+        found = []
+        for entry in entries:
+            relative = entry.path[len(base):].lstrip("/")
+            if entry.type != pafs.FileType.File or any(p.startswith(".") for p in relative.split("/")):
+                continue
+            if wanted is not None and not entry.path.lower().endswith(wanted):
+                continue
+            found.append(S3_PREFIX + entry.path if is_s3(uri) else entry.path)
+        return sorted(found)
+
+
+def _read(fs: pafs.FileSystem, path: str, size: int | None) -> bytes:
+    """The first ``size`` bytes of a file, or all of them for ``None``."""
+    with fs.open_input_stream(path) as stream:
+        return stream.read(size)
+
+
+def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow file system for ``uri`` and the path inside it (for pyarrow/Ray readers and writers)."""
+    return Files(options).resolve(uri)
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    """All bytes of one local or S3 file."""
+    return Files(options).read(uri)
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Write one local or S3 file (local parent folders are created)."""
+    Files(options).write(uri, data)
+
+
+def list_files(uri: str, options: StorageOptions | None = None, recursive: bool = True,
+               suffixes: Iterable[str] | None = None) -> list[str]:
+    """Sorted full URIs of the files under a folder or S3 prefix; see :meth:`Files.list`."""
+    return Files(options).list(uri, recursive=recursive, suffixes=suffixes)
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    """True if ``uri`` is an existing file or folder (an S3 prefix with keys under it)."""
+    return Files(options).info(uri).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str, options: StorageOptions | None = None) -> bool:
+    """True for a local folder or an S3 bucket or prefix with keys under it."""
+    return Files(options).info(uri).type == pafs.FileType.Directory
