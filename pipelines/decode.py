@@ -84,8 +84,9 @@ def _open(data: bytes) -> Image.Image:
         if sniffed is None:
             raise DecodeError("not_an_image", f"the content is not an image ({len(data)} bytes starting with "
                               f"{data[:8]!r}); remove it from the manifest or fix the path") from exc
-        raise DecodeError("unreadable", f"looks like {sniffed} by its first bytes but Pillow cannot read it (corrupt, "
-                          "truncated header, or a format needing a Pillow plugin); re-encode it as PNG or JPEG") from exc
+        raise DecodeError("unreadable", f"looks like {sniffed} by its first bytes but Pillow cannot read it "
+                          "(corrupt, truncated header, or a format needing a Pillow plugin); re-encode it as PNG or "
+                          "JPEG") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise DecodeError("truncated" if "truncated" in str(exc).lower() else "unreadable",
                           f"Pillow could not read the header: {exc}") from exc

@@ -244,7 +244,8 @@ class Files:
             return [uri]
         if info.type == pafs.FileType.NotFound:
             raise self.missing(uri)
-        entries = self._run(uri, "list", lambda fs, path: fs.get_file_info(pafs.FileSelector(path, recursive=recursive)))
+        entries = self._run(uri, "list", lambda fs, path: fs.get_file_info(pafs.FileSelector(path,
+                                                                                               recursive=recursive)))
         base = self.resolve(uri)[1].rstrip("/")
         wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
         found = []
