@@ -32,6 +32,7 @@ def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--generators", nargs="*", default=None, help="generator folders to include (default: all)")
     gen.add_argument("--val-fraction", type=float, default=0.0,
                      help="move this fraction of each generator's train groups to val (GenImage's val is used as test)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
     csv = kinds.add_parser("csv", help="official SPAI CSV (image,class,split; extra columns kept)")
     csv.add_argument("csv", help="CSV file (local or s3://)")
     csv.add_argument("--root", default=None, help="root dir for relative image paths (default: the CSV's folder)")
@@ -44,6 +45,9 @@ def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
     fold.add_argument("--balance", action="store_true", help="subsample reals to the number of fakes")
     fold.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, split by group (seeded)")
     fold.add_argument("--seed", type=int, default=0)
+    fold.add_argument("--group-by", choices=["stem", "folder"], default="stem",
+                      help="what never straddles splits: the file stem minus generator tags (beach_sdxl.png -> beach), "
+                      "or the parent folder")
     for k in (gen, csv, fold):
         k.add_argument("--output", "-o", required=True, help="manifest path (directory) or s3:// URI")
         k.add_argument("--source", default=None, help="dataset name for the `source` column")

@@ -1,0 +1,616 @@
+"""Manifests: one Parquet table of images (uri, label, split, generator, source, group) from any dataset layout.
+
+Every job (validate, train, tune, score, evaluate) reads a manifest, never a folder layout, so layouts are handled
+once here: GenImage (all eight generator folders, and subsets such as the ``mini_gen`` fork), official SPAI CSVs,
+and plain real/fake folders. Each builder works on local folders and ``s3://`` prefixes alike.
+
+On storage a manifest is a directory: one Parquet file per split and generator under ``<split>/`` (so Ray Data reads
+it in parallel and a job that needs one split reads only its files), plus ``manifest.json`` with the schema version,
+row counts, the file list and how it was built.
+
+``group`` is what must never straddle splits (a source photo, a prompt, an ImageNet class): every builder that
+assigns splits does it per group, seeded, so the same inputs and seed give the same splits.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import datetime
+import io
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipelines.decode import SNIFF_BYTES, sniff_image_format
+from pipelines.storage import Files, StorageError, StorageOptions, basename, is_s3, join, parent, relative_to
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SIDECAR = "manifest.json"
+SPLITS = ("train", "val", "test")
+REAL = "real"
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("uri", pa.string(), nullable=False),  # absolute local path or s3://bucket/key
+    pa.field("label", pa.int8()),  # 0 real, 1 AI-generated, null unknown
+    pa.field("split", pa.string()),  # train / val / test
+    pa.field("generator", pa.string()),  # 'real' for real images, null when unknown
+    pa.field("source", pa.string()),  # dataset name
+    pa.field("group", pa.string()),  # unit that never straddles splits
+])
+CORE_COLUMNS = tuple(MANIFEST_SCHEMA.names)
+# What the builders take for an image by name (listing by content would read every file of a remote dataset);
+# `spai validate` then rejects any that do not decode.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".avif")
+ROWS_PER_FILE = 100_000
+NOTES_KEY = b"spai.build_notes"  # schema metadata key for what a builder skipped, carried into manifest.json
+_GENIMAGE_SPLITS = {"train": "train", "val": "test"}  # GenImage's val set is the benchmark's test set
+_GENIMAGE_CLASSES = {"ai": 1, "nature": 0}
+
+
+class ManifestError(ValueError):
+    """A manifest, CSV or dataset layout that cannot be used; the message names the problem and the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+def conform(table: pa.Table, where: str = "manifest") -> pa.Table:
+    """Check and cast the six manifest columns (naming any missing or mistyped one); extra columns follow as-is."""
+    missing = [name for name in CORE_COLUMNS if name not in table.column_names]
+    if missing:
+        raise ManifestError(f"{where} lacks column(s) {missing}; a manifest needs {list(CORE_COLUMNS)} "
+                            "(build one with `spai manifest`)")
+    columns = []
+    for field in MANIFEST_SCHEMA:
+        try:
+            columns.append(table.column(field.name).cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise ManifestError(f"{where}: column {field.name!r} has type {table.schema.field(field.name).type}, "
+                                f"which cannot be read as {field.type} ({exc}); fix that column") from exc
+    extras = [name for name in table.column_names if name not in CORE_COLUMNS]
+    schema = pa.schema(list(MANIFEST_SCHEMA) + [table.schema.field(name) for name in extras])
+    return pa.Table.from_arrays(columns + [table.column(name) for name in extras], schema=schema)
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]], extras: Sequence[str] = (), notes: Mapping | None = None
+                  ) -> pa.Table:
+    """A manifest table from dict rows: the six columns typed, ``extras`` as strings, builder notes as metadata."""
+    arrays = [pa.array([row.get(f.name) for row in rows], type=f.type) for f in MANIFEST_SCHEMA]
+    for name in extras:
+        arrays.append(pa.array([None if row.get(name) is None else str(row[name]) for row in rows], pa.string()))
+    schema = pa.schema(list(MANIFEST_SCHEMA) + [pa.field(name, pa.string()) for name in extras])
+    if notes:
+        schema = schema.with_metadata({NOTES_KEY: json.dumps(notes)})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _bad_values(values: list, allowed: Iterable) -> list[tuple[int, Any]]:
+    allowed = set(allowed)
+    return [(i, v) for i, v in enumerate(values) if v not in allowed]
+
+
+def check_values(table: pa.Table) -> None:
+    """Raise a ManifestError naming the rows whose uri, label or split cannot be used."""
+    uris = table.column("uri").to_pylist()
+    problems = {
+        "uri": [(i, v) for i, v in enumerate(uris) if not v],
+        "label": _bad_values(table.column("label").to_pylist(), (0, 1, None)),
+        "split": _bad_values(table.column("split").to_pylist(), SPLITS),
+    }
+    expected = {"uri": "a non-empty path", "label": "0, 1 or null", "split": "one of train/val/test"}
+    messages = [f"column {name!r} must be {expected[name]} but {len(bad)} row(s) are not, e.g. "
+                + ", ".join(f"row {i} ({uris[i]!r}): {v!r}" for i, v in bad[:3])
+                for name, bad in problems.items() if bad]
+    if messages:
+        raise ManifestError("; ".join(messages))
+
+
+def _counts(values: Iterable) -> dict[str, int]:
+    return {("null" if k is None else str(k)): v for k, v in sorted(collections.Counter(values).items(), key=str)}
+
+
+def count_summary(table: pa.Table) -> dict[str, Any]:
+    """Row counts per split, label, generator and source, and labels per split (for manifest.json and reports)."""
+    splits, labels = table.column("split").to_pylist(), table.column("label").to_pylist()
+    return {
+        "rows": table.num_rows,
+        "split": _counts(splits),
+        "label": _counts(labels),
+        "generator": _counts(table.column("generator").to_pylist()),
+        "source": _counts(table.column("source").to_pylist()),
+        "split_label": {s: _counts(lab for sp, lab in zip(splits, labels) if sp == s) for s in sorted(set(splits))},
+    }
+
+
+def format_summary(table: pa.Table) -> str:
+    """A small text table: rows per split and label, then per generator."""
+    summary = count_summary(table)
+    lines = [f"{'split':<8}{'real':>10}{'fake':>10}{'unknown':>10}{'total':>10}"]
+    for split, labels in summary["split_label"].items():
+        row = [labels.get("0", 0), labels.get("1", 0), labels.get("null", 0)]
+        lines.append(f"{split:<8}" + "".join(f"{n:>10}" for n in row) + f"{sum(row):>10}")
+    lines.append("generators: " + ", ".join(f"{k}={v}" for k, v in summary["generator"].items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and writing
+
+
+def _safe_name(value: str | None) -> str:
+    """A file-name-safe form of a generator name (``_null`` for unknown)."""
+    if value is None:
+        return "_null"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", value) or "_"
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as zstd-compressed Parquet bytes, ready for :meth:`Files.write` on any storage."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _partitions(table: pa.Table) -> list[tuple[str, str | None, pa.Table]]:
+    """(split, generator, rows) runs of a table sorted by split, generator and uri, at most ROWS_PER_FILE each."""
+    keys = list(zip(table.column("split").to_pylist(), table.column("generator").to_pylist()))
+    parts, start = [], 0
+    for end in range(1, len(keys) + 1):
+        if end == len(keys) or keys[end] != keys[start] or end - start == ROWS_PER_FILE:
+            parts.append((*keys[start], table.slice(start, end - start)))
+            start = end
+    return parts
+
+
+def _clear_previous(uri: str, files: Files) -> None:
+    """Delete the data files of a manifest being overwritten; refuse to write into any other non-empty folder."""
+    sidecar = join(uri, SIDECAR)
+    info = files.info(uri)
+    if info.type == pafs.FileType.NotFound:
+        return
+    if info.type == pafs.FileType.File:
+        raise ManifestError(f"{uri} is a file; a manifest is a directory, choose another --output")
+    if files.info(sidecar).type == pafs.FileType.NotFound:
+        if files.list(uri):
+            raise ManifestError(f"{uri} exists and is not a manifest; choose a new --output or empty the folder")
+        return
+    for entry in json.loads(files.read(sidecar)).get("files", []):
+        old = join(uri, entry["path"])
+        if files.info(old).type == pafs.FileType.File:
+            files.remove(old)
+
+
+def write_manifest(table_or_rows: pa.Table | Sequence[Mapping[str, Any]], uri: str, build_info: Mapping[str, Any],
+                   options: StorageOptions | None = None) -> str:
+    """Write a manifest directory (Parquet per split/generator + ``manifest.json``) and return its URI.
+
+    ``build_info`` says how it was made (builder name, arguments); the time, counts, file list and any builder
+    notes (e.g. files skipped) are added. An existing manifest at ``uri`` is replaced.
+    """
+    table = table_or_rows if isinstance(table_or_rows, pa.Table) else rows_to_table(table_or_rows)
+    notes = json.loads((table.schema.metadata or {}).get(NOTES_KEY, b"{}"))
+    table = conform(table.replace_schema_metadata(None))
+    check_values(table)
+    table = table.sort_by([("split", "ascending"), ("generator", "ascending"), ("uri", "ascending")])
+    uri = uri if is_s3(uri) else os.path.abspath(uri)
+    files = Files(options)
+    _clear_previous(uri, files)
+    entries = []
+    for index, (split, generator, part) in enumerate(_partitions(table) or [("test", None, table)]):
+        path = f"{split}/part-{index:05d}-{_safe_name(generator)}.parquet"
+        files.write(join(uri, path), parquet_bytes(part))
+        entries.append({"path": path, "split": split, "generator": generator, "rows": part.num_rows})
+    sidecar = {
+        "format": "spai-manifest",
+        "schema_version": SCHEMA_VERSION,
+        "columns": {field.name: str(field.type) for field in table.schema},
+        "counts": count_summary(table),
+        "files": entries,
+        "build": {**build_info, "notes": {**notes, **build_info.get("notes", {})},
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+    }
+    files.write(join(uri, SIDECAR), json.dumps(sidecar, indent=2, default=str).encode())
+    return uri
+
+
+def read_sidecar(uri: str, options: StorageOptions | None = None) -> dict[str, Any] | None:
+    """The ``manifest.json`` of a manifest directory, or None when there is none."""
+    files = Files(options)
+    sidecar = join(uri, SIDECAR)
+    if files.info(sidecar).type != pafs.FileType.File:
+        return None
+    try:
+        return json.loads(files.read(sidecar))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{sidecar} is not valid JSON ({exc}); rebuild the manifest with `spai manifest`") from exc
+
+
+def manifest_files(uri: str, options: StorageOptions | None = None, split: str | None = None) -> list[str]:
+    """URIs of a manifest's Parquet files: those listed in its ``manifest.json`` (only ``split``'s when given),
+    else every ``.parquet`` file under the folder (e.g. written by Ray), or the file itself."""
+    files = Files(options)
+    info = files.info(uri)
+    if info.type == pafs.FileType.NotFound:
+        raise files.missing(uri)
+    if info.type == pafs.FileType.File:
+        if not uri.lower().endswith(".parquet"):
+            raise ManifestError(f"{uri} is not a manifest (a directory with {SIDECAR}, or a .parquet file)")
+        return [uri]
+    sidecar = read_sidecar(uri, options)
+    if sidecar is not None:
+        return [join(uri, e["path"]) for e in sidecar.get("files", []) if split is None or e.get("split") == split]
+    found = files.list(uri, suffixes=(".parquet",))
+    if not found:
+        raise ManifestError(f"{uri} holds no manifest ({SIDECAR} or .parquet files); build one with `spai manifest`")
+    return found
+
+
+def read_manifest(uri: str, options: StorageOptions | None = None) -> pa.Table:
+    """Read a manifest (directory, or one Parquet file) with its columns typed as :data:`MANIFEST_SCHEMA`."""
+    files = Files(options)
+    tables = []
+    for path in manifest_files(uri, options):
+        try:
+            tables.append(pq.read_table(io.BytesIO(files.read(path))))
+        except pa.ArrowInvalid as exc:
+            raise ManifestError(f"{path} is not a readable Parquet file ({exc}); rebuild the manifest") from exc
+    if not tables:
+        return MANIFEST_SCHEMA.empty_table()
+    try:
+        table = pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as exc:
+        raise ManifestError(f"the Parquet files of {uri} have incompatible columns ({exc}); rebuild it") from exc
+    return conform(table, where=uri)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splits and groups
+
+
+def assign_splits(groups: Sequence[str], fractions: Sequence[float], seed: int = 0) -> list[str]:
+    """Seeded train/val/test assignment where every group lands in exactly one split.
+
+    Groups are shuffled with ``seed``, then laid end to end by row count; a group goes to the split whose share of
+    rows its middle falls in, so split sizes track ``fractions`` by rows, not by number of groups.
+    """
+    if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ManifestError(f"split fractions must be three non-negative numbers (train,val,test) summing to 1, "
+                            f"got {tuple(fractions)}")
+    sizes = collections.Counter(groups)
+    order = sorted(sizes)
+    np.random.default_rng(seed).shuffle(order)
+    bounds = np.cumsum(fractions) * len(groups)
+    last = max(i for i, f in enumerate(fractions) if f > 0)
+    split_of, done = {}, 0
+    for group in order:
+        middle = done + sizes[group] / 2
+        split_of[group] = SPLITS[min(int(np.searchsorted(bounds, middle, side="right")), last)]
+        done += sizes[group]
+    return [split_of[g] for g in groups]
+
+
+def _stem(uri: str) -> str:
+    return os.path.splitext(basename(uri))[0]
+
+
+def stem_group(uri: str, tags: Iterable[str]) -> str:
+    """A file's stem with trailing generator tags stripped: ``beach_waifu2x.png`` -> ``beach`` when ``waifu2x`` is a
+    tag, so a generated copy and its source photo share a group. Separators are ``_``, ``-``, ``.`` and spaces."""
+    stem = _stem(uri)
+    pattern = re.compile(r"[_\-. ]+(" + "|".join(re.escape(t) for t in sorted(tags, key=len, reverse=True)) + r")$",
+                         re.IGNORECASE)
+    while True:
+        stripped = pattern.sub("", stem)
+        if stripped == stem or not stripped:
+            return stem
+        stem = stripped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Builders
+
+
+def _list_images(uri: str, files: Files, recursive: bool = True) -> tuple[list[str], list[str]]:
+    """(image files by suffix, other files) under a folder or prefix; an empty folder is an error."""
+    everything = files.list(uri, recursive=recursive)
+    images = [u for u in everything if u.lower().endswith(IMAGE_SUFFIXES)]
+    others = [u for u in everything if not u.lower().endswith(IMAGE_SUFFIXES)]
+    if not images:
+        raise ManifestError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {uri}; check the path")
+    return images, others
+
+
+def _skipped_note(others: Sequence[str], why: str) -> dict[str, Any]:
+    """Log and describe files a builder did not take, so nothing is dropped without a trace."""
+    if not others:
+        return {}
+    logger.warning("skipped %d file(s) %s, e.g. %s", len(others), why, ", ".join(others[:3]))
+    return {"skipped": {"count": len(others), "why": why, "examples": list(others[:20])}}
+
+
+def genimage_generator(folder: str) -> str:
+    """Normalised generator name of a GenImage folder: ``imagenet_ai_0419_sdv4`` -> ``sdv4``,
+    ``imagenet_glide`` -> ``glide``; other names are lower-cased unchanged."""
+    return re.sub(r"^imagenet_(ai_\d{4}_)?", "", folder.lower())
+
+
+def genimage_group(folder: str, uri: str) -> str:
+    """The ImageNet class of a GenImage file, prefixed by its generator folder (the unit of a prompt).
+
+    Nature images carry a synset (``n01440764_10026.JPEG``), generated ones the class number before
+    ``_<generator>_<n>`` (``014_sdv4_00021.png``, ``GLIDE_1000_200_08_014_glide_00021.png``); anything else is
+    its own group (its file stem).
+    """
+    stem = _stem(uri)
+    found = re.search(r"(n\d{8})", stem) or re.search(r"(?:^|_)(\d+)_[A-Za-z][A-Za-z0-9]*_\d+$", stem)
+    return f"{folder}/{found.group(1) if found else stem}"
+
+
+def from_genimage(root: str, generators: Sequence[str] | None = None, val_fraction: float = 0.0, seed: int = 0,
+                  options: StorageOptions | None = None, source: str | None = None) -> pa.Table:
+    """Manifest rows for a GenImage tree: ``<root>/[...]/<generator folder>/{train,val}/{ai,nature}/...``.
+
+    Works for the full benchmark (``imagenet_ai_0419_sdv4``, ``imagenet_ai_0424_wukong``, ``imagenet_ai_0508_adm``,
+    ``imagenet_ai_0419_vqdm``, ``imagenet_ai_0424_sdv5``, ``imagenet_glide``, ``imagenet_midjourney``,
+    ``imagenet_biggan`` / ``imagenet_ai_0419_biggan``, also when nested in a per-generator download folder) and for
+    subsets like the ``mini_gen`` fork. ``ai`` images get label 1 and the normalised generator name (``sdv4``),
+    ``nature`` images label 0 and generator ``real``; every row's source is ``<source or genimage>/<folder>``.
+    GenImage's ``val`` becomes split ``test`` (it is the benchmark's test set); ``val_fraction`` moves that share
+    of each generator folder's ``train`` rows to ``val``, whole ImageNet classes at a time (see
+    :func:`genimage_group`). ``generators`` keeps only these folders (folder or normalised names).
+    """
+    files = Files(options)
+    images, others = _list_images(root, files)
+    wanted = None if generators is None else {g.lower() for g in generators} | {genimage_generator(g) for g in
+                                                                                 generators}
+    rows, unmatched = [], list(others)
+    for uri in images:
+        parts = relative_to(uri, root).split("/")
+        hit = next((i for i in range(1, len(parts) - 2)
+                    if parts[i] in _GENIMAGE_SPLITS and parts[i + 1] in _GENIMAGE_CLASSES), None)
+        if hit is None:
+            unmatched.append(uri)
+            continue
+        folder = parts[hit - 1]
+        if wanted is not None and folder.lower() not in wanted and genimage_generator(folder) not in wanted:
+            continue
+        label = _GENIMAGE_CLASSES[parts[hit + 1]]
+        rows.append({"uri": uri, "label": label, "split": _GENIMAGE_SPLITS[parts[hit]],
+                     "generator": genimage_generator(folder) if label else REAL,
+                     "source": f"{source or 'genimage'}/{folder}", "group": genimage_group(folder, uri)})
+    if not rows:
+        raise ManifestError(f"no GenImage images under {root} (expected <generator>/train|val/ai|nature/<file>"
+                            + (f" for generators {sorted(generators)}" if generators else "") + ")")
+    if val_fraction:
+        _carve_val(rows, val_fraction, seed)
+    return rows_to_table(rows, notes=_skipped_note(unmatched, "outside <generator>/{train,val}/{ai,nature}"))
+
+
+def _carve_val(rows: list[dict[str, Any]], val_fraction: float, seed: int) -> None:
+    """Move ``val_fraction`` of each source's train rows to val, by group (in place)."""
+    by_source = collections.defaultdict(list)
+    for row in rows:
+        if row["split"] == "train":
+            by_source[row["source"]].append(row)
+    for members in by_source.values():
+        splits = assign_splits([r["group"] for r in members], (1 - val_fraction, val_fraction, 0.0), seed)
+        for row, split in zip(members, splits):
+            row["split"] = split
+
+
+def _resolve_path(image: str, root: str) -> str:
+    """An image path of a CSV as a full URI: absolute paths and s3:// URIs as they are, others under ``root``."""
+    if is_s3(image) or os.path.isabs(image):
+        return image
+    return join(root, image) if is_s3(root) else os.path.normpath(os.path.join(os.path.abspath(root), image))
+
+
+def _parse_csv_row(line: int, row: Mapping[str, str], errors: list[str]) -> tuple[int, str] | None:
+    """(label, split) of an official CSV row, or None with a message appended to ``errors``."""
+    text, split = (row.get("class") or "").strip(), (row.get("split") or "").strip()
+    if not (row.get("image") or "").strip():
+        errors.append(f"line {line}: empty image path")
+    elif text not in ("0", "1"):
+        errors.append(f"line {line}: class {text!r} is not 0 (real) or 1 (AI-generated)")
+    elif split not in SPLITS:
+        errors.append(f"line {line}: split {split!r} is not one of {'/'.join(SPLITS)}")
+    else:
+        return int(text), split
+    return None
+
+
+def from_spai_csv(csv_uri: str, root: str | None = None, generator: str | None = None,
+                  options: StorageOptions | None = None, source: str | None = None) -> pa.Table:
+    """Manifest rows for an official SPAI CSV (``image,class,split``; extra columns kept as strings).
+
+    Relative image paths resolve against ``root`` (default: the CSV's folder), as the official code does. Real rows
+    get generator ``real``; fake rows ``generator``, else a ``generator`` column, else ``unknown``. Source is
+    ``source``, else a ``source`` column, else the CSV's name (``fake_dalle2``); group is a ``group`` column, else the
+    file stem. The original ``image`` value is kept as an extra column so outputs can be written back in the
+    official layout.
+    """
+    text = Files(options).read(csv_uri).decode("utf-8-sig")
+    reader = csv.DictReader(io.StringIO(text))
+    header = reader.fieldnames or []
+    missing = [c for c in ("image", "class", "split") if c not in header]
+    if missing:
+        raise ManifestError(f"{csv_uri} lacks column(s) {missing}; official SPAI CSVs have a header with image,class,"
+                            f"split (found {header})")
+    root = root or parent(csv_uri)
+    dataset = source or os.path.splitext(basename(csv_uri))[0]
+    consumed = {"class", "split", "generator", "source", "group", "label", "uri"}
+    extras = ["image"] + [c for c in header if c not in consumed and c != "image"]
+    rows, errors = [], []
+    for line, row in enumerate(reader, start=2):
+        parsed = _parse_csv_row(line, row, errors)
+        if parsed is None:
+            continue
+        label, split = parsed
+        image = row["image"].strip()
+        rows.append({
+            **{name: row.get(name) for name in extras},
+            "uri": _resolve_path(image, root), "label": label, "split": split,
+            "generator": REAL if label == 0 else (generator or row.get("generator") or "unknown"),
+            "source": source or row.get("source") or dataset, "group": row.get("group") or _stem(image),
+        })
+    if errors:
+        raise ManifestError(f"{csv_uri}: {len(errors)} bad row(s): " + "; ".join(errors[:5]) + " - fix these rows")
+    if not rows:
+        raise ManifestError(f"{csv_uri} has a header but no rows")
+    return rows_to_table(rows, extras=extras)
+
+
+def _folder_group(uri: str, folder: str, tags: Iterable[str], group_by: str) -> str:
+    if group_by == "folder":
+        relative = relative_to(uri, folder)
+        if "/" in relative:
+            return relative.rsplit("/", 1)[0]
+    return stem_group(uri, tags)
+
+
+def from_folders(real: Sequence[str], fake: Sequence[str] | Mapping[str, str], balance: bool = False,
+                 fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, options: StorageOptions | None = None,
+                 source: str | None = None, group_by: str = "stem") -> pa.Table:
+    """Manifest rows for folders of real and generated images, searched recursively, split by group.
+
+    ``fake`` is a list of folders (the generator is the folder name) or ``{generator: folder}``. ``balance``
+    subsamples reals (seeded) to the number of fakes, as the SVD fork's ``create_true_fake_csv`` does.
+    Groups (``group_by``): ``stem`` (default) is the file stem with trailing generator names stripped
+    (``beach_waifu2x.png`` -> ``beach``; see :func:`stem_group`), so a fake made from a real photo joins its source;
+    ``folder`` is the parent folder relative to the real/fake folder (class or source-photo folders), falling back
+    to the stem rule for files directly inside it. Splits follow ``fractions`` (train, val, test) by group.
+    """
+    if group_by not in ("stem", "folder"):
+        raise ManifestError(f"group_by must be 'stem' or 'folder', got {group_by!r}")
+    fakes = dict(fake) if isinstance(fake, Mapping) else {basename(f): f for f in fake}
+    if REAL in fakes:
+        raise ManifestError(f"a fake folder is named {REAL!r}, which means real images here; name it with NAME=PATH")
+    tags = set(fakes) | {REAL, "fake"}
+    files = Files(options)
+    rows, others = [], []
+    for name, folder in [(REAL, f) for f in real] + list(fakes.items()):
+        images, skipped = _list_images(folder, files)
+        others += skipped
+        rows += [{"uri": u, "label": int(name != REAL), "generator": name, "source": source or basename(folder),
+                  "group": _folder_group(u, folder, tags, group_by)} for u in images]
+    notes = _skipped_note(others, "without an image suffix")
+    reals = [r for r in rows if r["label"] == 0]
+    n_fake = len(rows) - len(reals)
+    if balance and len(reals) > n_fake:
+        keep = set(np.random.default_rng(seed).choice(len(reals), size=n_fake, replace=False).tolist())
+        dropped = {r["uri"] for i, r in enumerate(reals) if i not in keep}
+        rows = [r for r in rows if r["uri"] not in dropped]
+        notes["balanced"] = {"reals_found": len(reals), "reals_kept": n_fake}
+    for row, split in zip(rows, assign_splits([r["group"] for r in rows], fractions, seed)):
+        row["split"] = split
+    return rows_to_table(rows, notes=notes)
+
+
+def _image_folder(uri: str, files: Files, recursive: bool) -> pa.Table:
+    """Rows for every file under a folder whose first bytes say it is an image (label unknown, split test)."""
+    candidates = files.list(uri, recursive=recursive)
+    files.resolve(uri)  # build the file system once, before the threads share it
+
+    def is_image(path: str) -> bool:
+        try:
+            return sniff_image_format(files.head(path, SNIFF_BYTES)) is not None
+        except StorageError:  # unreadable here means unreadable later: keep it so scoring records the failure
+            return True
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        flags = list(pool.map(is_image, candidates))
+    images = [u for u, ok in zip(candidates, flags) if ok]
+    others = [u for u, ok in zip(candidates, flags) if not ok]
+    if not images:
+        raise ManifestError(f"no images in {uri} ({len(candidates)} file(s), none with image content); point "
+                            "--input at a folder of images, an official CSV or a manifest")
+    rows = [{"uri": u, "label": None, "split": "test", "generator": None, "source": basename(uri),
+             "group": _stem(u), "image": relative_to(u, uri)} for u in images]
+    return rows_to_table(rows, extras=["image"], notes=_skipped_note(others, "that are not images by content"))
+
+
+def resolve_input(uri: str, root: str | None = None, options: StorageOptions | None = None,
+                  recursive: bool = False) -> pa.Table:
+    """Rows for anything a user may point a scoring job at: an official CSV (paths against ``root``), a manifest
+    (directory or .parquet), or a folder / S3 prefix of images found by content (magic bytes), not by extension.
+
+    Folder input matches the official directory mode: not recursive unless asked, label unknown, split ``test``,
+    generator unknown, and an ``image`` column with the path relative to the folder.
+    """
+    files = Files(options)
+    if uri.lower().endswith(".csv"):
+        return from_spai_csv(uri, root=root, options=options)
+    info = files.info(uri)
+    if info.type == pafs.FileType.NotFound:
+        raise files.missing(uri)
+    if uri.lower().endswith(".parquet") or read_sidecar(uri, options) is not None:
+        return read_manifest(uri, options)
+    if info.type == pafs.FileType.File:
+        raise ManifestError(f"{uri} is not a folder, an official CSV (.csv) or a manifest (.parquet or a folder with "
+                            f"{SIDECAR}); to score one image, point --input at its folder")
+    return _image_folder(uri, files, recursive)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ManifestError(f"--split must be three comma-separated numbers like 0.8,0.1,0.1, got {text!r}") from exc
+    if len(values) != 3:
+        raise ManifestError(f"--split must be three numbers (train,val,test), got {text!r}")
+    return values
+
+
+def _parse_fakes(items: Sequence[str]) -> dict[str, str]:
+    """``NAME=PATH`` or ``PATH`` (named after its folder) -> {generator: folder}."""
+    fakes = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or "/" in name or ":" in name:  # a plain path, which may itself hold '=' (s3://b/gen=x/)
+            name, path = basename(item), item
+        if name in fakes:
+            raise ManifestError(f"two --fake folders are both named {name!r}; name them with NAME=PATH")
+        fakes[name] = path
+    return fakes
+
+
+def build_from_args(args: argparse.Namespace, options: StorageOptions) -> pa.Table:
+    """The manifest table the ``spai manifest`` arguments ask for."""
+    if args.layout == "genimage":
+        return from_genimage(args.root, args.generators, args.val_fraction, args.seed, options, args.source)
+    if args.layout == "csv":
+        return from_spai_csv(args.csv, args.root, args.generator, options, args.source)
+    return from_folders(args.real, _parse_fakes(args.fake), args.balance, _parse_fractions(args.split), args.seed,
+                        options, args.source, args.group_by)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``spai manifest LAYOUT ...``: build, write and summarise a manifest."""
+    options = StorageOptions.from_env()
+    arguments = {k: v for k, v in vars(args).items() if k not in ("command", "layout", "output")}
+    try:
+        table = build_from_args(args, options)
+        uri = write_manifest(table, args.output, {"builder": args.layout, "arguments": arguments}, options)
+    except (ManifestError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {table.num_rows} rows to {uri}\n{format_summary(table)}")
+    print(f"next: spai validate {uri}")
+    return 0

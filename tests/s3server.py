@@ -1,0 +1,76 @@
+"""A real S3 endpoint for tests: moto in server mode on a free loopback port, plus a folder uploader.
+
+Import the fixture into a test module (``from s3server import s3_server, upload_folder``). While it is active,
+the standard AWS variables point at the server (endpoint, dummy credentials, region), so code under test configures
+itself exactly as it would against AWS; start Ray after it so workers inherit them.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+STARTUP_TIMEOUT_S = 30
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (also handy as an unreachable endpoint)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_until_up(endpoint: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"moto server exited with code {process.returncode}; is moto[server] installed?")
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"moto server did not answer on {endpoint} within {STARTUP_TIMEOUT_S}s")
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[str]:
+    """Start moto on 127.0.0.1, point the AWS environment at it, yield its endpoint URL, then stop it."""
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    port = endpoint.rsplit(":", 1)[1]
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_until_up(endpoint, process)
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("AWS_ENDPOINT_URL", endpoint)
+            env.setenv("AWS_ACCESS_KEY_ID", "testing")
+            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+                env.delenv(name, raising=False)
+            yield endpoint
+    finally:
+        process.kill()
+        process.wait()
+
+
+def upload_folder(endpoint: str, folder: str | os.PathLike, bucket: str, prefix: str = "") -> str:
+    """Upload every file under ``folder`` to ``s3://bucket/prefix/...`` (creating the bucket); return that URI."""
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    if bucket not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+        client.create_bucket(Bucket=bucket)
+    root = Path(folder)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        key = "/".join(part for part in (prefix.strip("/"), path.relative_to(root).as_posix()) if part)
+        client.upload_file(str(path), bucket, key)
+    return f"s3://{bucket}/{prefix.strip('/')}".rstrip("/")

@@ -1,0 +1,264 @@
+"""Manifest builders on every supported layout, made of real (down-scaled) photos, on disk and under s3://."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import manifest as m
+from pipelines.storage import StorageError
+from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
+from spai_cli.main import main as spai
+
+GENIMAGE_FOLDERS = {
+    "imagenet_ai_0419_sdv4": "sdv4", "imagenet_ai_0424_wukong": "wukong", "imagenet_ai_0508_adm": "adm",
+    "imagenet_ai_0419_vqdm": "vqdm", "imagenet_ai_0424_sdv5": "sdv5", "imagenet_glide": "glide",
+    "imagenet_midjourney": "midjourney", "imagenet_biggan": "biggan",
+}
+# The mini_gen fork (seed 000): seven generators, BigGAN under its dated name, same train|val / ai|nature layout.
+MINI_GEN_FOLDERS = ["imagenet_ai_0419_biggan", "imagenet_ai_0419_vqdm", "imagenet_ai_0424_sdv5",
+                    "imagenet_ai_0424_wukong", "imagenet_ai_0508_adm", "imagenet_glide", "imagenet_midjourney"]
+
+
+def make_photos(photos: Sequence[Path], paths: Sequence[Path], size: tuple[int, int] = (64, 48)) -> list[Path]:
+    """Write small copies of distinct real photos to ``paths`` (format from the suffix); return the paths."""
+    sources = sorted(photos, key=lambda p: p.stat().st_size)
+    for i, path in enumerate(paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(sources[i % len(sources)]) as img:
+            img.draft("RGB", (size[0] * 2, size[1] * 2))  # fast JPEG down-scaled decode; content stays distinct
+            img.convert("RGB").resize(size).save(path)
+    return list(paths)
+
+
+def _genimage_tree(root: Path, folders: Sequence[str], photos: Sequence[Path]) -> None:
+    paths = []
+    for folder in folders:
+        gen = m.genimage_generator(folder)
+        for split in ("train", "val"):
+            for k in range(2):
+                paths.append(root / folder / split / "ai" / f"{k:03d}_{gen}_{k:05d}.png")
+                paths.append(root / folder / split / "nature" / f"n0144076{k}_{k}.JPEG")
+    make_photos(photos, paths)
+
+
+@pytest.fixture(scope="module")
+def genimage(tmp_path_factory, photos) -> Path:
+    root = tmp_path_factory.mktemp("genimage")
+    _genimage_tree(root, list(GENIMAGE_FOLDERS), photos)
+    (root / "README.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, photos) -> Path:
+    """real/ (nested) with 8 photos and fakes named after 3 of them: waifu2x/<stem>_waifu2x.png, cugan/..."""
+    root = tmp_path_factory.mktemp("folders")
+    reals = make_photos(photos, [root / "real" / ("a" if i % 2 else "b") / f"photo{i}.jpg" for i in range(8)])
+    fakes = [root / gen / f"{reals[i].stem}_{gen}.png" for gen in ("waifu2x", "cugan") for i in range(3)]
+    make_photos(photos, fakes)
+    return root
+
+
+def test_genimage_all_eight_generators(genimage):
+    table = m.from_genimage(str(genimage))
+    assert table.schema.equals(m.MANIFEST_SCHEMA)
+    rows = table.to_pylist()
+    assert len(rows) == 8 * 2 * 2 * 2
+    assert {r["generator"] for r in rows if r["label"] == 1} == set(GENIMAGE_FOLDERS.values())
+    nature = [r for r in rows if "/nature/" in r["uri"]]
+    assert all(r["label"] == 0 and r["generator"] == "real" for r in nature)
+    assert {r["source"] for r in nature} == {f"genimage/{f}" for f in GENIMAGE_FOLDERS}
+    assert {r["split"] for r in rows if "/val/" in r["uri"]} == {"test"}
+    assert {r["split"] for r in rows if "/train/" in r["uri"]} == {"train"}
+    assert all(Path(r["uri"]).is_absolute() and Path(r["uri"]).is_file() for r in rows)
+    glide = next(r for r in rows if r["uri"].endswith("imagenet_glide/train/ai/001_glide_00001.png"))
+    assert glide["group"] == "imagenet_glide/001"
+
+
+def test_genimage_generator_filter_and_val_fraction(genimage):
+    table = m.from_genimage(str(genimage), generators=["imagenet_glide", "midjourney"])
+    assert set(table.column("source").to_pylist()) == {"genimage/imagenet_glide", "genimage/imagenet_midjourney"}
+    carved = m.from_genimage(str(genimage), val_fraction=0.5, seed=3).to_pylist()
+    assert {r["split"] for r in carved} == {"train", "val", "test"}
+    assert not [r for r in carved if "/val/" in r["uri"] and r["split"] != "test"]
+    splits_of_group: dict[str, set] = {}
+    for r in carved:
+        splits_of_group.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for g, s in splits_of_group.items() if "test" not in s)
+    assert carved == m.from_genimage(str(genimage), val_fraction=0.5, seed=3).to_pylist()
+
+
+def test_mini_gen_subset_nested_in_download_folders(tmp_path, photos):
+    root = tmp_path / "dataset" / "mini_gen"
+    _genimage_tree(root, MINI_GEN_FOLDERS, photos)
+    shutil.move(root / "imagenet_glide", tmp_path / "glide_download")  # the benchmark ships GLIDE/imagenet_glide/...
+    (root / "GLIDE").mkdir()
+    shutil.move(tmp_path / "glide_download", root / "GLIDE" / "imagenet_glide")
+    table = m.from_genimage(str(root))
+    generators = set(table.column("generator").to_pylist())
+    assert generators == {"biggan", "vqdm", "sdv5", "wukong", "adm", "glide", "midjourney", "real"}
+    assert table.num_rows == 7 * 8
+
+
+def test_write_read_roundtrip_and_sidecar(genimage, tmp_path):
+    table = m.from_genimage(str(genimage))
+    uri = m.write_manifest(table, str(tmp_path / "man"), {"builder": "genimage", "arguments": {"root": "x"}})
+    back = m.read_manifest(uri)
+    assert back.schema.equals(m.MANIFEST_SCHEMA)
+    key = ["uri"]
+    assert back.sort_by([(k, "ascending") for k in key]).equals(table.sort_by([(k, "ascending") for k in key]))
+    sidecar = json.loads((tmp_path / "man" / m.SIDECAR).read_text())
+    assert sidecar["schema_version"] == m.SCHEMA_VERSION
+    assert sidecar["counts"]["split"] == {"test": 32, "train": 32}
+    assert sidecar["counts"]["label"] == {"0": 32, "1": 32}
+    assert sidecar["build"]["builder"] == "genimage" and sidecar["build"]["created"]
+    assert sidecar["build"]["notes"]["skipped"]["count"] == 1  # README.txt is reported, not silently dropped
+    assert len(sidecar["files"]) == 2 * 9  # one file per split and generator (8 generators + real)
+    assert all((tmp_path / "man" / f["path"]).is_file() for f in sidecar["files"])
+    assert {f["path"].split("/")[0] for f in sidecar["files"]} == {"train", "test"}
+
+
+def test_overwrite_replaces_old_files_and_refuses_foreign_folder(genimage, tmp_path):
+    table = m.from_genimage(str(genimage))
+    out = tmp_path / "man"
+    m.write_manifest(table, str(out), {"builder": "a"})
+    m.write_manifest(table.slice(0, 3), str(out), {"builder": "b"})
+    assert m.read_manifest(str(out)).num_rows == 3
+    assert len(list(out.rglob("*.parquet"))) == len(json.loads((out / m.SIDECAR).read_text())["files"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "keep.txt").write_text("precious")
+    with pytest.raises(m.ManifestError, match="not a manifest"):
+        m.write_manifest(table, str(tmp_path / "other"), {"builder": "c"})
+
+
+def test_official_csv_with_extra_column(folders, tmp_path):
+    csv_path = folders / "mixed.csv"
+    csv_path.write_text("image,class,split,quality\n"
+                        "real/a/photo1.jpg,0,train,high\n"
+                        "waifu2x/photo1_waifu2x.png,1,test,low\n"
+                        f"{folders / 'real' / 'b' / 'photo0.jpg'},0,val,\n")
+    rows = m.from_spai_csv(str(csv_path), generator="waifu2x").to_pylist()
+    assert [r["uri"] for r in rows] == [str(folders / "real/a/photo1.jpg"), str(folders / "waifu2x/photo1_waifu2x.png"),
+                                        str(folders / "real/b/photo0.jpg")]
+    assert [r["label"] for r in rows] == [0, 1, 0]
+    assert [r["generator"] for r in rows] == ["real", "waifu2x", "real"]
+    assert [r["quality"] for r in rows] == ["high", "low", ""]
+    assert rows[0]["image"] == "real/a/photo1.jpg" and rows[0]["source"] == "mixed" and rows[0]["group"] == "photo1"
+    other_root = m.from_spai_csv(str(csv_path), root="/data").column("uri").to_pylist()
+    assert other_root[0] == "/data/real/a/photo1.jpg"
+
+
+def test_official_csv_errors_name_the_problem(tmp_path):
+    (tmp_path / "nocol.csv").write_text("image,split\nx.png,test\n")
+    with pytest.raises(m.ManifestError, match=r"\['class'\]"):
+        m.from_spai_csv(str(tmp_path / "nocol.csv"))
+    (tmp_path / "bad.csv").write_text("image,class,split\nx.png,2,test\ny.png,1,dev\n")
+    with pytest.raises(m.ManifestError, match=r"line 2: class '2'.*line 3: split 'dev'"):
+        m.from_spai_csv(str(tmp_path / "bad.csv"))
+
+
+def test_folders_balance_and_group_split(folders):
+    table = m.from_folders([str(folders / "real")], {"waifu2x": str(folders / "waifu2x"),
+                                                     "cugan": str(folders / "cugan")}, fractions=(0.5, 0.25, 0.25))
+    rows = table.to_pylist()
+    assert len(rows) == 8 + 6
+    by_group: dict[str, set] = {}
+    for r in rows:
+        by_group.setdefault(r["group"], set()).add(r["split"])
+    assert all(len(s) == 1 for s in by_group.values()), by_group
+    assert len(by_group["photo0"]) == 1 and sum(r["group"] == "photo0" for r in rows) == 3  # real + 2 fakes
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    balanced = m.from_folders([str(folders / "real")], [str(folders / "waifu2x"), str(folders / "cugan")],
+                              balance=True, seed=1)
+    assert balanced.column("label").to_pylist().count(0) == 6
+    assert set(balanced.column("generator").to_pylist()) == {"real", "waifu2x", "cugan"}
+    assert balanced.equals(m.from_folders([str(folders / "real")], [str(folders / "waifu2x"),
+                                                                    str(folders / "cugan")], balance=True, seed=1))
+    by_folder = m.from_folders([str(folders / "real")], [str(folders / "waifu2x")], group_by="folder").to_pylist()
+    assert {r["group"] for r in by_folder if r["label"] == 0} == {"a", "b"}
+
+
+def test_assign_splits_keeps_groups_whole_and_tracks_fractions():
+    groups = [f"g{i // 3}" for i in range(300)]
+    splits = m.assign_splits(groups, (0.8, 0.1, 0.1), seed=7)
+    assert all(len({s for g2, s in zip(groups, splits) if g2 == g}) == 1 for g in set(groups))
+    assert abs(splits.count("train") - 240) <= 3 and abs(splits.count("val") - 30) <= 3
+    with pytest.raises(m.ManifestError, match="summing to 1"):
+        m.assign_splits(groups, (0.8, 0.3, 0.1))
+
+
+def test_resolve_input_finds_images_by_content(folders, tmp_path, photos):
+    folder = tmp_path / "inbox"
+    make_photos(photos, [folder / "a.jpg", folder / "b.png"])
+    (folder / "b.png").rename(folder / "no_extension")
+    (folder / "notes.jpg").write_text("text pretending to be a JPEG")
+    (folder / "sub").mkdir()
+    make_photos(photos, [folder / "sub" / "deeper.png"])
+    table = m.resolve_input(str(folder))
+    assert table.column("image").to_pylist() == ["a.jpg", "no_extension"]  # not recursive, as the official code
+    assert table.column("label").null_count == 2 and set(table.column("split").to_pylist()) == {"test"}
+    assert m.resolve_input(str(folder), recursive=True).num_rows == 3
+    csv_path = folders / "one.csv"
+    csv_path.write_text("image,class,split\nreal/a/photo1.jpg,0,test\n")
+    assert m.resolve_input(str(csv_path)).column("uri").to_pylist() == [str(folders / "real/a/photo1.jpg")]
+    man = m.write_manifest(m.resolve_input(str(folder)), str(tmp_path / "man"), {"builder": "dir"})
+    assert m.resolve_input(man).num_rows == 2
+    with pytest.raises(StorageError, match="does not exist"):
+        m.resolve_input(str(tmp_path / "missing"))
+
+
+def test_read_manifest_names_missing_or_mistyped_columns(tmp_path):
+    good = m.rows_to_table([{"uri": "/x.png", "label": 1, "split": "test", "generator": "g", "source": "s",
+                             "group": "x"}])
+    pq.write_table(good.drop_columns(["group"]), tmp_path / "nogroup.parquet")
+    with pytest.raises(m.ManifestError, match=r"\['group'\]"):
+        m.read_manifest(str(tmp_path / "nogroup.parquet"))
+    bad = good.set_column(1, "label", pa.array(["fake"]))
+    pq.write_table(bad, tmp_path / "badlabel.parquet")
+    with pytest.raises(m.ManifestError, match="column 'label'"):
+        m.read_manifest(str(tmp_path / "badlabel.parquet"))
+    with pytest.raises(StorageError, match="does not exist"):
+        m.read_manifest(str(tmp_path / "nowhere"))
+    with pytest.raises(m.ManifestError, match="column 'split'.*'dev'"):
+        m.write_manifest(good.set_column(2, "split", pa.array(["dev"])), str(tmp_path / "o"), {})
+
+
+def test_cli_builds_folders_manifest(folders, tmp_path, capsys):
+    out = tmp_path / "cli"
+    code = spai(["manifest", "folders", "--real", str(folders / "real"), "--fake", f"w2x={folders / 'waifu2x'}",
+                 "--balance", "--split", "0.6,0.2,0.2", "--seed", "5", "--output", str(out)])
+    assert code == 0
+    assert "wrote 6 rows" in capsys.readouterr().out
+    sidecar = json.loads((out / m.SIDECAR).read_text())
+    assert sidecar["build"]["builder"] == "folders" and sidecar["build"]["arguments"]["seed"] == 5
+    assert sidecar["build"]["notes"]["balanced"] == {"reals_found": 8, "reals_kept": 3}
+    assert spai(["manifest", "csv", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_builders_under_s3_prefix(s3_server, genimage, folders, tmp_path):
+    s3_root = upload_folder(s3_server, genimage, "genimage", "bench")
+    local = m.from_genimage(str(genimage)).to_pylist()
+    remote = m.from_genimage(s3_root).to_pylist()
+    assert [r["uri"].replace(s3_root, str(genimage)) for r in remote] == [r["uri"] for r in local]
+    assert [{k: v for k, v in r.items() if k != "uri"} for r in remote] == [
+        {k: v for k, v in r.items() if k != "uri"} for r in local]
+    s3_folders = upload_folder(s3_server, folders, "folders")
+    remote_folders = m.from_folders([f"{s3_folders}/real"], [f"{s3_folders}/waifu2x"], balance=True)
+    local_folders = m.from_folders([str(folders / "real")], [str(folders / "waifu2x")], balance=True)
+    assert remote_folders.column("split").to_pylist() == local_folders.column("split").to_pylist()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "list.csv").write_text("image,class,split\nreal/a/photo1.jpg,0,test\n")
+    csv_uri = upload_folder(s3_server, tmp_path / "c", "folders", "csvs")
+    assert m.from_spai_csv(f"{csv_uri}/list.csv", root=s3_folders).column("uri").to_pylist() == [
+        f"{s3_folders}/real/a/photo1.jpg"]
+    uri = m.write_manifest(remote_folders, "s3://folders/manifests/m1", {"builder": "folders"})
+    assert m.read_manifest(uri).equals(m.read_manifest(m.write_manifest(remote_folders, str(tmp_path / "m"), {})))
+    assert m.resolve_input(f"{s3_folders}/real/a").num_rows == 4
