@@ -197,7 +197,8 @@ class Files:
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return self._local, os.path.abspath(os.path.expanduser(path))
 
-    def _run(self, uri: str, action: str, fn: Callable[[pafs.FileSystem, str], T]) -> T:
+    def call(self, uri: str, action: str, fn: Callable[[pafs.FileSystem, str], T]) -> T:
+        """``fn(filesystem, path)`` for ``uri``, with OS errors turned into a :class:`StorageError` about ``action``."""
         fs, path = self.resolve(uri)
         try:
             return fn(fs, path)
@@ -206,11 +207,11 @@ class Files:
 
     def read(self, uri: str) -> bytes:
         """All bytes of one file."""
-        return self._run(uri, "read", lambda fs, path: _read(fs, path, None))
+        return self.call(uri, "read", lambda fs, path: _read(fs, path, None))
 
     def head(self, uri: str, size: int) -> bytes:
         """The first ``size`` bytes of a file (for magic-byte sniffing without downloading it)."""
-        return self._run(uri, "read", lambda fs, path: _read(fs, path, size))
+        return self.call(uri, "read", lambda fs, path: _read(fs, path, size))
 
     def write(self, uri: str, data: bytes) -> None:
         """Write ``data`` to ``uri``, creating local parent folders."""
@@ -219,15 +220,15 @@ class Files:
                 fs.create_dir(os.path.dirname(path), recursive=True)
             with fs.open_output_stream(path) as stream:
                 stream.write(data)
-        self._run(uri, "write", _write)
+        self.call(uri, "write", _write)
 
     def remove(self, uri: str) -> None:
         """Delete one file."""
-        self._run(uri, "delete", lambda fs, path: fs.delete_file(path))
+        self.call(uri, "delete", lambda fs, path: fs.delete_file(path))
 
     def info(self, uri: str) -> pafs.FileInfo:
         """Type and size of ``uri``: ``FileType.NotFound`` when absent (an S3 prefix with keys is a directory)."""
-        return self._run(uri, "inspect", lambda fs, path: fs.get_file_info(path))
+        return self.call(uri, "inspect", lambda fs, path: fs.get_file_info(path))
 
     def missing(self, uri: str) -> StorageError:
         """The error for a path that is absent, naming a missing bucket or bad credentials when that is why."""
@@ -244,7 +245,7 @@ class Files:
             return [uri]
         if info.type == pafs.FileType.NotFound:
             raise self.missing(uri)
-        entries = self._run(uri, "list", lambda fs, path: fs.get_file_info(pafs.FileSelector(path,
+        entries = self.call(uri, "list", lambda fs, path: fs.get_file_info(pafs.FileSelector(path,
                                                                                                recursive=recursive)))
         base = self.resolve(uri)[1].rstrip("/")
         wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None

@@ -1,0 +1,153 @@
+"""``spai validate``: open every image of a manifest with Ray Data before any training or scoring job relies on it.
+
+Each row is read and decoded the way training will decode it; the job records width, height, format, byte size and
+the SHA-256 of the file content, and sorts rows into a validated manifest (the good ones, with those columns added)
+and a rejects table (with a reason from :data:`pipelines.decode.REASONS` and a message). No row is dropped:
+accepted + rejected = input. The same content appearing in more than one split is leakage (a test image that was
+also trained on inflates every metric), so it is reported with the URIs and splits involved.
+
+Outputs, under the output directory (default ``<manifest>.validated``): the validated manifest itself,
+``rejects.parquet`` and ``leakage.parquet``.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import hashlib
+import sys
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.data import read_manifest_dataset
+from pipelines.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
+from pipelines.manifest import (CORE_COLUMNS, ManifestError, count_rows, manifest_files, parquet_bytes,
+                                write_manifest)
+from pipelines.storage import Files, StorageError, StorageOptions, join
+
+# Rows per validation batch: each decodes a full-resolution image, so keep worker memory small.
+BATCH_SIZE = 4
+CHECK_SCHEMA = pa.schema([("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()),
+                          ("bytes", pa.int64()), ("sha256", pa.string()), ("reason", pa.string()),
+                          ("message", pa.string())])
+REJECTS_FILE = "rejects.parquet"
+LEAKAGE_FILE = "leakage.parquet"
+LEAKAGE_SCHEMA = pa.schema([("sha256", pa.string()), ("uris", pa.list_(pa.string())),
+                            ("splits", pa.list_(pa.string()))])
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """What ``validate_manifest`` found and where it wrote it."""
+
+    manifest_uri: str
+    output_uri: str
+    rejects_uri: str
+    leakage_uri: str
+    total: int
+    accepted: int
+    rejected: int
+    reasons: dict[str, int]
+    leakage: pa.Table  # sha256, uris, splits: content found in more than one split
+    duplicates: int  # extra copies of the same content within one split (wasteful, not leakage)
+
+    def summary(self) -> str:
+        """A human-readable table of the outcome."""
+        lines = [f"validated {self.manifest_uri}: {self.total} rows -> {self.accepted} accepted, "
+                 f"{self.rejected} rejected", f"{'reason':<22}{'rows':>8}"]
+        lines += [f"{reason:<22}{count:>8}" for reason, count in sorted(self.reasons.items())] or [f"{'(none)':<22}"]
+        lines.append(f"leakage: {self.leakage.num_rows} content hash(es) in more than one split")
+        for row in self.leakage.slice(0, 10).to_pylist():
+            more = f" (+{len(row['uris']) - 3} more)" if len(row["uris"]) > 3 else ""
+            lines.append(f"  {row['sha256'][:12]}  {','.join(row['splits'])}  {', '.join(row['uris'][:3])}{more}")
+        lines.append(f"duplicate copies within a split: {self.duplicates}")
+        lines.append(f"validated manifest: {self.output_uri}")
+        lines.append(f"rejects: {self.rejects_uri}   leakage: {self.leakage_uri}")
+        return "\n".join(lines)
+
+
+def _check_one(uri: str, files: Files, max_pixels: int) -> dict:
+    """Width, height, format, bytes, sha256 of one file, or the reason it is unusable (never raises)."""
+    row = dict.fromkeys(CHECK_SCHEMA.names)
+    try:
+        data = read_image_bytes(uri, files)
+        row.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        _, info = decode_image(data, max_pixels)
+        row.update(width=info["width"], height=info["height"], format=info["format"])
+    except DecodeError as exc:
+        row.update(reason=exc.reason, message=exc.message)
+    return row
+
+
+def _check_batch(batch: pa.Table, options: StorageOptions, max_pixels: int) -> pa.Table:
+    files = Files(options)
+    checked = [_check_one(uri, files, max_pixels) for uri in batch.column("uri").to_pylist()]
+    for field in CHECK_SCHEMA:
+        batch = batch.append_column(field, pa.array([row[field.name] for row in checked], field.type))
+    return batch
+
+
+def find_leakage(table: pa.Table) -> tuple[pa.Table, int]:
+    """(content hashes present in more than one split with their uris and splits, extra copies within a split)."""
+    if table.num_rows == 0:
+        return LEAKAGE_SCHEMA.empty_table(), 0
+    grouped = table.group_by("sha256").aggregate([("uri", "list"), ("split", "distinct"), ("uri", "count")])
+    per_split = table.group_by(["sha256", "split"]).aggregate([("uri", "count")])
+    duplicates = pc.sum(pc.subtract(per_split.column("uri_count"), 1)).as_py() or 0
+    leaked = grouped.filter(pc.greater(pc.list_value_length(grouped.column("split_distinct")), 1))
+    splits = [sorted(s) for s in leaked.column("split_distinct").to_pylist()]
+    leakage = pa.table({"sha256": leaked.column("sha256"), "uris": leaked.column("uri_list"), "splits": splits},
+                       schema=LEAKAGE_SCHEMA)
+    return leakage.sort_by("sha256"), duplicates
+
+
+def default_output(uri: str) -> str:
+    """``<manifest>.validated`` next to the manifest (a ``.parquet`` manifest loses its suffix first)."""
+    base = uri.rstrip("/")
+    return (base[:-len(".parquet")] if base.lower().endswith(".parquet") else base) + ".validated"
+
+
+def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      options: StorageOptions | None = None) -> ValidationReport:
+    """Decode every image of a manifest with Ray Data; write the validated manifest, rejects and leakage tables."""
+    options = options or StorageOptions.from_env()
+    output_uri = output_uri or default_output(uri)
+    ds = read_manifest_dataset(uri, options)
+    checked = ds.map_batches(_check_batch, batch_format="pyarrow", batch_size=BATCH_SIZE,
+                             fn_kwargs={"options": options, "max_pixels": max_pixels})
+    # Results are metadata only (no pixels), so collecting them on the driver is cheap.
+    blocks = [b for b in checked.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    if not blocks:
+        raise ManifestError(f"{uri} has no rows to validate; rebuild it with `spai manifest`")
+    table = pa.concat_tables(blocks)
+    expected = count_rows(manifest_files(uri, options), options)
+    if table.num_rows != expected:
+        raise RuntimeError(f"validation of {uri} returned {table.num_rows} rows for {expected} inputs; "
+                           "this is a bug, please report it")
+    failed = pc.is_valid(table.column("reason"))
+    accepted = table.filter(pc.invert(failed)).drop_columns(["reason", "message"])
+    rejects = table.filter(failed)
+    rejects = rejects.select(list(CORE_COLUMNS) + [c for c in rejects.column_names if c not in CORE_COLUMNS])
+    leakage, duplicates = find_leakage(accepted)
+    reasons = dict(collections.Counter(rejects.column("reason").to_pylist()))
+    write_manifest(accepted, output_uri, {"builder": "validate", "arguments": {
+        "manifest": uri, "max_pixels": max_pixels}, "notes": {
+        "rejected": reasons, "leakage_hashes": leakage.num_rows, "duplicates_within_split": duplicates}}, options)
+    files = Files(options)
+    rejects_uri, leakage_uri = join(output_uri, REJECTS_FILE), join(output_uri, LEAKAGE_FILE)
+    files.write(rejects_uri, parquet_bytes(rejects))
+    files.write(leakage_uri, parquet_bytes(leakage))
+    return ValidationReport(uri, output_uri, rejects_uri, leakage_uri, table.num_rows,
+                            accepted.num_rows, rejects.num_rows, reasons, leakage, duplicates)
+
+
+def main(args: argparse.Namespace) -> int:
+    """``spai validate MANIFEST``: run the job and print its summary."""
+    try:
+        report = validate_manifest(args.manifest, args.output, args.max_pixels or DEFAULT_MAX_PIXELS)
+    except (ManifestError, StorageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0

@@ -1,0 +1,158 @@
+"""The Ray Data image pipeline on disk and on S3 (moto): exact pixels, per-row errors, layout-free randomness."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import ray
+from PIL import Image
+
+from pipelines import manifest as m
+from pipelines.data import decode_images, image_column, read_manifest_dataset, row_rng
+from pipelines.validate import validate_manifest
+from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
+from spai_core.images import to_rgb_array
+from test_manifest import make_photos
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session(s3_server):  # noqa: F811 - the fixture; Ray starts after it so workers see the S3 settings
+    with pytest.MonkeyPatch.context() as env:
+        # Workers unpickle the transforms defined here by module name, so they must be able to import this file.
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.getenv("PYTHONPATH")])))
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, photos) -> Path:
+    """real/ with 6 photos of two sizes and a grayscale PNG, fake/ with 4, and a text file posing as a JPEG."""
+    root = tmp_path_factory.mktemp("corpus")
+    make_photos(photos, [root / "real" / f"r{i}.jpg" for i in range(3)], size=(64, 48))
+    make_photos(photos[3:], [root / "real" / f"r{i}.png" for i in range(3, 6)], size=(40, 56))
+    Image.open(root / "real" / "r0.jpg").convert("L").save(root / "real" / "gray.png")
+    make_photos(photos[6:], [root / "fake" / f"r{i}_fake.png" for i in range(4)], size=(48, 48))
+    (root / "fake" / "broken.jpg").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def manifest_uri(corpus, tmp_path_factory) -> str:
+    table = m.from_folders([str(corpus / "real")], {"gan": str(corpus / "fake")}, fractions=(0.5, 0.25, 0.25))
+    rows = table.to_pylist() + [{**table.to_pylist()[0], "uri": str(corpus / "gone.jpg"), "group": "gone"}]
+    return m.write_manifest(rows, str(tmp_path_factory.mktemp("m") / "man"), {"builder": "test"})
+
+
+def _by_uri(rows: list[dict]) -> dict[str, dict]:
+    return {r["uri"]: r for r in rows}
+
+
+def _collect(ds: ray.data.Dataset) -> pa.Table:
+    return pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
+
+
+def test_read_manifest_dataset_types_splits_and_blocks(manifest_uri):
+    table = m.read_manifest(manifest_uri)
+    read = _collect(read_manifest_dataset(manifest_uri))
+    assert read.schema.equals(m.MANIFEST_SCHEMA) and read.num_rows == table.num_rows == 13
+    val = _collect(read_manifest_dataset(manifest_uri, split="val")).column("uri").to_pylist()
+    assert sorted(val) == sorted(r["uri"] for r in table.to_pylist() if r["split"] == "val") and val
+    assert read_manifest_dataset(manifest_uri, override_num_blocks=6).materialize().num_blocks() >= 4
+    from_table = read_manifest_dataset(table, split="train", override_num_blocks=3).materialize()
+    assert from_table.num_blocks() == 3
+    assert from_table.count() == table.column("split").to_pylist().count("train")
+
+
+def test_decode_matches_pillow_and_keeps_failed_rows(manifest_uri, corpus):
+    rows = _by_uri(decode_images(read_manifest_dataset(manifest_uri)).take_all())
+    assert len(rows) == 13
+    for uri, row in rows.items():
+        if Path(uri).name in ("broken.jpg", "gone.jpg"):
+            assert row["image"].size == 0 and row["height"] is None
+            continue
+        assert row["error"] is None
+        with Image.open(uri) as img:
+            expected = to_rgb_array(img)
+        np.testing.assert_array_equal(row["image"], expected)
+        assert (row["height"], row["width"]) == expected.shape[:2]
+        assert row["label"] in (0, 1) and row["split"] in m.SPLITS and row["group"]
+    assert rows[str(corpus / "fake" / "broken.jpg")]["error"].startswith("not_an_image: ")
+    assert rows[str(corpus / "gone.jpg")]["error"].startswith("missing: ")
+
+
+def _two_views(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Two random 16x16 crops, stacked: the shape of the training transform's output (V x h x w x 3)."""
+    views = []
+    for _ in range(2):
+        y, x = rng.integers(0, image.shape[0] - 16), rng.integers(0, image.shape[1] - 16)
+        views.append(image[y:y + 16, x:x + 16])
+    return np.stack(views)
+
+
+def test_transform_randomness_depends_on_seed_and_uri_not_blocks(manifest_uri):
+    table = m.read_manifest(manifest_uri)
+    one = _by_uri(decode_images(read_manifest_dataset(table, override_num_blocks=1), _two_views, seed=5).take_all())
+    many = _by_uri(decode_images(read_manifest_dataset(table, override_num_blocks=7), _two_views, seed=5,
+                                 batch_size=1).take_all())
+    other = _by_uri(decode_images(read_manifest_dataset(table), _two_views, seed=6).take_all())
+    good = [u for u, r in one.items() if r["error"] is None]
+    assert len(good) == 11
+    for uri in good:
+        assert one[uri]["image"].shape == (2, 16, 16, 3)
+        np.testing.assert_array_equal(one[uri]["image"], many[uri]["image"])
+    assert any(not np.array_equal(one[u]["image"], other[u]["image"]) for u in good)
+    assert row_rng(5, good[0]).integers(1 << 30) == row_rng(5, good[0]).integers(1 << 30)
+
+
+def test_transform_failure_is_a_row_error(manifest_uri):
+    def picky(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if image.shape[0] == 56:
+            raise ValueError("too tall")
+        return image[:8, :8]
+
+    rows = decode_images(read_manifest_dataset(manifest_uri), picky).take_all()
+    failed = [r for r in rows if r["error"] and r["error"].startswith("transform_failed")]
+    assert len(failed) == 3 and all("too tall" in r["error"] and r["height"] == 56 for r in failed)
+    assert sum(r["error"] is None for r in rows) == 8
+
+
+def test_image_column_shapes():
+    same = image_column([np.zeros((2, 3, 3), np.uint8), None, np.ones((2, 3, 3), np.uint8)])
+    assert len(same) == 3
+    ragged = image_column([np.zeros((2, 3, 3), np.uint8), np.zeros((4, 1, 3), np.uint8), None])
+    assert [a.shape for a in ragged.to_numpy(zero_copy_only=False)] == [(2, 3, 3), (4, 1, 3), (0, 0, 3)]
+
+
+def test_s3_corpus_gives_the_same_rows_as_disk(s3_server, corpus):  # noqa: F811
+    """Manifest from the s3:// prefix -> validate on S3 -> stream: same rows, hashes and pixels as the files on disk."""
+    prefix = upload_folder(s3_server, corpus, "images", "corpus")
+    local = m.from_folders([str(corpus / "real")], {"gan": str(corpus / "fake")})
+    remote = m.from_folders([f"{prefix}/real"], {"gan": f"{prefix}/fake"})
+    assert remote.drop_columns(["uri"]).equals(local.drop_columns(["uri"]))
+    on_disk = {u.replace(prefix, str(corpus)): u for u in remote.column("uri").to_pylist()}
+    assert sorted(on_disk) == sorted(local.column("uri").to_pylist())
+    remote_uri = m.write_manifest(remote, "s3://images/manifests/remote", {"builder": "test"})
+
+    report = validate_manifest(remote_uri)
+    assert report.output_uri == "s3://images/manifests/remote.validated"
+    assert (report.accepted, report.reasons) == (11, {"not_an_image": 1})
+    hashes = {r["uri"]: r["sha256"] for r in m.read_manifest(report.output_uri).to_pylist()}
+    assert hashes == {on_disk[p]: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in on_disk
+                      if not p.endswith("broken.jpg")}
+
+    rows = decode_images(read_manifest_dataset(remote_uri)).take_all()
+    assert sorted(r["uri"] for r in rows) == sorted(on_disk.values())
+    disk_of = {u: p for p, u in on_disk.items()}
+    for row in rows:
+        if row["uri"].endswith("broken.jpg"):
+            assert row["error"].startswith("not_an_image: ")
+            continue
+        with Image.open(disk_of[row["uri"]]) as img:
+            np.testing.assert_array_equal(row["image"], to_rgb_array(img))
