@@ -6,13 +6,14 @@ itself exactly as it would against AWS; start Ray after it so workers inherit th
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import boto3
@@ -41,26 +42,36 @@ def _wait_until_up(endpoint: str, process: subprocess.Popen) -> None:
     raise RuntimeError(f"moto server did not answer on {endpoint} within {STARTUP_TIMEOUT_S}s")
 
 
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """Start moto on 127.0.0.1, point the AWS environment at it, yield its endpoint URL, then stop it."""
-    endpoint = f"http://127.0.0.1:{free_port()}"
-    port = endpoint.rsplit(":", 1)[1]
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@contextlib.contextmanager
+def running_moto(extra_env: Mapping[str, str] | None = None) -> Iterator[str]:
+    """Run moto's S3 server on a free loopback port while the block runs; yield its endpoint URL.
+
+    ``extra_env`` configures moto itself, e.g. ``{"INITIAL_NO_AUTH_ACTION_COUNT": "0"}`` to check credentials.
+    """
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               env={**os.environ, **(extra_env or {})}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
         _wait_until_up(endpoint, process)
-        with pytest.MonkeyPatch.context() as env:
-            env.setenv("AWS_ENDPOINT_URL", endpoint)
-            env.setenv("AWS_ACCESS_KEY_ID", "testing")
-            env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-            env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
-                env.delenv(name, raising=False)
-            yield endpoint
+        yield endpoint
     finally:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[str]:
+    """Start moto on 127.0.0.1, point the AWS environment at it, yield its endpoint URL, then stop it."""
+    with running_moto() as endpoint, pytest.MonkeyPatch.context() as env:
+        env.setenv("AWS_ENDPOINT_URL", endpoint)
+        env.setenv("AWS_ACCESS_KEY_ID", "testing")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
+            env.delenv(name, raising=False)
+        yield endpoint
 
 
 def upload_folder(endpoint: str, folder: str | os.PathLike, bucket: str, prefix: str = "") -> str:

@@ -1,0 +1,102 @@
+"""Local and S3 (moto server) file access, and errors that tell the user what is wrong and what to do."""
+from __future__ import annotations
+
+import time
+
+import pyarrow.fs as pafs
+import pytest
+
+from pipelines import storage
+from pipelines.storage import StorageError, StorageOptions
+from s3server import free_port, running_moto, s3_server, upload_folder  # noqa: F401 - pytest fixture
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    for name in ("a/one.JPG", "a/b/two.png", "three.txt", ".DS_Store", "a/._one.jpg", ".hidden/four.png"):
+        path = tmp_path / "data" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(name.encode())
+    return tmp_path / "data"
+
+
+def test_options_from_env_prefer_s3_specific_endpoint():
+    env = {"AWS_ENDPOINT_URL": "http://generic:9000", "AWS_ENDPOINT_URL_S3": "http://s3only:9000",
+           "AWS_DEFAULT_REGION": "eu-west-1", "AWS_PROFILE": "lab"}
+    assert StorageOptions.from_env(env) == StorageOptions("http://s3only:9000", "eu-west-1", "lab")
+    assert StorageOptions.from_env({"AWS_REGION": "us-west-2", "AWS_DEFAULT_REGION": "x"}).region == "us-west-2"
+    assert StorageOptions.from_env({}) == StorageOptions()
+
+
+def test_paths():
+    assert storage.is_s3("s3://b/k") and not storage.is_s3("/tmp/x")
+    assert storage.join("s3://b/p/", "q", "r.png") == "s3://b/p/q/r.png"
+    assert storage.join("/tmp/a", "b") == "/tmp/a/b"
+    assert storage.parent("s3://b/p/q.csv") == "s3://b/p" and storage.basename("s3://b/p/q/") == "q"
+    assert storage.relative_to("s3://b/p/q/r.png", "s3://b/p/") == "q/r.png"
+    with pytest.raises(StorageError, match="no bucket"):
+        storage.read_bytes("s3:///key")
+
+
+def test_local_roundtrip_listing_and_missing(tree, tmp_path):
+    target = tmp_path / "out" / "deep" / "f.bin"
+    storage.write_bytes(str(target), b"\x00data")
+    assert storage.read_bytes(str(target)) == b"\x00data"
+    images = [str(tree / "a/b/two.png"), str(tree / "a/one.JPG")]
+    assert storage.list_files(str(tree)) == images + [str(tree / "three.txt")]  # hidden files and folders skipped
+    assert storage.list_files(str(tree), recursive=False) == [str(tree / "three.txt")]
+    assert storage.list_files(str(tree), suffixes=(".jpg", ".png")) == images
+    assert storage.exists(str(tree / "a")) and storage.is_dir(str(tree / "a")) and not storage.is_dir(str(target))
+    assert not storage.exists(str(tree / "nope"))
+    fs, path = storage.filesystem(str(tree))
+    assert isinstance(fs, pafs.LocalFileSystem) and path == str(tree)
+    for call in (lambda: storage.read_bytes(str(tree / "nope.jpg")), lambda: storage.list_files(str(tree / "nope"))):
+        with pytest.raises(StorageError, match="does not exist; check the path") as caught:
+            call()
+        assert caught.value.reason == "not_found" and isinstance(caught.value, OSError)
+
+
+def test_s3_roundtrip_and_listing(s3_server, tree):
+    prefix = upload_folder(s3_server, tree, "store", "data")
+    fs, path = storage.filesystem(prefix)
+    assert isinstance(fs, pafs.S3FileSystem) and path == "store/data"
+    assert storage.list_files(prefix) == [f"{prefix}/a/b/two.png", f"{prefix}/a/one.JPG", f"{prefix}/three.txt"]
+    assert storage.list_files(prefix, recursive=False, suffixes=(".txt",)) == [f"{prefix}/three.txt"]
+    assert storage.read_bytes(f"{prefix}/a/one.JPG") == b"a/one.JPG"
+    storage.write_bytes(f"{prefix}/new/x.bin", b"xyz")
+    assert storage.read_bytes(f"{prefix}/new/x.bin") == b"xyz"
+    assert storage.exists(f"{prefix}/a") and storage.is_dir(f"{prefix}/a") and not storage.exists(f"{prefix}/zz")
+    with pytest.raises(StorageError, match="does not exist") as caught:
+        storage.read_bytes(f"{prefix}/missing.jpg")
+    assert caught.value.reason == "not_found"
+
+
+def test_s3_missing_bucket_says_create_it(s3_server):
+    for call in (lambda: storage.read_bytes("s3://no-such-bucket/a.jpg"),
+                 lambda: storage.list_files("s3://no-such-bucket/prefix"),
+                 lambda: storage.write_bytes("s3://no-such-bucket/a.bin", b"x")):
+        with pytest.raises(StorageError, match=r"bucket 'no-such-bucket' does not exist .*aws s3 mb") as caught:
+            call()
+        assert caught.value.reason == "missing_bucket"
+
+
+def test_s3_unreachable_endpoint_names_it_quickly(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    options = StorageOptions(endpoint_url=endpoint, region="us-east-1", max_attempts=1)
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {endpoint}.*AWS_ENDPOINT_URL") as caught:
+        storage.read_bytes("s3://bucket/key.jpg", options)
+    assert caught.value.reason == "unreachable"
+    assert time.monotonic() - start < 20
+
+
+def test_s3_wrong_credentials_say_check_them(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with running_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}) as endpoint:  # this server checks credentials
+        options = StorageOptions(endpoint_url=endpoint, region="us-east-1", max_attempts=1)
+        with pytest.raises(StorageError, match="denied.*check the credentials") as caught:
+            storage.read_bytes("s3://bucket/key.jpg", options)
+    assert caught.value.reason == "access_denied"
