@@ -1,0 +1,292 @@
+"""``spai evaluate``: metrics per generator from score tables, the SPAI paper's protocol, with ROC plots and MLflow.
+
+Protocol: each fake generator is evaluated as its fakes against ALL real rows (so AUC and AP are defined per
+generator, as in the paper), with :func:`spai_core.metrics.binary_metrics`; ``overall`` is all fakes against all reals
+and ``real`` the reals alone (its accuracy is the true-negative rate). Generators seen in training (``seen``) are listed
+apart from unseen ones, each group with its mean. Rows that failed to score (``error`` set) or have no label are left
+out and counted.
+
+Several tables (e.g. one per degradation: ``spai score --jpeg-quality 75``) are compared side by side; each is labelled
+from the ``options`` column ``spai score`` writes (``jpeg_quality=75``, ``clean`` when nothing was degraded).
+
+Report files (``--output``): ``metrics.csv``, ``metrics.md`` and one ROC plot per generator, ``roc_<generator>.png``,
+with a curve per table.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import math
+import re
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+from matplotlib.figure import Figure
+
+from pipelines.storage import Files, StorageError, StorageOptions, basename, join
+from spai_core.metrics import binary_metrics, roc_points
+
+METRICS = ("auc", "ap", "accuracy", "tpr_at_fpr_1", "tpr_at_fpr_5", "ece")
+HEADERS = {"auc": "AUC", "ap": "AP", "accuracy": "Acc", "tpr_at_fpr_1": "TPR@1%FPR", "tpr_at_fpr_5": "TPR@5%FPR",
+           "ece": "ECE"}
+# Options that tell degradation runs apart (the rest of ``options`` is the same across a comparison).
+LABEL_KEYS = ("jpeg_quality", "blur_sigma", "noise_sigma", "scale", "resize_to", "max_tiles")
+REQUIRED = ("label", "generator", "score")
+REAL = "real"
+OVERALL = "overall"
+
+
+class EvaluateError(ValueError):
+    """A score table that cannot be evaluated; the message says what to do."""
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """Metrics per (run, generator), ROC curves, and the rows left out per run."""
+
+    rows: list[dict]  # run, generator, group (seen/unseen/""), METRICS..., n_fake, n_real
+    curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (run, generator) -> (fpr, tpr)
+    excluded: dict[str, dict[str, int]]  # run -> {"errors": n, "unlabelled": n}
+    threshold: float
+
+    @property
+    def runs(self) -> list[str]:
+        return list(self.excluded)
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rows)
+
+    def markdown(self) -> str:
+        """The metrics table; with several runs also AUC per generator side by side."""
+        columns = ["run", "generator", "group", *METRICS, "n_fake", "n_real"]
+        header = ["run", "generator", "seen", *(HEADERS[m] for m in METRICS), "fakes", "reals"]
+        lines = [_md_row(header), _md_row(["---"] * len(header))]
+        lines += [_md_row([_cell(row[c]) for c in columns]) for row in self.rows]
+        if len(self.runs) > 1:
+            auc = {(r["run"], r["generator"]): r["auc"] for r in self.rows}
+            generators = list(dict.fromkeys(r["generator"] for r in self.rows))
+            lines += ["", "AUC per run:", "", _md_row(["generator", *self.runs]),
+                      _md_row(["---"] * (len(self.runs) + 1))]
+            lines += [_md_row([g, *(_cell(auc.get((run, g), math.nan)) for run in self.runs)]) for g in generators]
+        notes = [f"{run}: left out {n['errors']} row(s) that failed to score and {n['unlabelled']} without a label"
+                 for run, n in self.excluded.items() if n["errors"] or n["unlabelled"]]
+        return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def read_scores(uri: str, options: StorageOptions | None = None) -> pa.Table:
+    """A score table written by ``spai score`` (Parquet or CSV, local or s3://)."""
+    data = Files(options).read(uri)
+    try:
+        table = pacsv.read_csv(io.BytesIO(data)) if uri.lower().endswith(".csv") else pq.read_table(io.BytesIO(data))
+    except pa.ArrowInvalid as exc:
+        raise EvaluateError(f"{uri} is not a readable score table ({exc}); give the output of `spai score`") from exc
+    return table
+
+
+def run_label(table: pa.Table, fallback: str) -> str:
+    """``jpeg_quality=75,scale=0.5`` from the table's ``options`` column, ``clean`` when nothing was degraded."""
+    if "options" not in table.column_names or table.num_rows == 0:
+        return fallback
+    options = json.loads(table.column("options")[0].as_py() or "{}")
+    return ",".join(f"{k}={options[k]}" for k in LABEL_KEYS if options.get(k) is not None) or "clean"
+
+
+def label_runs(score_tables: Mapping[str, pa.Table] | Sequence[pa.Table] | pa.Table) -> dict[str, pa.Table]:
+    """Name each table by its options; tables that would share a label get their own name (file or index) added."""
+    if isinstance(score_tables, pa.Table):
+        score_tables = [score_tables]
+    named = dict(score_tables) if isinstance(score_tables, Mapping) else {
+        f"#{i}": t for i, t in enumerate(score_tables)}
+    labels = {name: run_label(table, basename(name)) for name, table in named.items()}
+    counts = {label: list(labels.values()).count(label) for label in labels.values()}
+    return {(label if counts[label] == 1 else f"{label} [{basename(name)}]"): named[name]
+            for name, label in labels.items()}
+
+
+def _arrays(table: pa.Table, run: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(labels, generators, scores) of the usable rows, and counts of the rows left out."""
+    missing = [c for c in REQUIRED if c not in table.column_names]
+    if missing:
+        raise EvaluateError(f"score table {run!r} lacks column(s) {missing}; evaluate the output of `spai score` "
+                            "(without --official-csv) on a labelled input (a manifest or an official CSV)")
+    labels = table.column("label").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    scores = table.column("score").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
+    failed = np.array([bool(e) for e in errors], dtype=bool) | np.isnan(scores)
+    unlabelled = np.isnan(labels) & ~failed
+    keep = ~failed & ~unlabelled
+    generators = np.array([g if g is not None else "unknown" for g in table.column("generator").to_pylist()], object)
+    counts = {"errors": int(failed.sum()), "unlabelled": int(unlabelled.sum())}
+    return labels[keep].astype(np.int64), generators[keep], scores[keep], counts
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _metrics_row(run: str, generator: str, group: str, labels: np.ndarray, scores: np.ndarray,
+                 threshold: float) -> dict:
+    m = binary_metrics(labels, scores, threshold)
+    return {"run": run, "generator": generator, "group": group, **{k: m[k] for k in METRICS},
+            "n_fake": m["n_pos"], "n_real": m["n_neg"]}
+
+
+def _mean_row(run: str, name: str, group: str, rows: list[dict]) -> dict:
+    """Unweighted mean over generators (the paper's average), ignoring undefined values."""
+    def mean(key: str) -> float:
+        values = [r[key] for r in rows if not math.isnan(r[key])]
+        return float(np.mean(values)) if values else math.nan
+
+    return {"run": run, "generator": name, "group": group, **{k: mean(k) for k in METRICS},
+            "n_fake": sum(r["n_fake"] for r in rows), "n_real": rows[0]["n_real"]}
+
+
+def _evaluate_run(run: str, table: pa.Table, threshold: float, seen: set[str] | None
+                  ) -> tuple[list[dict], dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+    labels, generators, scores, excluded = _arrays(table, run)
+    real = labels == 0
+    fake_generators = sorted(set(generators[labels == 1]))
+    groups = [("", fake_generators)] if seen is None else [
+        ("seen", [g for g in fake_generators if g in seen]), ("unseen", [g for g in fake_generators if g not in seen])]
+    rows, curves = [], {}
+    for group, names in groups:
+        group_rows = []
+        for name in names:
+            mask = real | ((labels == 1) & (generators == name))
+            group_rows.append(_metrics_row(run, name, group, labels[mask], scores[mask], threshold))
+            if real.any():
+                curves[(run, name)] = roc_points(labels[mask], scores[mask])[:2]
+        rows += group_rows
+        if len(group_rows) > 1:
+            rows.append(_mean_row(run, f"mean ({group})" if group else "mean", group, group_rows))
+    if real.any():
+        rows.append(_metrics_row(run, REAL, "", labels[real], scores[real], threshold))
+    if labels.size:
+        rows.append(_metrics_row(run, OVERALL, "", labels, scores, threshold))
+        if real.any() and not real.all():
+            curves[(run, OVERALL)] = roc_points(labels, scores)[:2]
+    return rows, curves, excluded
+
+
+def evaluate(score_tables: Mapping[str, pa.Table] | Sequence[pa.Table] | pa.Table, threshold: float = 0.5,
+             seen: Sequence[str] | None = None) -> EvalReport:
+    """Metrics per fake generator (its fakes against all reals), per real set and overall, for each score table.
+
+    ``score_tables``: one table, a list, or ``{name: table}`` (names break ties between tables with the same options).
+    ``seen``: generators seen in training, reported as their own group.
+    """
+    rows, curves, excluded = [], {}, {}
+    seen_set = None if seen is None else set(seen)
+    for run, table in label_runs(score_tables).items():
+        run_rows, run_curves, excluded[run] = _evaluate_run(run, table, threshold, seen_set)
+        if not run_rows:
+            raise EvaluateError(f"score table {run!r} has no labelled rows that scored; evaluation needs labels "
+                                "(score a manifest or an official CSV, not a bare folder)")
+        rows += run_rows
+        curves.update(run_curves)
+    return EvalReport(rows, curves, excluded, threshold)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def _file_name(generator: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", generator).strip("_") or "_"
+
+
+def roc_png(report: EvalReport, generator: str) -> bytes:
+    """One ROC plot of a generator (against all reals) with a curve per run."""
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)  # the object API: no pyplot state, no GUI backend
+    ax = fig.subplots()
+    auc = {(r["run"], r["generator"]): r["auc"] for r in report.rows}
+    for run in report.runs:
+        if (run, generator) in report.curves:
+            fpr, tpr = report.curves[(run, generator)]
+            ax.plot(fpr, tpr, label=f"{run} (AUC {auc[(run, generator)]:.3f})")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.set(xlabel="false positive rate (reals)", ylabel="true positive rate (fakes)", title=f"ROC: {generator}",
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_report(report: EvalReport, output: str, options: StorageOptions | None = None) -> list[str]:
+    """``metrics.csv``, ``metrics.md`` and ``roc_<generator>.png`` under ``output`` (local or s3://); their URIs."""
+    files = Files(options)
+    csv_buffer = io.BytesIO()
+    pacsv.write_csv(report.table(), csv_buffer, pacsv.WriteOptions(quoting_style="needed"))
+    written = {join(output, "metrics.csv"): csv_buffer.getvalue(),
+               join(output, "metrics.md"): (report.markdown() + "\n").encode()}
+    for generator in dict.fromkeys(g for _, g in report.curves):
+        written[join(output, f"roc_{_file_name(generator)}.png")] = roc_png(report, generator)
+    for uri, data in written.items():
+        files.write(uri, data)
+    return list(written)
+
+
+def mlflow_metrics(report: EvalReport) -> dict[str, float]:
+    """``eval/<run>/<generator>/<metric>`` values, names cut to the characters MLflow accepts."""
+    def key(*parts: str) -> str:
+        return "/".join(re.sub(r"[^\w.\- ]+", "_", p) for p in parts)
+
+    return {key("eval", r["run"], r["generator"], m): r[m] for r in report.rows for m in METRICS}
+
+
+def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None) -> str:
+    """Log metrics and report files to ``run_id`` (or a new run in experiment ``spai-evaluate``); the run id."""
+    from pipelines import tracking  # MLflow is slow to import; only this path needs it
+
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    own_run = run_id is None
+    if own_run:
+        run_id = tracking.start_run(uri, "spai-evaluate", "evaluate", {"threshold": report.threshold,
+                                                                       "runs": ",".join(report.runs)})
+    tracking.log_metrics(uri, run_id, mlflow_metrics(report), step=0)
+    with tempfile.TemporaryDirectory(prefix="spai-eval-") as tmp:
+        for path in write_report(report, tmp):
+            tracking.log_artifact(uri, run_id, path, "evaluation")
+    if own_run:
+        tracking.finish_run(uri, run_id)
+    return run_id
+
+
+def main(args: argparse.Namespace) -> int:
+    """``spai evaluate``: print the table; write report files and log to MLflow when asked."""
+    try:
+        tables = {uri: read_scores(uri) for uri in args.scores}
+        report = evaluate(tables, threshold=args.threshold, seen=args.seen)
+    except (EvaluateError, StorageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report.markdown())
+    if args.output:
+        written = write_report(report, args.output)
+        print(f"wrote {len(written)} report file(s) to {args.output}")
+    if args.mlflow_uri or args.run_id:
+        print(f"logged to MLflow run {log_report(report, args.mlflow_uri, args.run_id)}")
+    return 0
