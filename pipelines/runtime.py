@@ -1,0 +1,24 @@
+"""Ray start-up shared by every command: a running cluster when ``RAY_ADDRESS`` is set, else a quiet local one."""
+from __future__ import annotations
+
+import math
+import os
+
+import ray
+
+
+def init_ray(reserved_cpus: float = 0) -> None:
+    """Connect to ``RAY_ADDRESS`` (a cluster) or start local Ray; a no-op when Ray is already up.
+
+    ``reserved_cpus`` is what long-lived actors (training workers, scoring actors) hold for the whole job. Ray Data
+    tasks that feed them need CPU slots too, or the pipeline waits forever for a slot that the actors hold; so a
+    local Ray advertises at least two logical CPUs beyond the reservation (the OS shares the real cores).
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2)
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)

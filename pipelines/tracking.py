@@ -1,0 +1,112 @@
+"""MLflow tracking: a local store by default, any tracking URI when given; params flattened from configs."""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_STORE = "mlruns"
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``--mlflow-uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store under ``./mlruns`` (registry included)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    store = Path(DEFAULT_STORE).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:
+    """Experiment id for ``name``; a local SQLite store keeps artifacts beside its database."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:///"):
+        location = (Path(tracking_uri[len("sqlite:///"):]).parent / "artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> ``{"optim.lr": "0.0005", ...}`` for MLflow params (values cut to MLflow's limit)."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat
+
+
+def system_info() -> dict[str, str]:
+    import ray
+    import torch
+
+    return {"sys.python": platform.python_version(), "sys.platform": platform.platform(), "sys.torch": torch.__version__,
+            "sys.ray": ray.__version__, "sys.cuda": str(torch.cuda.is_available()), "sys.cpus": str(os.cpu_count())}
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, Any],
+              tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
+    """Create a run (optionally nested under ``parent_run_id``), log params and system info; return its id."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = ensure_experiment(client, experiment, tracking_uri)
+    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+    log_params(client, run.info.run_id, {**flatten(params), **system_info()})
+    return run.info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[start:start + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+    import math
+    import time
+
+    stamp = int(time.time() * 1000)
+    items = [Metric(k, float(v), stamp, step) for k, v in metrics.items()
+             if isinstance(v, (int, float)) and not math.isnan(float(v))]
+    MlflowClient(tracking_uri).log_batch(run_id, metrics=items)
+
+
+def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    MlflowClient(tracking_uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+def register_model(tracking_uri: str, run_id: str, artifact_path: str, name: str) -> str:
+    """Register an artifact of a run as a new version of model ``name``; returns the version."""
+    client = MlflowClient(tracking_uri)
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    run = client.get_run(run_id)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id)
+    return version.version
+
+
+def ui_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://", "databricks")):
+        return f"MLflow runs: {tracking_uri}"
+    return f"MLflow store: {tracking_uri}\n  open the UI with: mlflow ui --backend-store-uri {tracking_uri}"

@@ -1,0 +1,479 @@
+"""``spai train``: SPAI training and fine-tuning with Ray Train (DDP), tracked in MLflow.
+
+Each worker streams its own shard of the manifest through the Ray Data image pipeline every epoch: the
+manifest is shuffled with ``(seed, epoch)``, dealt round-robin to the ranks and cut to equal length (DDP needs
+every rank to take the same number of steps), then decoded and augmented by Ray Data tasks with per-row
+generators seeded by ``(seed + epoch, uri)``. So augmentations differ per epoch, are reproducible, and a run
+resumed at epoch k sees exactly what an uninterrupted run would.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray.data
+import torch
+import yaml
+
+from pipelines import storage, tracking
+from pipelines.data import decode_images, read_manifest_dataset
+from pipelines.manifest import read_manifest
+from pipelines.transforms import AugmentConfig, ScoreTransformConfig, make_score_transform, make_train_transform
+from spai_core.checkpoint import load_backbone, load_state_strict, read_checkpoint, save_checkpoint
+from spai_core.config import ConfigError, apply_overrides, from_dict, to_dict
+from spai_core.metrics import binary_metrics
+from spai_core.spai import SPAI, ModelConfig, build_model, get_model_config
+from spai_core.svd import apply_svd, merge_svd
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+FINETUNE_MODES = ("head", "full", "svd")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a per-iteration cosine schedule after a linear warm-up (the official recipe)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.05  # none on 1-D parameters and biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 2.5e-7
+    min_lr: float = 2.5e-7
+    clip_grad: float | None = None  # max gradient norm; None = no clipping (official)
+    accumulation_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved with the run and logged to MLflow as params."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    finetune: str = "head"  # head: frozen backbone (official) | full | svd: principal/residual split of attention
+    svd_rank: int = 384  # principal directions kept frozen per attention weight in svd mode
+    epochs: int = 35
+    batch_size: int = 72  # images per optimizer step across all workers (each image gives augment.views views)
+    val_batch_size: int = 8  # images per any-resolution validation forward
+    val_resize_to: int | None = None  # shorter side for validation images (None: original resolution)
+    amp: str = "auto"  # autocast precision: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+    patience: int | None = None  # early stopping: epochs without a better val AUC (None: never stop early)
+    keep_checkpoints: int = 3  # best N checkpoints by val AUC are kept
+    max_failures: int = 2  # worker failures survived by restarting from the last checkpoint
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    registered_model: str = "spai"  # MLflow registered model name for the best checkpoint
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNE_MODES:
+            raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
+        if self.amp not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"amp must be auto, fp32, bf16 or fp16, got {self.amp!r}")
+        if self.batch_size < self.workers:
+            raise ConfigError(f"batch_size {self.batch_size} is smaller than workers {self.workers}")
+
+
+def load_train_config(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
+    """Defaults <- YAML <- ``key=value`` overrides. ``model.name`` picks a registered model config as the base."""
+    data = to_dict(TrainConfig())
+    loaded: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    name = dict(item.split("=", 1) for item in overrides if item.startswith("model.name=")).get(
+        "model.name", loaded.get("model", {}).get("name"))
+    if name:
+        data["model"] = dataclasses.asdict(get_model_config(name))
+    for key, value in loaded.items():
+        if key not in data:
+            raise ConfigError(f"{path}: unknown key {key!r}; known keys are {sorted(data)}")
+        data[key] = {**data[key], **value} if isinstance(data[key], dict) and isinstance(value, dict) else value
+    apply_overrides(data, overrides)
+    return from_dict(TrainConfig, data)
+
+
+# ----------------------------------------------------------------------------------------------- model set-up
+
+
+def configure_finetune(model: SPAI, cfg: TrainConfig) -> dict[str, int]:
+    """Set which parameters train for the fine-tuning mode; returns trainable/total parameter counts."""
+    vit = model.mfvit.vit
+    model.mfvit.backbone_frozen = cfg.finetune == "head"
+    for param in vit.parameters():
+        param.requires_grad = cfg.finetune == "full"
+    if cfg.finetune == "svd":
+        # Principal parts are frozen buffers; only the residual factors (and nothing else in the ViT) train.
+        apply_svd(vit, cfg.svd_rank)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    backbone = sum(p.numel() for p in vit.parameters() if p.requires_grad)
+    return {"params_trainable": trainable, "params_backbone_trainable": backbone,
+            "params_total": sum(p.numel() for p in model.parameters())}
+
+
+def initial_model(cfg: TrainConfig, init: str | None, backbone: str | None) -> SPAI:
+    """A model built from the config, optionally started from full weights (``init``) or an MFM backbone."""
+    model = build_model(cfg.model)
+    if init:
+        ckpt = read_checkpoint(init, cfg.model)
+        load_state_strict(model, ckpt.state_dict, init)
+    if backbone:
+        load_backbone(model, backbone)
+    return model
+
+
+def export_model(model: SPAI) -> SPAI:
+    """A plain copy for checkpoints: SVD layers merged back into ordinary weights."""
+    import copy
+
+    plain = copy.deepcopy(model).cpu()
+    return merge_svd(plain)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only; 1-D parameters (norms, biases, singular values) get none."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total: int, warmup: int, cfg: OptimConfig) -> float:
+    """Per-iteration schedule: linear warm-up from ``warmup_lr``, then cosine from ``lr`` to ``min_lr``."""
+    if step < warmup:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / max(warmup, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def epoch_shard(table: pa.Table, epoch: int, seed: int, rank: int, world: int, equal: bool) -> pa.Table:
+    """This rank's rows for an epoch: a ``(seed, epoch)`` shuffle dealt round-robin, cut to equal length if asked."""
+    order = np.random.default_rng([seed, epoch]).permutation(table.num_rows)
+    mine = order[rank::world]
+    if equal:
+        mine = mine[: table.num_rows // world]
+    return table.take(pa.array(np.sort(mine) if not equal else mine))
+
+
+def iter_image_batches(table: pa.Table, transform, seed: int, batch_size: int, options: storage.StorageOptions,
+                       drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Decode (and transform) rows with Ray Data and yield numpy batches; failed rows keep their ``error``."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker per epoch drowns the log
+    ds = decode_images(read_manifest_dataset(table), transform, seed=seed, options=options)
+    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2)
+
+
+def to_views_tensor(images, device: torch.device) -> torch.Tensor:
+    """``B`` arrays of ``V x S x S x 3`` uint8 -> ``B x V x 3 x S x S`` float in [0, 1]."""
+    batch = torch.from_numpy(np.stack(list(images)))
+    return batch.to(device).permute(0, 1, 4, 2, 3).float() * (1 / 255)
+
+
+# ----------------------------------------------------------------------------------------------- worker loop
+
+
+def _state_path(directory: str) -> str:
+    return os.path.join(directory, "train_state.pt")
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """Ray Train worker: restore, then per epoch train on this rank's shard, validate, report, checkpoint."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    cfg = from_dict(TrainConfig, loop["config"])
+    options = storage.StorageOptions(**loop["storage"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed + rank)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+
+    model = initial_model(cfg, loop.get("init"), loop.get("backbone"))
+    counts = configure_finetune(model, cfg)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    start_epoch, best_auc, stale = 0, -1.0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(_state_path(directory), map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, best_auc, stale = state["epoch"] + 1, state["best_auc"], state["stale"]
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    core: SPAI = model.module if hasattr(model, "module") else model
+    dtype = autocast_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    manifest = read_manifest(loop["manifest"], options)
+    train_rows = manifest.filter(pc.equal(manifest.column("split"), "train"))
+    val_rows = manifest.filter(pc.equal(manifest.column("split"), "val"))
+    per_worker = max(1, cfg.batch_size // world)
+    steps_per_epoch = max(1, (train_rows.num_rows // world) // per_worker)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, int(cfg.optim.warmup_epochs * steps_per_epoch)
+    train_transform = make_train_transform(cfg.augment)
+    val_transform = make_score_transform(ScoreTransformConfig(resize_to=cfg.val_resize_to))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    if rank == 0:
+        print(f"[spai train] {train_rows.num_rows} train / {val_rows.num_rows} val images, {world} worker(s), "
+              f"{steps_per_epoch} steps/epoch, trainable params {counts['params_trainable']:,}", flush=True)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        started, seen, loss_sum, failed = time.time(), 0, 0.0, 0
+        shard = epoch_shard(train_rows, epoch, cfg.seed, rank, world, equal=True)
+        batches = iter_image_batches(shard, train_transform, cfg.seed + epoch, per_worker, options, drop_last=True)
+        for step_in_epoch, batch in enumerate(batches):
+            step = epoch * steps_per_epoch + step_in_epoch
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.optim)
+            ok = np.array([e is None for e in batch["error"]])
+            failed += int((~ok).sum())
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                if ok.any():
+                    views = to_views_tensor(batch["image"][ok], device)
+                    labels = torch.as_tensor(batch["label"][ok].astype(np.float32), device=device)
+                    loss = loss_fn(model(views).float(), labels) / cfg.optim.accumulation_steps
+                else:  # every image of this batch failed to decode: a zero step keeps the DDP ranks in lockstep
+                    loss = sum(p.sum() * 0 for p in model.parameters() if p.requires_grad)
+            scaler.scale(loss).backward()
+            if (step_in_epoch + 1) % cfg.optim.accumulation_steps == 0:
+                scaler.unscale_(optimizer)
+                if cfg.optim.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+            seen += int(ok.sum())
+            loss_sum += float(loss) * cfg.optim.accumulation_steps * int(ok.sum())
+        train_time = time.time() - started
+
+        val = validate(core, val_rows, cfg, rank, world, device, dtype, val_transform, options)
+        gathered = [None] * world
+        if world > 1:
+            dist.all_gather_object(gathered, {"seen": seen, "loss": loss_sum, "failed": failed, "val": val})
+        else:
+            gathered = [{"seen": seen, "loss": loss_sum, "failed": failed, "val": val}]
+        metrics = epoch_metrics(gathered, epoch, train_time, optimizer.param_groups[0]["lr"])
+        improved = metrics["val_auc"] > best_auc or (math.isnan(best_auc) and not math.isnan(metrics["val_auc"]))
+        best_auc, stale = (metrics["val_auc"], 0) if improved else (best_auc, stale + 1)
+        metrics.update(best_val_auc=best_auc, stale_epochs=stale, **counts)
+        stop = cfg.patience is not None and stale > cfg.patience
+        if rank == 0 and loop.get("mlflow_run_id"):
+            tracking.log_metrics(loop["tracking_uri"], loop["mlflow_run_id"], metrics, step=epoch)
+        report_epoch(core, optimizer, metrics, cfg, epoch, best_auc, stale, rank, loop.get("run_name", ""))
+        if rank == 0:
+            print(f"[spai train] epoch {epoch}: loss {metrics['train_loss']:.4f} val_auc {metrics['val_auc']:.4f} "
+                  f"val_acc {metrics['val_accuracy']:.4f} ({metrics['train_images_per_s']:.1f} img/s)"
+                  + (" early stop" if stop else ""), flush=True)
+        if stop:
+            break
+
+
+def validate(model: SPAI, rows: pa.Table, cfg: TrainConfig, rank: int, world: int, device: torch.device,
+             dtype: torch.dtype | None, transform, options: storage.StorageOptions) -> dict[str, list]:
+    """Score this rank's share of the validation images at their own resolution (any-resolution path)."""
+    model.eval()
+    out: dict[str, list] = {"label": [], "generator": [], "logit": [], "failed": []}
+    shard = epoch_shard(rows, 0, cfg.seed, rank, world, equal=False)
+    if shard.num_rows == 0:
+        return out
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for batch in iter_image_batches(shard, transform, cfg.seed, cfg.val_batch_size, options, drop_last=False):
+            ok = [i for i, e in enumerate(batch["error"]) if e is None]
+            out["failed"] += [str(batch["uri"][i]) for i, e in enumerate(batch["error"]) if e is not None]
+            if not ok:
+                continue
+            images = [torch.from_numpy(np.asarray(batch["image"][i])).to(device).permute(2, 0, 1).float() * (1 / 255)
+                      for i in ok]
+            logits = model.forward_images(images).float().cpu().numpy()
+            out["logit"] += logits.tolist()
+            out["label"] += [int(batch["label"][i]) for i in ok]
+            out["generator"] += [str(batch["generator"][i]) for i in ok]
+    return out
+
+
+def epoch_metrics(gathered: list[dict[str, Any]], epoch: int, train_time: float, lr: float) -> dict[str, float]:
+    """Global train loss and validation metrics (overall and per generator against all reals)."""
+    seen = sum(g["seen"] for g in gathered)
+    logits = np.array([x for g in gathered for x in g["val"]["logit"]], dtype=np.float64)
+    labels = np.array([x for g in gathered for x in g["val"]["label"]], dtype=np.int64)
+    generators = np.array([x for g in gathered for x in g["val"]["generator"]])
+    scores = 1 / (1 + np.exp(-logits)) if len(logits) else logits
+    val_loss = float(np.mean(np.logaddexp(0, logits) - labels * logits)) if len(logits) else float("nan")
+    metrics = {"epoch": epoch, "train_loss": sum(g["loss"] for g in gathered) / max(seen, 1), "lr": lr,
+               "train_images": seen, "train_images_per_s": seen / max(train_time, 1e-9),
+               "train_decode_failures": sum(g["failed"] for g in gathered),
+               "val_decode_failures": sum(len(g["val"]["failed"]) for g in gathered), "val_loss": val_loss}
+    overall = binary_metrics(labels, scores) if len(labels) else {}
+    metrics.update({f"val_{k}": float(v) for k, v in overall.items()})
+    metrics.setdefault("val_auc", float("nan"))
+    metrics.setdefault("val_accuracy", float("nan"))
+    real = labels == 0
+    for gen in sorted(set(generators[labels == 1].tolist())):
+        mask = real | (generators == gen)
+        gen_metrics = binary_metrics(labels[mask], scores[mask])
+        metrics[f"val_auc_{gen}"] = float(gen_metrics["auc"])
+        metrics[f"val_accuracy_{gen}"] = float(gen_metrics["accuracy"])
+    return metrics
+
+
+def report_epoch(model: SPAI, optimizer, metrics: dict[str, float], cfg: TrainConfig, epoch: int, best_auc: float,
+                 stale: int, rank: int, run_name: str) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (our safetensors + resumable training state)."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+        save_checkpoint(os.path.join(directory, "model.safetensors"), export_model(model),
+                        {"epoch": epoch, "metrics": clean, "run": run_name, "train_config": to_dict(cfg)})
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                    "best_auc": best_auc, "stale": stale}, _state_path(directory))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    best_checkpoint: str | None  # our .safetensors of the best epoch by val AUC
+    best_metrics: dict[str, Any]
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+
+
+def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: str | None = None,
+                 resume: bool = False, init: str | None = None, backbone: str | None = None,
+                 mlflow_uri: str | None = None, experiment: str = "spai-train", callbacks: list | None = None,
+                 parent_run_id: str | None = None, track: bool = True) -> TrainResult:
+    """Run ``TorchTrainer.fit`` for ``cfg`` and export the best checkpoint; the library entry of ``spai train``."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.runtime import init_ray
+
+    options = storage.StorageOptions.from_env()
+    output = output if storage.is_s3(output) else str(Path(output).resolve())
+    name = name or time.strftime("spai-%Y%m%d-%H%M%S")
+    run_dir = storage.join(output, name)
+    marker = storage.join(run_dir, "spai_run.json")
+    if resume and not storage.exists(marker, options):
+        raise FileNotFoundError(f"nothing to resume at {run_dir}; check --output and --name")
+    if not resume and storage.exists(marker, options):
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
+    read_manifest(manifest, options)  # fail fast on a missing manifest or a wrong schema, before starting workers
+
+    tracking_uri = tracking.resolve_tracking_uri(mlflow_uri) if track else None
+    run_id = None
+    if resume:
+        run_id = json.loads(storage.read_bytes(marker, options))["mlflow_run_id"]
+    elif track:
+        run_id = tracking.start_run(tracking_uri, experiment, name, to_dict(cfg),
+                                    {"manifest": manifest, "output": run_dir}, parent_run_id)
+    if not resume:
+        storage.write_bytes(marker, json.dumps({"mlflow_run_id": run_id, "manifest": manifest,
+                                                "config": to_dict(cfg)}).encode(), options)
+        storage.write_bytes(storage.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg)).encode(), options)
+
+    init_ray(reserved_cpus=cfg.workers * cfg.cpus_per_worker)
+    fs, storage_path = storage.filesystem(output, options)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": to_dict(cfg), "manifest": manifest, "storage": dataclasses.asdict(options),
+                           "init": init, "backbone": backbone, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                           "run_name": name},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker}
+                                                                 if cfg.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path, storage_filesystem=fs if storage.is_s3(output) else None,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                                         checkpoint_score_attribute="val_auc",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks or None),
+    )
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id:
+            tracking.finish_run(tracking_uri, run_id, "FAILED")
+        raise
+    return _export_best(result, run_dir, cfg, options, tracking_uri, run_id)
+
+
+def _export_best(result, run_dir: str, cfg: TrainConfig, options: storage.StorageOptions,
+                 tracking_uri: str | None, run_id: str | None) -> TrainResult:
+    """Copy the best checkpoint's weights to ``<run>/best.safetensors``, log and register it in MLflow."""
+    ranked = [(m, c) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_auc", float("nan")))]
+    if not ranked and result.checkpoint is not None:
+        ranked = [(result.metrics or {}, result.checkpoint)]
+    if not ranked:
+        return TrainResult(run_dir, None, {}, run_id, tracking_uri)
+    best_metrics, best = max(ranked, key=lambda mc: mc[0].get("val_auc", -1.0))
+    best_uri = storage.join(run_dir, "best.safetensors")
+    with best.as_directory() as directory:
+        weights = os.path.join(directory, "model.safetensors")
+        storage.write_bytes(best_uri, Path(weights).read_bytes(), options)
+        if run_id:
+            local = Path(tempfile.mkdtemp()) / "best.safetensors"
+            shutil.copy(weights, local)
+            tracking.log_artifact(tracking_uri, run_id, local, "model")
+            version = tracking.register_model(tracking_uri, run_id, "model/best.safetensors", cfg.registered_model)
+            tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
+                                                        if k.startswith("val_")}, step=int(best_metrics["epoch"]))
+            tracking.finish_run(tracking_uri, run_id)
+            print(f"[spai train] registered {cfg.registered_model} version {version}")
+    return TrainResult(run_dir, best_uri, dict(best_metrics), run_id, tracking_uri)
+
+
+def main(args: argparse.Namespace) -> int:
+    default = CONFIG_DIR / "spai.yaml"
+    cfg = load_train_config(args.config or (default if default.exists() else None), list(args.overrides))
+    if args.workers is not None:
+        cfg.workers = args.workers
+    if args.gpus_per_worker is not None:
+        cfg.gpus_per_worker = args.gpus_per_worker
+    result = run_training(cfg, args.manifest, args.output or "runs", args.name, args.resume, args.init, args.backbone,
+                          args.mlflow_uri, args.experiment)
+    print(f"[spai train] run directory: {result.run_dir}")
+    if result.best_checkpoint:
+        print(f"[spai train] best checkpoint (epoch {int(result.best_metrics['epoch'])}, val AUC "
+              f"{result.best_metrics.get('val_auc', float('nan')):.4f}): {result.best_checkpoint}")
+    if result.tracking_uri:
+        print(tracking.ui_hint(result.tracking_uri))
+    return 0
