@@ -1,0 +1,247 @@
+"""``spai score``: folder, CSV, manifest and S3 inputs give the Detector's logits; bad files become row errors; a killed
+run resumes without duplicates or gaps; the official layout and the official parity scores are reproduced."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from parity import FIXTURE, expected_rows, write_official_checkpoint
+from pipelines.manifest import rows_to_table, write_manifest
+from pipelines.score import ScoreConfig, ScoreError, WorkDir, plan_actors, score
+from pipelines.storage import Files, read_bytes
+from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
+from spai_core.checkpoint import save_checkpoint
+from spai_core.detector import Detector
+from spai_core.images import to_rgb_array
+from spai_core.spai import build_model
+
+pytestmark = pytest.mark.slow
+BAD_FILES = {"zero.jpg": b"", "text.jpg": b"this is a text file, not a JPEG", "cut.jpg": None}  # None: truncated
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session(s3_server):  # noqa: F811 - the fixture; Ray starts after it so workers see the S3 settings
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_checkpoint(path, build_model("spai_tiny"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, photos) -> Path:
+    """Eight real photos, 256-600 px, half PNG and half JPEG."""
+    folder = tmp_path_factory.mktemp("corpus")
+    for i, photo in enumerate(photos[::3][:8]):
+        image = Image.open(photo).convert("RGB")
+        image.thumbnail((600, 600) if i % 2 else (420, 420))
+        image.save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}", quality=95)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected(weights, corpus) -> dict[str, float]:
+    """Logits of ``Detector.logits`` called directly, by file name."""
+    torch.set_num_threads(2)
+    files = sorted(corpus.iterdir())
+    logits = Detector.from_pretrained(weights, "cpu", "fp32").logits([to_rgb_array(Image.open(f)) for f in files])
+    return {f.name: float(v) for f, v in zip(files, logits)}
+
+
+def bad_files(folder: Path, good: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in BAD_FILES.items():
+        data = good.read_bytes()[:2000] if data is None else data
+        (folder / name).write_bytes(data)
+        paths.append(folder / name)
+    return paths
+
+
+def run(weights, source, output, **kwargs) -> pa.Table:
+    score(ScoreConfig(weights=str(weights), input=str(source), output=str(output), batch_size=3, **kwargs),
+          progress=False)
+    return read_table(str(output))
+
+
+def read_table(uri: str) -> pa.Table:
+    data = read_bytes(uri)
+    return pacsv.read_csv(io.BytesIO(data)) if uri.endswith(".csv") else pq.read_table(io.BytesIO(data))
+
+
+def check_logits(table: pa.Table, expected: dict[str, float]) -> None:
+    """Every expected image is in the table once, with the Detector's logit and its sigmoid as score."""
+    rows = {Path(u).name: (logit, score) for u, logit, score in zip(
+        table.column("uri").to_pylist(), table.column("logit").to_pylist(), table.column("score").to_pylist())}
+    logits = np.array([rows[name][0] for name in expected])
+    np.testing.assert_allclose(logits, list(expected.values()), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose([rows[name][1] for name in expected], 1 / (1 + np.exp(-logits)), rtol=1e-6)
+
+
+def test_folder_input_matches_detector_and_truncated_file_is_an_error(weights, corpus, expected, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in corpus.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    bad_files(folder, corpus / "img0.jpg")
+    out = run(weights, folder, tmp_path / "scores.parquet")
+    check_logits(out, expected)
+    errors = dict(zip([Path(u).name for u in out.column("uri").to_pylist()], out.column("error").to_pylist()))
+    # Folder input lists images by content like the official tool: the zero-byte and text files are not images.
+    assert set(errors) == set(expected) | {"cut.jpg"}
+    assert errors["cut.jpg"].startswith("truncated:") and out.column("logit").null_count == 1
+    assert set(out.column("precision").to_pylist()) == {"fp32"}
+    assert json.loads(out.column("options")[0].as_py())["jpeg_quality"] is None
+    tiles = dict(zip([Path(u).name for u in out.column("uri").to_pylist()], out.column("tiles").to_pylist()))
+    assert tiles["cut.jpg"] is None and all(tiles[name] >= 4 for name in expected)
+    assert not (tmp_path / "scores.parquet.parts").exists()
+    assert "weights" in (tmp_path / "scores.parquet.config.yaml").read_text()
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture()
+def csv_input(corpus, tmp_path) -> Path:
+    """An official CSV with relative paths: the corpus, every kind of bad file and a missing one."""
+    bad = bad_files(tmp_path / "bad", corpus / "img0.jpg")
+    rows = [{"image": os.path.relpath(p, tmp_path), "class": i % 2, "split": "test", "note": f"n{i}"}
+            for i, p in enumerate(sorted(corpus.iterdir()) + bad + [tmp_path / "gone.png"])]
+    return write_csv(tmp_path / "fake_demo.csv", rows)
+
+
+def test_csv_input_records_every_bad_file(weights, csv_input, expected, tmp_path):
+    out = run(weights, csv_input, tmp_path / "scores.csv")
+    check_logits(out, expected)
+    errors = {Path(u).name: e for u, e in zip(out.column("uri").to_pylist(), out.column("error").to_pylist()) if e}
+    assert {n: e.split(":")[0] for n, e in errors.items()} == {
+        "zero.jpg": "zero_byte", "text.jpg": "not_an_image", "cut.jpg": "truncated", "gone.png": "missing"}
+    assert out.num_rows == len(expected) + 4 and out.column("note").to_pylist()[-1] == f"n{out.num_rows - 1}"
+
+
+def test_official_csv_layout(weights, csv_input, expected, tmp_path):
+    output = tmp_path / "out" / "fake_demo.csv"
+    run(weights, csv_input, output, official_csv=True, tag="spai_tiny")
+    with open(output) as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["image", "class", "split", "note", "spai_tiny"]
+    with open(csv_input) as fh:
+        original = list(csv.DictReader(fh))
+    assert [{k: r[k] for k in ("image", "class", "split", "note")} for r in rows] == original
+    scores = {Path(r["image"]).name: r["spai_tiny"] for r in rows}
+    logits = np.array(list(expected.values()))
+    np.testing.assert_allclose([float(scores[n]) for n in expected], 1 / (1 + np.exp(-logits)), rtol=1e-5)
+    assert [n for n, s in scores.items() if s == ""] == ["zero.jpg", "text.jpg", "cut.jpg", "gone.png"]
+    with open(str(output) + ".errors.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 4
+
+
+def test_manifest_input_keeps_columns_and_renames_clashes(weights, corpus, expected, tmp_path):
+    rows = [{"uri": str(p), "label": i % 2, "split": "test", "generator": "real" if i % 2 == 0 else "gen",
+             "source": "demo", "group": p.stem, "score": "old"} for i, p in enumerate(sorted(corpus.iterdir()))]
+    manifest = write_manifest(rows_to_table(rows, extras=["score"]), str(tmp_path / "manifest"), {"builder": "test"})
+    out = run(weights, manifest, tmp_path / "scores.parquet", split="test")
+    check_logits(out, expected)
+    assert out.column("input_score").to_pylist() == ["old"] * len(rows)
+    assert out.schema.field("label").type == pa.int8() and set(out.column("generator").to_pylist()) == {"real", "gen"}
+
+
+def test_s3_input_weights_and_output(s3_server, weights, corpus, expected, tmp_path):  # noqa: F811
+    source = upload_folder(s3_server, corpus, "spai-test", "corpus")
+    upload_folder(s3_server, weights.parent, "spai-test", "weights")
+    output = "s3://spai-test/runs/scores.parquet"
+    out = run("s3://spai-test/weights/tiny.safetensors", source, output)
+    check_logits(out, expected)
+    assert set(out.column("model_id").to_pylist()) == {Detector.from_pretrained(weights, "cpu").model_id}
+    assert Files().list("s3://spai-test/runs") == [output, output + ".config.yaml"]  # work dir removed
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(weights, corpus, expected, tmp_path):
+    """SIGKILL the driver of `spai score` once parts exist; the same command finishes the job exactly once per row."""
+    images = sorted(corpus.iterdir())
+    rows = [{"image": str(p), "class": 0, "split": "test"} for p in images * 3]  # each image three times
+    source = write_csv(tmp_path / "input.csv", rows)
+    output = tmp_path / "scores.parquet"
+    command = [sys.executable, "-m", "spai_cli.main", "score", "-w", str(weights), "-i", str(source), "-o",
+               str(output), "--batch-size", "1", "--part-rows", "1", "--device", "cpu"]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    parts = Path(str(output) + ".parts")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("part-*.parquet"))) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = pq.read_table(list(parts.glob("part-*.parquet"))).num_rows if parts.exists() else 0
+    assert not output.exists() and 3 <= done_before < len(rows), "the run must be killed half-way"
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert f"scored {len(rows) - done_before} images" in finished.stdout
+    out = pq.read_table(output)
+    assert out.num_rows == len(rows) and len(set(out.column("row_id").to_pylist())) == len(rows)
+    assert [Path(u).name for u in out.column("uri").to_pylist()] == [p.name for p in images * 3]
+    np.testing.assert_allclose(out.column("logit").to_numpy(), [expected[p.name] for p in images * 3],
+                               rtol=1e-5, atol=1e-5)
+    assert not parts.exists()
+
+
+def test_resume_refuses_other_options_and_finished_output(weights, corpus, tmp_path):
+    work = WorkDir(str(tmp_path / "scores.parquet"), Files())
+    work.start({"model_id": "abc", "precision": "fp32", "rows": 3})
+    work.start({"model_id": "abc", "precision": "fp32", "rows": 3})  # the same job resumes
+    with pytest.raises(ScoreError, match="precision: 'fp32' before, 'bf16' now.*delete"):
+        work.start({"model_id": "abc", "precision": "bf16", "rows": 3})
+    (tmp_path / "done.parquet").write_bytes(b"x")
+    with pytest.raises(ScoreError, match="already exists"):
+        score(ScoreConfig(weights=str(weights), input=str(corpus), output=str(tmp_path / "done.parquet")))
+
+
+def test_actor_plan_follows_the_cluster():
+    gpu = plan_actors(ScoreConfig(), {"CPU": 32, "GPU": 4})
+    assert (gpu.device, gpu.precision, gpu.workers, gpu.num_gpus) == ("cuda", "bf16", 4, 1.0)
+    cpu = plan_actors(ScoreConfig(workers=2), {"CPU": 8})
+    assert (cpu.device, cpu.precision, cpu.workers, cpu.threads, cpu.num_gpus) == ("cpu", "fp32", 2, 4, 0.0)
+    assert cpu.num_cpus * cpu.workers <= 7  # a CPU stays free for decoding
+    with pytest.raises(ScoreError, match="no GPU"):
+        plan_actors(ScoreConfig(device="cuda"), {"CPU": 8})
+
+
+def test_parity_images_reproduce_official_logits(tmp_path):
+    """Full ViT-B/16 with the official-layout parity weights: `spai score` gives the official logits."""
+    weights = write_official_checkpoint(tmp_path / "spai_parity.pth")
+    out = run(weights, FIXTURE / "images", tmp_path / "parity.parquet", precision="fp32")
+    got = dict(zip(out.column("image").to_pylist(), out.column("logit").to_pylist()))
+    rows = expected_rows()
+    np.testing.assert_allclose([got[r["image"]] for r in rows], [float(r["logit"]) for r in rows], rtol=1e-4,
+                               atol=1e-5)
+    assert out.column("tiles").to_pylist() == [int(r["n_patches"]) for r in sorted(rows, key=lambda r: r["image"])]
