@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default="spai", help="score column name in the official CSV layout")
     p.add_argument("--official-csv", action="store_true",
                    help="write the official CSV layout (input columns + --tag column) instead of ours")
+    p.add_argument("--part-rows", type=int, default=1000,
+                   help="finished rows per part file of the resumable work dir <output>.parts/ (a kill redoes at "
+                   "most this many rows, or one minute of work)")
 
     p = sub.add_parser("evaluate", help="metrics per generator (and per degradation) from a scored table",
                        description="AUC, AP, accuracy, TPR at 1%%/5%% FPR and ECE per generator, each fake "
