@@ -29,7 +29,7 @@ import yaml
 
 from pipelines import storage, tracking
 from pipelines.data import decode_images, read_manifest_dataset
-from pipelines.manifest import read_manifest
+from pipelines.manifest import CORE_COLUMNS, read_manifest
 from pipelines.transforms import AugmentConfig, ScoreTransformConfig, make_score_transform, make_train_transform
 from spai_core.checkpoint import load_backbone, load_state_strict, read_checkpoint, save_checkpoint
 from spai_core.config import ConfigError, apply_overrides, from_dict, to_dict
@@ -233,7 +233,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    manifest = read_manifest(loop["manifest"], options)
+    manifest = read_manifest(loop["manifest"], options).select(list(CORE_COLUMNS))  # extras may clash with decode's
     train_rows = manifest.filter(pc.equal(manifest.column("split"), "train"))
     val_rows = manifest.filter(pc.equal(manifest.column("split"), "val"))
     per_worker = max(1, cfg.batch_size // world)

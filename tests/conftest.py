@@ -1,9 +1,13 @@
 """Shared test fixtures: real photos and the parity fixtures, all from inside the repository."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Ray's token authentication is for shared clusters; the local test clusters (and their subprocesses) skip it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
 PARITY_DIR = REPO / "tests" / "fixtures" / "spai-parity"

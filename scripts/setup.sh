@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment in .venv.
+# Usage: scripts/setup.sh [EXTRAS]   (EXTRAS: demo | dev; default dev)
+# The environment is reused as long as pyproject.toml, this script and the extras are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-dev}"
+python="${PYTHON:-python3}"
+stamp=.venv/.spai-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $extras"
+if [ -f "$stamp" ] && grep -qxF "$want" "$stamp"; then
+  echo "setup: reusing .venv (inputs unchanged)"
+  exit 0
+fi
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+# torch first: 2.13.0 resolves to a local CPU wheel where the machine has one (no CUDA download).
+.venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch
+.venv/bin/python -m pip install -q -e ".[$extras]"
+echo "$want" >> "$stamp"
+echo "setup: .venv ready ($extras)"
