@@ -1,0 +1,36 @@
+"""A small real-vs-generated demo corpus shared by the training tests (built once per pytest session).
+
+Import the fixture into a test module with ``from corpus import small_corpus  # noqa: F401`` (tests/ is on sys.path).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.demo_data import DemoCorpusConfig, build_demo_corpus
+
+NCNN_GENERATOR = "waifu2x_upconv7"  # the fastest ncnn generator on CPU
+
+
+def small_corpus_config() -> DemoCorpusConfig:
+    """12 photos -> ~48 images. Both generators are seen, so train, val and test all hold both of them.
+
+    Sides stay at 256-384 px so validation and scoring need at most a few 224-px tiles per image; 300 autoencoder
+    iterations already leave the lattice artifacts the detector learns (see DemoCorpusConfig).
+    """
+    return DemoCorpusConfig(seed=1, max_photos=12, reals_per_photo=2, fakes_per_generator=1, max_side=384,
+                            generators=["autoencoder", NCNN_GENERATOR],
+                            seen_generators=["autoencoder", NCNN_GENERATOR], autoencoder_iterations=300)
+
+
+def build_small_corpus(out: str | Path) -> str:
+    """Build (or reuse, when already built with the same config) the small corpus; returns its manifest URI."""
+    return build_demo_corpus(out, small_corpus_config(), progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Manifest URI of the small corpus, built once per session under pytest's temporary folder."""
+    pytest.importorskip("ncnn", reason="the demo generators need the `ncnn` package (pip install -e .[dev])")
+    return build_small_corpus(tmp_path_factory.getbasetemp() / "small_corpus")
