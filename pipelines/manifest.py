@@ -258,28 +258,14 @@ def manifest_files(uri: str, options: StorageOptions | None = None, split: str |
     return found
 
 
-def count_rows(paths: Sequence[str], options: StorageOptions | None = None) -> int:
-    """Total rows of Parquet files (e.g. :func:`manifest_files`), from their footers only."""
-    files = Files(options)
-    total = 0
-    for path in paths:
-        try:
-            total += files.call(path, "read", _footer_rows)
-        except pa.ArrowInvalid as exc:
-            raise ManifestError(f"{path} is not a readable Parquet file ({exc}); rebuild the manifest") from exc
-    return total
+def read_manifest(uri: str, options: StorageOptions | None = None, split: str | None = None) -> pa.Table:
+    """Read a manifest (directory, or one Parquet file) with its columns typed as :data:`MANIFEST_SCHEMA`.
 
-
-def _footer_rows(fs: pafs.FileSystem, path: str) -> int:
-    with fs.open_input_file(path) as handle:
-        return pq.ParquetFile(handle).metadata.num_rows
-
-
-def read_manifest(uri: str, options: StorageOptions | None = None) -> pa.Table:
-    """Read a manifest (directory, or one Parquet file) with its columns typed as :data:`MANIFEST_SCHEMA`."""
+    ``split`` reads only the files that hold that split when ``manifest.json`` says which (rows are not filtered).
+    """
     files = Files(options)
     tables = []
-    for path in manifest_files(uri, options):
+    for path in manifest_files(uri, options, split):
         try:
             tables.append(pq.read_table(io.BytesIO(files.read(path))))
         except pa.ArrowInvalid as exc:

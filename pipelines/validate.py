@@ -22,8 +22,7 @@ import pyarrow.compute as pc
 
 from pipelines.data import read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
-from pipelines.manifest import (CORE_COLUMNS, ManifestError, count_rows, manifest_files, parquet_bytes,
-                                write_manifest)
+from pipelines.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, read_manifest, write_manifest
 from pipelines.storage import Files, StorageError, StorageOptions, join
 
 # Rows per validation batch: each decodes a full-resolution image, so keep worker memory small.
@@ -113,17 +112,17 @@ def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int =
     """Decode every image of a manifest with Ray Data; write the validated manifest, rejects and leakage tables."""
     options = options or StorageOptions.from_env()
     output_uri = output_uri or default_output(uri)
-    ds = read_manifest_dataset(uri, options)
-    checked = ds.map_batches(_check_batch, batch_format="pyarrow", batch_size=BATCH_SIZE,
-                             fn_kwargs={"options": options, "max_pixels": max_pixels})
+    manifest = read_manifest(uri, options)
+    checked = read_manifest_dataset(manifest).map_batches(
+        _check_batch, batch_format="pyarrow", batch_size=BATCH_SIZE,
+        fn_kwargs={"options": options, "max_pixels": max_pixels})
     # Results are metadata only (no pixels), so collecting them on the driver is cheap.
     blocks = [b for b in checked.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
     if not blocks:
         raise ManifestError(f"{uri} has no rows to validate; rebuild it with `spai manifest`")
     table = pa.concat_tables(blocks)
-    expected = count_rows(manifest_files(uri, options), options)
-    if table.num_rows != expected:
-        raise RuntimeError(f"validation of {uri} returned {table.num_rows} rows for {expected} inputs; "
+    if table.num_rows != manifest.num_rows:
+        raise RuntimeError(f"validation of {uri} returned {table.num_rows} rows for {manifest.num_rows} inputs; "
                            "this is a bug, please report it")
     failed = pc.is_valid(table.column("reason"))
     accepted = table.filter(pc.invert(failed)).drop_columns(["reason", "message"])

@@ -64,7 +64,7 @@ def test_read_manifest_dataset_types_splits_and_blocks(manifest_uri):
     assert read.schema.equals(m.MANIFEST_SCHEMA) and read.num_rows == table.num_rows == 13
     val = _collect(read_manifest_dataset(manifest_uri, split="val")).column("uri").to_pylist()
     assert sorted(val) == sorted(r["uri"] for r in table.to_pylist() if r["split"] == "val") and val
-    assert read_manifest_dataset(manifest_uri, override_num_blocks=6).materialize().num_blocks() >= 4
+    assert read_manifest_dataset(manifest_uri, override_num_blocks=6).materialize().num_blocks() == 6
     from_table = read_manifest_dataset(table, split="train", override_num_blocks=3).materialize()
     assert from_table.num_blocks() == 3
     assert from_table.count() == table.column("split").to_pylist().count("train")
