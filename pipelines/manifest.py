@@ -85,10 +85,20 @@ def conform(table: pa.Table, where: str = "manifest") -> pa.Table:
     return pa.Table.from_arrays(columns + [table.column(name) for name in extras], schema=schema)
 
 
-def rows_to_table(rows: Sequence[Mapping[str, Any]], extras: Sequence[str] = (), notes: Mapping | None = None
-                  ) -> pa.Table:
-    """A manifest table from dict rows: the six columns typed, ``extras`` as strings, builder notes as metadata."""
-    arrays = [pa.array([row.get(f.name) for row in rows], type=f.type) for f in MANIFEST_SCHEMA]
+def _typed_column(rows: Sequence[Mapping[str, Any]], field: pa.Field) -> pa.Array:
+    try:
+        return pa.array([row.get(field.name) for row in rows], type=field.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
+        raise ManifestError(f"column {field.name!r} cannot be read as {field.type} ({exc}); fix those values") from exc
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]], extras: Sequence[str] | None = None,
+                  notes: Mapping | None = None) -> pa.Table:
+    """A manifest table from dict rows: the six columns typed, ``extras`` (default: every other key, in first-seen
+    order) as strings, builder notes as schema metadata."""
+    if extras is None:
+        extras = list(dict.fromkeys(key for row in rows for key in row if key not in CORE_COLUMNS))
+    arrays = [_typed_column(rows, field) for field in MANIFEST_SCHEMA]
     for name in extras:
         arrays.append(pa.array([None if row.get(name) is None else str(row[name]) for row in rows], pa.string()))
     schema = pa.schema(list(MANIFEST_SCHEMA) + [pa.field(name, pa.string()) for name in extras])

@@ -262,3 +262,11 @@ def test_builders_under_s3_prefix(s3_server, genimage, folders, tmp_path):
     uri = m.write_manifest(remote_folders, "s3://folders/manifests/m1", {"builder": "folders"})
     assert m.read_manifest(uri).equals(m.read_manifest(m.write_manifest(remote_folders, str(tmp_path / "m"), {})))
     assert m.resolve_input(f"{s3_folders}/real/a").num_rows == 4
+
+
+def test_rows_keep_extra_keys_and_name_bad_columns(tmp_path):
+    row = {"uri": "/a.png", "label": 1, "split": "test", "generator": "g", "source": "s", "group": "a", "prompt": "cat"}
+    back = m.read_manifest(m.write_manifest([row], str(tmp_path / "m"), {"builder": "rows"}))
+    assert back.column_names == [*m.CORE_COLUMNS, "prompt"] and back.column("prompt").to_pylist() == ["cat"]
+    with pytest.raises(m.ManifestError, match="column 'label'"):
+        m.rows_to_table([{**row, "label": "fake"}])
