@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS
-from pipelines.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, resolve_input
+from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, ManifestError, parquet_bytes, resolve_input
 from pipelines.runtime import init_ray
 from pipelines.storage import Files, StorageError, StorageOptions, basename, filesystem, is_s3, join
 from pipelines.transforms import ScoreTransformConfig, make_score_transform
@@ -180,18 +180,22 @@ def _clash_free(name: str) -> str:
 
 
 def input_columns(table: pa.Table) -> pa.Table:
+    """The table with every clashing column renamed (see :func:`_clash_free`)."""
     return table.rename_columns([_clash_free(name) for name in table.column_names])
 
 
-def input_table(cfg: ScoreConfig, options: StorageOptions) -> pa.Table:
-    """Manifest rows of the input (one split if asked), clashing names prefixed, plus a ``row_id`` column."""
+def input_table(cfg: ScoreConfig, options: StorageOptions) -> tuple[pa.Table, dict[str, Any]]:
+    """Manifest rows of the input (one split if asked), clashing names prefixed, plus a ``row_id`` column; and what
+    the listing skipped (a folder's files that are not images by content), so the summary can say so."""
     table = resolve_input(cfg.input, root=cfg.root, options=options)
+    skipped = json.loads((table.schema.metadata or {}).get(NOTES_KEY, b"{}")).get("skipped", {})
     if cfg.split is not None:
         present = sorted(set(table.column("split").to_pylist()) - {None})
         table = table.filter(pc.equal(table.column("split"), cfg.split))
         if table.num_rows == 0:
             raise ScoreError(f"{cfg.input} has no rows of split {cfg.split!r} (it has {present}); fix --split")
-    return input_columns(table).append_column("row_id", pa.array(row_ids(table.column("uri").to_pylist()), pa.string()))
+    ids = pa.array(row_ids(table.column("uri").to_pylist()), pa.string())
+    return input_columns(table).append_column("row_id", ids), skipped
 
 
 def weights_id(uri: str, options: StorageOptions) -> str:
@@ -245,7 +249,7 @@ class Scorer:
         tiles: list[int | None] = [None] * len(errors)
         for i, image, (logit, error) in zip(good, images, self._logits(images)):
             logits[i], errors[i] = logit, error
-            tiles[i] = self.detector.num_tiles(*image.shape[:2])
+            tiles[i] = None if error else self.detector.num_tiles(*image.shape[:2])
         return pa.Table.from_arrays([pa.array(list(batch["row_id"]), pa.string()), pa.array(logits, pa.float32()),
                                      pa.array(tiles, pa.int32()), pa.array(errors, pa.string())], schema=PART_SCHEMA)
 
@@ -296,7 +300,8 @@ class WorkDir:
             return
         recorded = json.loads(self.files.read(job_uri))
         keys = sorted(set(job) | set(recorded))
-        changed = [f"{k}: {recorded.get(k)!r} before, {job.get(k)!r} now" for k in keys if recorded.get(k) != job.get(k)]
+        changed = [f"{k}: {recorded.get(k)!r} before, {job.get(k)!r} now" for k in keys
+                   if recorded.get(k) != job.get(k)]
         if changed:
             raise ScoreError(f"{self.uri} holds an unfinished run with other weights, options or input ("
                              + "; ".join(changed) + "). Re-run with the same options to finish it, or delete "
@@ -448,6 +453,7 @@ class ScoreResult:
     table: pa.Table
     scored_now: int  # rows scored by this invocation (the rest came from an interrupted run)
     seconds: float
+    skipped: dict[str, Any]  # files the input listing left out: {"count", "why", "examples"}, or empty
 
     def summary(self) -> str:
         errors = [e for e in self.table.column("error").to_pylist() if e is not None]
@@ -455,8 +461,11 @@ class ScoreResult:
         rate = self.scored_now / self.seconds if self.seconds else 0.0
         lines = [f"scored {self.scored_now} images in {self.seconds:.1f} s ({rate:.2f} img/s); output has "
                  f"{self.table.num_rows} rows: {self.table.num_rows - len(errors)} scored, {len(errors)} failed"
-                 + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else ""),
-                 f"wrote {self.output}"]
+                 + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else "")]
+        if self.skipped:
+            lines.append(f"not in the output: {self.skipped['count']} input file(s) {self.skipped['why']}, e.g. "
+                         + ", ".join(self.skipped["examples"][:3]))
+        lines.append(f"wrote {self.output}")
         return "\n".join(lines)
 
 
@@ -483,7 +492,7 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     work = WorkDir(cfg.output, files)
     if not work.exists() and files.info(cfg.output).type != pafs.FileType.NotFound:
         raise ScoreError(f"{cfg.output} already exists (a finished run); delete it or choose another --output")
-    table = input_table(cfg, options)
+    table, skipped = input_table(cfg, options)
     model_id = weights_id(cfg.weights, options)
     init_ray()
     plan = plan_actors(cfg, ray.cluster_resources())
@@ -500,7 +509,7 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     out = assemble(table, work.read_parts(), model_id, scoring_options)
     write_outputs(out, cfg, files)
     work.remove()
-    return ScoreResult(cfg.output, out, todo.num_rows, time.monotonic() - started)
+    return ScoreResult(cfg.output, out, todo.num_rows, time.monotonic() - started, skipped)
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:

@@ -24,8 +24,8 @@ from PIL import Image
 
 from parity import FIXTURE, expected_rows, write_official_checkpoint
 from pipelines.manifest import rows_to_table, write_manifest
-from pipelines.score import ScoreConfig, ScoreError, WorkDir, plan_actors, score
-from pipelines.storage import Files, read_bytes
+from pipelines.score import ActorPlan, ScoreConfig, ScoreError, Scorer, WorkDir, plan_actors, score
+from pipelines.storage import Files, StorageOptions, read_bytes
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.checkpoint import save_checkpoint
 from spai_core.detector import Detector
@@ -107,8 +107,11 @@ def test_folder_input_matches_detector_and_truncated_file_is_an_error(weights, c
     for f in corpus.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     bad_files(folder, corpus / "img0.jpg")
-    out = run(weights, folder, tmp_path / "scores.parquet")
+    result = score(ScoreConfig(weights=str(weights), input=str(folder), output=str(tmp_path / "scores.parquet")),
+                   progress=False)
+    out = read_table(str(tmp_path / "scores.parquet"))
     check_logits(out, expected)
+    assert "not in the output: 2 input file(s) that are not images by content" in result.summary()
     errors = dict(zip([Path(u).name for u in out.column("uri").to_pylist()], out.column("error").to_pylist()))
     # Folder input lists images by content like the official tool: the zero-byte and text files are not images.
     assert set(errors) == set(expected) | {"cut.jpg"}
@@ -213,6 +216,19 @@ def test_killed_run_resumes_without_duplicates_or_gaps(weights, corpus, expected
     np.testing.assert_allclose(out.column("logit").to_numpy(), [expected[p.name] for p in images * 3],
                                rtol=1e-5, atol=1e-5)
     assert not parts.exists()
+
+
+def test_scorer_isolates_an_image_the_model_cannot_take(weights, corpus, expected):
+    """A batch that fails is retried image by image: the others are scored, the culprit gets the model's error."""
+    plan = ActorPlan("cpu", "fp32", workers=1, num_cpus=1.0, num_gpus=0.0, threads=2, feature_batch=16)
+    scorer = Scorer(str(weights), Detector.from_pretrained(weights, "cpu").model_id, plan, None, StorageOptions())
+    good = to_rgb_array(Image.open(corpus / "img0.jpg"))
+    batch = {"row_id": np.array(["a", "b", "c"], object), "error": np.array([None, None, "zero_byte: empty"], object),
+             "image": np.array([good, np.zeros((0, 300, 3), np.uint8), np.zeros((0, 0, 3), np.uint8)], object)}
+    out = scorer(batch).to_pydict()
+    assert out["logit"][0] == pytest.approx(expected["img0.jpg"], abs=1e-5) and out["logit"][1:] == [None, None]
+    assert out["error"][1].startswith("model_failed: RuntimeError") and out["error"][2] == "zero_byte: empty"
+    assert out["tiles"][0] >= 4 and out["tiles"][1:] == [None, None]
 
 
 def test_resume_refuses_other_options_and_finished_output(weights, corpus, tmp_path):
