@@ -1,0 +1,249 @@
+"""Benchmark ``spai score`` against a plain loop that scores one image at a time (batch 1, fp32: the official tool).
+
+Corpus: ``--images`` squares cut from the committed photos, 224 to 2048 px, alternately JPEG and PNG. Both sides use
+the same weights (``--model``: a seeded random ``spai_tiny`` by default for speed, ``spai_vit_b16`` for real figures)
+on the same machine, one run each, every run a fresh process as a user would start it (Ray start-up and model load
+included). Rows: the loop, ``spai score`` with each ``--workers`` count on CPU, and on a CUDA machine the loop and
+``spai score`` on the GPU in fp32 and bf16 (with the GPU's mean utilisation from ``nvidia-smi``).
+
+Columns: ``wall`` is the whole process; ``work`` leaves out start-up (imports, Ray, listing) but keeps the model load;
+memory is the peak PSS of the process tree (sampled from ``/proc``, Linux), so Ray's raylet, workers and shared object
+store pages count once instead of once per process as summed RSS would. ``max |dlogit|`` compares each run's logits
+with the loop's.
+
+    python benchmarks/bench_score.py --images 28                        # CPU, spai_tiny, a few minutes on 2 cores
+    python benchmarks/bench_score.py --model spai_vit_b16 --images 64   # the real model
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+import pipelines
+from spai_core.checkpoint import save_checkpoint
+from spai_core.detector import Detector
+from spai_core.images import to_rgb_array
+from spai_core.spai import build_model
+
+SIZES = (224, 512, 1024, 2048, 384, 768, 1536)
+PHOTOS = Path(pipelines.__file__).resolve().parent / "assets" / "photos"
+SAMPLE_SECONDS = 0.25
+
+
+@dataclasses.dataclass
+class Measurement:
+    """One benchmark row."""
+
+    name: str
+    device: str
+    workers: int
+    precision: str
+    images: int
+    wall_s: float
+    work_s: float
+    peak_pss: int  # bytes
+    max_dlogit: float = float("nan")
+    gpu_util: float | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+
+
+def make_corpus(folder: Path, count: int) -> list[Path]:
+    """``count`` squares of the photos at sizes cycling through :data:`SIZES`, alternately JPEG and PNG."""
+    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        image = Image.open(photos[i % len(photos)]).convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        size = SIZES[i % len(SIZES)]
+        square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
+        path = folder / f"img{i:04d}_{size}.{'jpg' if i % 2 == 0 else 'png'}"
+        square.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def make_weights(path: Path, model: str) -> Path:
+    torch.manual_seed(0)
+    save_checkpoint(path, build_model(model))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The baseline: what the official tool does
+
+
+def loop(weights: str, corpus: str, device: str, result: str) -> None:
+    """Open each image and score it alone in fp32; write ``{"seconds": ..., "logits": {name: logit}}``."""
+    started = time.perf_counter()
+    detector = Detector.from_pretrained(weights, device, "fp32")
+    logits = {}
+    for path in sorted(Path(corpus).iterdir()):
+        logits[path.name] = float(detector.logits([to_rgb_array(Image.open(path))])[0])
+    Path(result).write_text(json.dumps({"seconds": time.perf_counter() - started, "logits": logits}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring a process tree
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # the process ended while we looked
+                continue
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            tree.setdefault(parent, []).append(int(entry))
+    return tree
+
+
+def tree_pss(root: int) -> int:
+    """Bytes of proportional set size of ``root`` and all its descendants."""
+    tree, stack, total = _children(), [root], 0
+    while stack:
+        pid = stack.pop()
+        stack += tree.get(pid, [])
+        try:
+            match = re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
+        except OSError:
+            continue
+        total += int(match.group(1)) * 1024 if match else 0
+    return total
+
+
+def gpu_utilisation() -> float | None:
+    """Current utilisation (%) of the first GPU, or None without ``nvidia-smi``."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True)
+    return float(out.stdout.split()[0]) if out.returncode == 0 and out.stdout.strip() else None
+
+
+def run_measured(command: list[str], log: Path) -> tuple[float, int, float | None]:
+    """(wall seconds, peak tree PSS, mean GPU utilisation) of a command; its output goes to ``log``."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a fresh local Ray, like a user's laptop
+    peak, utils = 0, []
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.wait(SAMPLE_SECONDS):
+                peak = max(peak, tree_pss(process.pid))
+                util = gpu_utilisation()
+                if util is not None:
+                    utils.append(util)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = process.wait()
+        stop.set()
+        sampler.join()
+    if code != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with code {code}; see {log}")
+    return time.perf_counter() - started, peak, (float(np.mean(utils)) if utils else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def bench_loop(weights: Path, corpus: Path, device: str, work: Path) -> tuple[Measurement, dict[str, float]]:
+    result = work / f"loop-{device}.json"
+    command = [sys.executable, __file__, "--loop", str(weights), str(corpus), device, str(result)]
+    wall, peak, util = run_measured(command, work / f"loop-{device}.log")
+    data = json.loads(result.read_text())
+    logits = data["logits"]
+    return Measurement("loop (batch 1)", device, 1, "fp32", len(logits), wall, data["seconds"], peak, 0.0,
+                       util), logits
+
+
+def bench_score(weights: Path, corpus: Path, device: str, workers: int, precision: str, batch_size: int,
+                work: Path, reference: dict[str, float]) -> Measurement:
+    name = f"score-{device}-{workers}w-{precision}"
+    output = work / f"{name}.parquet"
+    command = [sys.executable, "-m", "spai_cli.main", "score", "-w", str(weights), "-i", str(corpus), "-o",
+               str(output), "--device", device, "--precision", precision, "--workers", str(workers),
+               "--batch-size", str(batch_size)]
+    wall, peak, util = run_measured(command, work / f"{name}.log")
+    seconds = float(re.search(r"scored \d+ images in ([\d.]+) s", (work / f"{name}.log").read_text()).group(1))
+    table = pq.read_table(output)
+    logits = dict(zip(table.column("image").to_pylist(), table.column("logit").to_pylist()))
+    dlogit = max(abs(logits[k] - v) for k, v in reference.items())
+    return Measurement("spai score", device, workers, precision, table.num_rows, wall, seconds, peak, dlogit, util)
+
+
+def format_table(rows: list[Measurement]) -> str:
+    base = {r.device: r for r in rows if r.name.startswith("loop")}
+    header = ("run", "device", "workers", "precision", "images", "wall s", "img/s wall", "img/s work", "vs loop",
+              "peak PSS GiB", "max |dlogit|", "GPU util %")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        speedup = base[r.device].wall_s / r.wall_s if r.device in base else float("nan")
+        cells = (r.name, r.device, r.workers, r.precision, r.images, f"{r.wall_s:.1f}", f"{r.images / r.wall_s:.2f}",
+                 f"{r.images / r.work_s:.2f}", f"{speedup:.2f}x", f"{r.peak_pss / 2 ** 30:.2f}",
+                 f"{r.max_dlogit:.1e}", "-" if r.gpu_util is None else f"{r.gpu_util:.0f}")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="spai_tiny", help="model config of the seeded random weights")
+    parser.add_argument("--images", type=int, default=28, help="corpus size (sizes cycle through 224..2048)")
+    parser.add_argument("--batch-size", type=int, default=8, help="spai score --batch-size")
+    parser.add_argument("--workers", default="1,2", help="CPU worker counts to run spai score with")
+    parser.add_argument("--work-dir", default=None, help="keep corpus, logs and outputs here (default: a temp dir)")
+    parser.add_argument("--loop", nargs=4, metavar=("WEIGHTS", "CORPUS", "DEVICE", "RESULT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.loop:
+        loop(*args.loop)
+        return
+    with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        corpus = work / "corpus"
+        shutil.rmtree(corpus, ignore_errors=True)
+        make_corpus(corpus, args.images)
+        weights = make_weights(work / f"{args.model}.safetensors", args.model)
+        rows = []
+        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+            base, reference = bench_loop(weights, corpus, device, work)
+            rows.append(base)
+            runs = [(w, "fp32") for w in map(int, args.workers.split(","))] if device == "cpu" else [
+                (1, "fp32"), (1, "bf16")]
+            for workers, precision in runs:
+                rows.append(bench_score(weights, corpus, device, workers, precision, args.batch_size, work,
+                                        reference))
+        print(f"\nmodel {args.model}, {args.images} images of {SIZES} px (JPEG/PNG), batch {args.batch_size}, "
+              f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+        print(format_table(rows))
+
+
+if __name__ == "__main__":
+    main()
