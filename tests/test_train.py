@@ -47,7 +47,9 @@ def subprocess_env() -> dict[str, str]:
 
 
 def spai_train(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    """Run to completion; stderr goes into ``stdout`` so that Ray's echo of each worker line stays adjacent."""
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=timeout)
 
 
 def log_lines(text: str, pattern: re.Pattern) -> list[str]:
@@ -77,7 +79,7 @@ def test_train_end_to_end(small_corpus, tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = spai_train(train_command(small_corpus, tmp_path / "runs", "e2e", f"epochs={epochs}", *LEARN,
                                     mlflow_uri=uri), tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-6000:]
     best = tmp_path / "runs" / "e2e" / "best.safetensors"
     assert best.is_file()
 
@@ -132,13 +134,15 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(small_corpus, tmp_path):
     epochs = 3
     run_dir = tmp_path / "runs" / "killed"
     before = set(train_workers())  # other sessions' workers on a shared machine are not ours to kill
-    with subprocess.Popen(train_command(small_corpus, tmp_path / "runs", "killed", f"epochs={epochs}",
-                                        "max_failures=2", *LEARN), cwd=tmp_path, env=subprocess_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    log = tmp_path / "train.log"  # a file, not a pipe: nobody reads the output while we wait, and a full pipe blocks
+    with log.open("w") as sink, subprocess.Popen(
+            train_command(small_corpus, tmp_path / "runs", "killed", f"epochs={epochs}", "max_failures=2", *LEARN),
+            cwd=tmp_path, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
         wait_for(lambda: list(run_dir.glob("checkpoint_*")), 600, "the first checkpoint")
         victim = wait_for(lambda: sorted(set(train_workers()) - before), 60, "a training worker")[0]
         os.kill(victim, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
+    out = log.read_text()
     assert proc.returncode == 0, out[-4000:]
     # A second worker group started (header printed again) and went on after the checkpoint, not from epoch 0.
     headers = [i for i, line in enumerate(log_lines(out, re.compile(f"{HEADER_LINE.pattern}|{EPOCH_LINE.pattern}")))
@@ -153,16 +157,16 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(small_corpus, tmp_path):
 def test_resume_continues_and_a_taken_name_is_refused(small_corpus, tmp_path):
     runs = tmp_path / "runs"
     first = spai_train(train_command(small_corpus, runs, "r", "epochs=2", *LEARN), tmp_path)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert printed_epochs(first.stdout + first.stderr) == [0, 1]
+    assert first.returncode == 0, first.stdout[-6000:]
+    assert printed_epochs(first.stdout) == [0, 1]
 
     taken = spai_train(train_command(small_corpus, runs, "r", "epochs=2", *LEARN), tmp_path, timeout=120)
     assert taken.returncode != 0
-    assert "already holds a run; pass --resume" in taken.stderr
+    assert "already holds a run; pass --resume" in taken.stdout
 
     resumed = spai_train(train_command(small_corpus, runs, "r", "epochs=3", *LEARN, resume=True), tmp_path)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert printed_epochs(resumed.stdout + resumed.stderr) == [2]
+    assert resumed.returncode == 0, resumed.stdout[-6000:]
+    assert printed_epochs(resumed.stdout) == [2]
 
 
 def free_port() -> int:
@@ -190,7 +194,7 @@ def test_mlflow_server_remote_tracking(small_corpus, tmp_path):
         wait_for(lambda: answers(f"{uri}/health"), 120, "the MLflow server")
         done = spai_train(train_command(small_corpus, tmp_path / "runs", "remote", "epochs=1", *LEARN,
                                         mlflow_uri=uri), tmp_path)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert done.returncode == 0, done.stdout[-6000:]
         assert_mlflow_run(uri, "remote", 1)
         # the artifact went through the server into its artifact root, not into a local ./mlruns
         assert list((tmp_path / "art").rglob("best.safetensors"))
