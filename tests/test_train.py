@@ -28,7 +28,8 @@ from spai_core.metrics import binary_metrics
 pytestmark = pytest.mark.slow
 
 SPAI = str(Path(sys.executable).with_name("spai"))
-# Settings measured to learn the small corpus from random weights in few epochs (see the e2e test).
+# Shortest settings tried for learning from random weights: 12 steps/epoch with 2 workers. They do NOT yet learn the
+# small corpus in a few epochs (held-out AUC 0.47-0.50 measured); see test_train_end_to_end.
 LEARN = ["batch_size=2", "optim.lr=3e-3", "optim.warmup_epochs=0.25", "patience=null"]
 EPOCH_LINE = re.compile(r"\[spai train\] epoch (\d+):")
 HEADER_LINE = re.compile(r"\[spai train\] \d+ train / \d+ val images")
@@ -83,9 +84,6 @@ def test_train_end_to_end(small_corpus, tmp_path):
     best = tmp_path / "runs" / "e2e" / "best.safetensors"
     assert best.is_file()
 
-    # Held-out photos: measured AUC ~AUC_MEASURED after 4 epochs; with optim.lr=0 the same run gives 0.5.
-    assert held_out_auc(best, small_corpus) >= 0.75
-
     # The exported checkpoint reloads to identical scores, directly and through the official .pth layout.
     first, _ = held_out_logits(Detector.from_pretrained(best, device="cpu", precision="fp32"), small_corpus)
     again, _ = held_out_logits(Detector.from_pretrained(best, device="cpu", precision="fp32"), small_corpus)
@@ -97,6 +95,12 @@ def test_train_end_to_end(small_corpus, tmp_path):
     np.testing.assert_array_equal(first, back)
 
     assert_mlflow_run(uri, "e2e", epochs)
+
+    # Held-out photos, 16 images. A model that learned nothing ranks them by chance: 0.47-0.50 measured for runs whose
+    # loss stayed at ln 2, and a logistic regression on the untrained model's descriptors reaches only 0.52-0.58; so
+    # 0.75 is out of reach without learning. Last, so that the reload and MLflow checks above run regardless.
+    auc = held_out_auc(best, small_corpus)
+    assert auc >= 0.75, f"held-out AUC {auc:.3f} after {epochs} epochs: the model did not learn"
 
 
 def assert_mlflow_run(uri: str, name: str, epochs: int) -> None:
