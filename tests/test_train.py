@@ -142,7 +142,9 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(small_corpus, tmp_path):
     with log.open("w") as sink, subprocess.Popen(
             train_command(small_corpus, tmp_path / "runs", "killed", f"epochs={epochs}", "max_failures=2", *LEARN),
             cwd=tmp_path, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
-        wait_for(lambda: list(run_dir.glob("checkpoint_*")), 600, "the first checkpoint")
+        # The checkpoint folder appears while rank 0 uploads; the controller commits it (writes its snapshot) only
+        # later. Killing in between loses the checkpoint and rightly restarts at epoch 0 (seen in a run), so wait.
+        wait_for(lambda: (run_dir / "checkpoint_manager_snapshot.json").is_file(), 600, "the first committed checkpoint")
         victim = wait_for(lambda: sorted(set(train_workers()) - before), 60, "a training worker")[0]
         os.kill(victim, signal.SIGKILL)
         proc.wait(timeout=600)
