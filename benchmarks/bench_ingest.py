@@ -5,7 +5,7 @@ them (1) in a plain single-process Pillow loop and (2) through ``read_manifest_d
 started on 1 and 2 CPUs, consuming every image on the driver. The goal: the pipeline within 10% of the plain loop
 per core, and object-store use bounded by the pipeline's in-flight blocks, not by the corpus size.
 
-    python benchmarks/bench_ingest.py --images 48
+    python benchmarks/bench_ingest.py --images 96
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import ray
 from PIL import Image
 from ray.data._internal.execution.execution_callback import ExecutionCallback
@@ -152,7 +151,7 @@ def format_table(results: dict, images: int, sizes: list[int], cpus: list[int]) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=48, help="images per size")
+    parser.add_argument("--images", type=int, default=96, help="images per size")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="Ray CPU counts to compare")
     parser.add_argument("--workdir", default=None, help="keep the generated JPEGs here (default: a temp dir)")

@@ -291,7 +291,3 @@ def exists(uri: str, options: StorageOptions | None = None) -> bool:
     """True if ``uri`` is an existing file or folder (an S3 prefix with keys under it)."""
     return Files(options).info(uri).type != pafs.FileType.NotFound
 
-
-def is_dir(uri: str, options: StorageOptions | None = None) -> bool:
-    """True for a local folder or an S3 bucket or prefix with keys under it."""
-    return Files(options).info(uri).type == pafs.FileType.Directory

@@ -46,7 +46,7 @@ def test_local_roundtrip_listing_and_missing(tree, tmp_path):
     assert storage.list_files(str(tree)) == images + [str(tree / "three.txt")]  # hidden files and folders skipped
     assert storage.list_files(str(tree), recursive=False) == [str(tree / "three.txt")]
     assert storage.list_files(str(tree), suffixes=(".jpg", ".png")) == images
-    assert storage.exists(str(tree / "a")) and storage.is_dir(str(tree / "a")) and not storage.is_dir(str(target))
+    assert storage.exists(str(tree / "a")) and storage.exists(str(target))
     assert not storage.exists(str(tree / "nope"))
     fs, path = storage.filesystem(str(tree))
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tree)
@@ -65,7 +65,7 @@ def test_s3_roundtrip_and_listing(s3_server, tree):
     assert storage.read_bytes(f"{prefix}/a/one.JPG") == b"a/one.JPG"
     storage.write_bytes(f"{prefix}/new/x.bin", b"xyz")
     assert storage.read_bytes(f"{prefix}/new/x.bin") == b"xyz"
-    assert storage.exists(f"{prefix}/a") and storage.is_dir(f"{prefix}/a") and not storage.exists(f"{prefix}/zz")
+    assert storage.exists(f"{prefix}/a") and not storage.exists(f"{prefix}/zz")
     with pytest.raises(StorageError, match="does not exist") as caught:
         storage.read_bytes(f"{prefix}/missing.jpg")
     assert caught.value.reason == "not_found"
