@@ -185,22 +185,19 @@ def _partitions(table: pa.Table) -> list[tuple[str, str | None, pa.Table]]:
     return parts
 
 
-def _clear_previous(uri: str, files: Files) -> None:
-    """Delete the data files of a manifest being overwritten; refuse to write into any other non-empty folder."""
-    sidecar = join(uri, SIDECAR)
+def _previous_files(uri: str, files: Files) -> list[str]:
+    """Data files of the manifest about to be replaced at ``uri``; refuse to write into any other non-empty folder."""
     info = files.info(uri)
     if info.type == pafs.FileType.NotFound:
-        return
+        return []
     if info.type == pafs.FileType.File:
         raise ManifestError(f"{uri} is a file; a manifest is a directory, choose another --output")
+    sidecar = join(uri, SIDECAR)
     if files.info(sidecar).type == pafs.FileType.NotFound:
         if files.list(uri):
             raise ManifestError(f"{uri} exists and is not a manifest; choose a new --output or empty the folder")
-        return
-    for entry in json.loads(files.read(sidecar)).get("files", []):
-        old = join(uri, entry["path"])
-        if files.info(old).type == pafs.FileType.File:
-            files.remove(old)
+        return []
+    return [entry["path"] for entry in json.loads(files.read(sidecar)).get("files", [])]
 
 
 def write_manifest(table_or_rows: pa.Table | Sequence[Mapping[str, Any]], uri: str, build_info: Mapping[str, Any],
@@ -217,7 +214,7 @@ def write_manifest(table_or_rows: pa.Table | Sequence[Mapping[str, Any]], uri: s
     table = table.sort_by([("split", "ascending"), ("generator", "ascending"), ("uri", "ascending")])
     uri = uri if is_s3(uri) else os.path.abspath(uri)
     files = Files(options)
-    _clear_previous(uri, files)
+    previous = _previous_files(uri, files)
     entries = []
     for index, (split, generator, part) in enumerate(_partitions(table) or [("test", None, table)]):
         path = f"{split}/part-{index:05d}-{_safe_name(generator)}.parquet"
@@ -233,6 +230,10 @@ def write_manifest(table_or_rows: pa.Table | Sequence[Mapping[str, Any]], uri: s
                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
     }
     files.write(join(uri, SIDECAR), json.dumps(sidecar, indent=2, default=str).encode())
+    # Old files go only once the new sidecar points elsewhere, so a failed write leaves the old manifest readable.
+    for path in set(previous) - {e["path"] for e in entries}:
+        if files.info(join(uri, path)).type == pafs.FileType.File:
+            files.remove(join(uri, path))
     return uri
 
 
