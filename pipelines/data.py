@@ -33,6 +33,9 @@ DEFAULT_BATCH_SIZE = 4
 # Manifest rows per input block. Each block is one decode task: enough rows to hide the task overhead (16 small
 # images are ~50 ms of work), few enough that tasks spread over all CPUs and a block of large photos stays bounded.
 DEFAULT_ROWS_PER_BLOCK = 16
+# Columns decode_images adds; input columns of the same name (a validated manifest's width/height, a CSV's image
+# path) are replaced, since the manifest table keeps the originals.
+DECODED_COLUMNS = ("image", "height", "width", "error")
 
 
 def row_rng(seed: int, uri: str) -> np.random.Generator:
@@ -103,6 +106,7 @@ def _decode_batch(batch: pa.Table, transform: Transform | None, seed: int, optio
     files = Files(options)  # one S3 client per batch, not per image
     results = [_decode_one(uri, files, transform, seed, max_pixels) for uri in batch.column("uri").to_pylist()]
     sizes = [(info["height"], info["width"]) if info else (None, None) for _, info, _ in results]
+    batch = batch.drop_columns([name for name in DECODED_COLUMNS if name in batch.column_names])
     return (batch.append_column("image", image_column([image for image, _, _ in results]))
             .append_column("height", pa.array([h for h, _ in sizes], pa.int32()))
             .append_column("width", pa.array([w for _, w in sizes], pa.int32()))
@@ -116,8 +120,10 @@ def decode_images(ds: ray.data.Dataset, transform: Transform | None = None, seed
 
     ``image`` is the uint8 ``H x W x 3`` array, or whatever uint8 array ``transform(image, rng)`` returns (e.g.
     ``V x 224 x 224 x 3`` training views); failed rows have an empty ``image``, null sizes (unless only the
-    transform failed) and the reason in ``error``. ``seed`` feeds :func:`row_rng`; pass ``seed + epoch`` for new
-    augmentations each epoch.
+    transform failed) and the reason in ``error``. Input columns with these names are replaced. In numpy batches
+    ``image`` is one stacked array when every row has the same shape, else an object array of per-row arrays (a
+    failed row's empty image makes shapes differ), so stack the good rows yourself. ``seed`` feeds
+    :func:`row_rng`; pass ``seed + epoch`` for new augmentations each epoch.
     """
     return ds.map_batches(
         _decode_batch,

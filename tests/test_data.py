@@ -123,6 +123,15 @@ def test_transform_failure_is_a_row_error(manifest_uri):
     assert sum(r["error"] is None for r in rows) == 8
 
 
+def test_decoded_columns_replace_same_named_inputs(manifest_uri):
+    table = m.read_manifest(manifest_uri)
+    table = table.take([i for i, u in enumerate(table.column("uri").to_pylist()) if "/real/" in u][:2])
+    table = table.append_column("width", pa.array([1, 1], pa.int32())).append_column("image", pa.array(["a", "b"]))
+    decoded = _collect(decode_images(read_manifest_dataset(table)))
+    assert decoded.column_names == [*m.CORE_COLUMNS, "image", "height", "width", "error"]
+    assert all(w > 1 for w in decoded.column("width").to_pylist())
+
+
 def test_image_column_shapes():
     same = image_column([np.zeros((2, 3, 3), np.uint8), None, np.ones((2, 3, 3), np.uint8)])
     assert len(same) == 3
