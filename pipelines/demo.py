@@ -28,7 +28,7 @@ def run_demo(output: str | Path = "demo_out", workers: int = 2, epochs: int | No
     started = time.time()
     _step(1, "demo corpus: committed photos + CPU generators (reused when already built)")
     manifest = build_demo_corpus(output / "corpus", rebuild=rebuild)
-    seen = (read_sidecar(manifest) or {}).get("build_info", {}).get("seen_generators")
+    seen = (read_sidecar(manifest) or {}).get("build", {}).get("seen_generators")
 
     _step(2, f"training the tiny config with Ray Train on {workers} local worker(s)")
     overrides = [f"workers={workers}"] + ([f"epochs={epochs}"] if epochs else [])

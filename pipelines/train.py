@@ -4,7 +4,8 @@ Each worker streams its own shard of the manifest through the Ray Data image pip
 manifest is shuffled with ``(seed, epoch)``, dealt round-robin to the ranks and cut to equal length (DDP needs
 every rank to take the same number of steps), then decoded and augmented by Ray Data tasks with per-row
 generators seeded by ``(seed + epoch, uri)``. So augmentations differ per epoch, are reproducible, and a run
-resumed at epoch k sees exactly what an uninterrupted run would.
+resumed at epoch k sees the same data order and views as an uninterrupted run (weights may differ in the last
+bits: dropout and float reduction order are not replayed).
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ class AugmentConfig:
 
     views: int = 4
     size: int = 224
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # fraction of the image area
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # fraction of the image area; equal bounds: native-scale crop
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # width / height
     hflip_p: float = 0.5
     vflip_p: float = 0.5
@@ -243,11 +243,31 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
         return np.asarray(decoded.convert("RGB"))
 
 
+def random_native_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """A ``size x size`` crop at the image's own scale, reflect-101 padded (centred) where a side is shorter.
+
+    The official recipe switches to this (PadIfNeeded + RandomCrop) when the crop-area bounds are equal. No
+    resampling, so up-sampling lattices keep their exact period: what small models trained from scratch need.
+    """
+    height, width = image.shape[:2]
+    pad_h, pad_w = max(size - height, 0), max(size - width, 0)
+    if pad_h or pad_w:
+        pads = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
+        image = np.pad(image, pads, mode="reflect" if min(height, width) > 1 else "edge")
+        height, width = image.shape[:2]
+    top = int(rng.integers(0, height - size + 1))
+    left = int(rng.integers(0, width - size + 1))
+    return np.ascontiguousarray(image[top : top + size, left : left + size])
+
+
 def augment_view(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
     """One augmented ``size x size`` view. Every coin is drawn even for p = 0 or 1, so the random stream (and thus
     the other views of a seeded run) does not depend on which operations are enabled.
     """
-    view = random_resized_crop(image, cfg.size, cfg.crop_scale, cfg.crop_ratio, rng)
+    if cfg.crop_scale[0] == cfg.crop_scale[1]:
+        view = random_native_crop(image, cfg.size, rng)
+    else:
+        view = random_resized_crop(image, cfg.size, cfg.crop_scale, cfg.crop_ratio, rng)
     if rng.random() < cfg.hflip_p:
         view = view[:, ::-1]
     if rng.random() < cfg.vflip_p:

@@ -227,3 +227,16 @@ def test_configs_load_from_overrides_and_reject_bad_values() -> None:
 def test_rejects_non_rgb_uint8_input() -> None:
     with pytest.raises(ValueError, match="to_rgb_array"):
         train_views(np.zeros((10, 10), np.uint8), AugmentConfig(), np.random.default_rng(0))
+
+
+def test_equal_crop_bounds_crop_at_native_scale(photos):
+    """Equal crop-area bounds switch to pad-if-needed + random crop (official), with no resampling."""
+    image = np.asarray(Image.open(photos[0]).convert("RGB"))[:300, :400]
+    cfg = AugmentConfig(crop_scale=(1.0, 1.0), hflip_p=0, vflip_p=0, rotate_p=0, blur_p=0, noise_p=0, jpeg_p=0)
+    view = train_views(image, cfg, np.random.default_rng(3))[0]
+    windows = np.lib.stride_tricks.sliding_window_view(image, (224, 224, 3))[:, :, 0]
+    assert (windows == view).all(axis=(2, 3, 4)).any()  # the view is an exact window of the image
+    small = image[:100, :150]
+    padded = train_views(small, cfg, np.random.default_rng(0))[0]
+    assert padded.shape == (224, 224, 3)
+    np.testing.assert_array_equal(padded[62:162, 37:187], small)  # centred, reflect-padded around the image
