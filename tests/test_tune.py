@@ -1,0 +1,192 @@
+"""``spai tune``: the search-space schema, and a real ASHA search on CPU tracked in MLflow, then resumed.
+
+On two CPU cores no trial learns anything in three epochs of a few images, so a search over learning rates would
+leave ASHA's decisions to noise. The end-to-end test makes them known in advance instead: learning rates are tiny,
+so each trial's validation AUC stays its initial model's, which depends on the seed only. The test measures that
+AUC per seed in-process and grids the seeds best-first; the third trial starts after one of the first two has
+passed the first rung with a higher AUC, so ASHA must stop it there.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipelines.decode import decode_image
+from pipelines.demo_data import DemoCorpusConfig, build_demo_corpus
+from pipelines.manifest import read_manifest
+from pipelines.train import CONFIG_DIR, TrainConfig, load_train_config
+from spai_cli.main import build_parser
+from spai_cli.main import main as spai
+from spai_core.checkpoint import load_model
+from spai_core.config import ConfigError, to_dict
+from spai_core.metrics import binary_metrics
+from spai_core.spai import build_model
+from tune.space import check_space, load_space, space_from_dict, trial_config, tune_param_space
+
+MAX_T = 3
+# Training that leaves the seeded initial weights as they are (see the module docstring); one view keeps steps cheap.
+OVERRIDES = ["batch_size=8", "patience=null", "keep_checkpoints=2", "augment.views=1", "optim.warmup_epochs=0",
+             "optim.lr=1e-10", "optim.warmup_lr=1e-10", "optim.min_lr=1e-10"]
+
+
+def base_dict(**changes) -> dict:
+    return {**to_dict(load_train_config(CONFIG_DIR / "tiny.yaml")), **changes}
+
+
+# ----------------------------------------------------------------------------------------------- schema (fast)
+
+
+def test_space_schema_and_errors(tmp_path):
+    space = load_space(CONFIG_DIR / "search_space.yaml")
+    base = base_dict(epochs=space.scheduler.max_t, workers=1)
+    check_space(space, base)
+    assert set(tune_param_space(space)) == set(space.params)
+    assert space.params["model.mask_radius"].probes() == [8, 32]  # randint ends are both included
+    cfg = trial_config(base, {"optim.lr": np.float64(2e-4), "model.mask_radius": np.int64(24)})
+    assert cfg.optim.lr == 2e-4 and cfg.model.mask_radius == 24 and type(cfg.model.mask_radius) is int
+
+    def error(params: dict, scheduler: dict | None = None) -> str:
+        with pytest.raises(ConfigError) as info:
+            check_space(space_from_dict({"params": params, "scheduler": scheduler or {"max_t": 4}}), base)
+        return str(info.value)
+
+    assert "'optim.lrr' is not a training config field" in error({"optim.lrr": {"type": "uniform", "low": 0,
+                                                                                "high": 1}})
+    assert "optim has" in error({"optim.lrr": {"type": "uniform", "low": 0, "high": 1}})
+    assert "is a section" in error({"optim": {"type": "choice", "values": [1]}})
+    assert "integer; use randint" in error({"model.mask_radius": {"type": "uniform", "low": 8, "high": 32}})
+    assert "scheduler.max_t" in error({"epochs": {"type": "randint", "low": 1, "high": 3}})
+    assert "--workers-per-trial" in error({"workers": {"type": "choice", "values": [1, 2]}})
+    assert "finetune='nope'" in error({"finetune": {"type": "choice", "values": ["full", "nope"]}})
+    assert "low > 0" in error({"optim.lr": {"type": "loguniform", "low": 0, "high": 1}})
+    assert "grace_period < max_t" in error({"optim.lr": {"type": "uniform", "low": 0, "high": 1}},
+                                           {"max_t": 2, "grace_period": 2})
+    with pytest.raises(ConfigError, match="unknown key"):
+        space_from_dict({"params": {"optim.lr": {"type": "uniform", "low": 0, "high": 1, "step": 2}}})
+    with pytest.raises(ConfigError, match="not one of"):
+        space_from_dict({"params": {"optim.lr": {"type": "normal", "low": 0, "high": 1}}})
+
+
+# ----------------------------------------------------------------------------------------------- search (slow)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    """10 photos, reals and autoencoder fakes only: 20 train and 12 val images, built in ~15 s."""
+    cfg = DemoCorpusConfig(seed=3, max_photos=10, reals_per_photo=2, fakes_per_generator=2, max_side=320,
+                           split_fractions=[0.5, 0.3, 0.2], generators=["autoencoder"],
+                           seen_generators=["autoencoder"], autoencoder_iterations=60)
+    return build_demo_corpus(tmp_path_factory.mktemp("tune") / "corpus", cfg, progress=False)
+
+
+def initial_val_aucs(cfg: TrainConfig, manifest: str, seeds: range) -> dict[int, float]:
+    """Validation AUC of the model a ``spai train`` rank 0 starts from, per seed, scored in-process."""
+    rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == "val"]
+    images = [torch.from_numpy(decode_image(Path(r["uri"]).read_bytes())[0].copy()).permute(2, 0, 1).float() / 255
+              for r in rows]
+    labels = np.array([r["label"] for r in rows])
+    aucs = {}
+    for seed in seeds:
+        torch.manual_seed(seed)  # as train_loop seeds rank 0 right before building the model
+        with torch.inference_mode():
+            logits = build_model(cfg.model).eval().forward_images(images).double().numpy()
+        aucs[seed] = float(binary_metrics(labels, 1 / (1 + np.exp(-logits)))["auc"])
+    return aucs
+
+
+def read_table(search: Path) -> list[dict]:
+    return list(csv.DictReader((search / "trials.csv").open()))
+
+
+@pytest.mark.slow
+def test_asha_search_mlflow_and_resume(manifest, tmp_path, monkeypatch):
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.shutdown()  # a Ray left by another test may be too small for two trials
+    base = load_train_config(CONFIG_DIR / "tiny.yaml", OVERRIDES)
+    aucs = initial_val_aucs(base, manifest, range(5))
+    ranked = sorted(aucs, key=aucs.get, reverse=True)
+    seeds = ranked[:2] + [ranked[-1], ranked[-2]]  # the two best start together; the worst comes third
+    # A mask radius moves these AUCs by at most one 1/36 step here; keep a margin well above that.
+    assert aucs[seeds[1]] - aucs[seeds[2]] >= 0.1, f"seeds 0-4 give too similar initial AUCs: {aucs}"
+    space = {"seed": 7, "scheduler": {"max_t": MAX_T, "grace_period": 1, "reduction_factor": 2},
+             "params": {"seed": {"type": "grid", "values": seeds},
+                        "optim.lr": {"type": "loguniform", "low": 1e-11, "high": 1e-10},
+                        "model.mask_radius": {"type": "randint", "low": 8, "high": 32}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = ["tune", "--config", str(CONFIG_DIR / "tiny.yaml"), "--manifest", manifest, "--space",
+               str(tmp_path / "space.yaml"), "--trials", "1", "--max-concurrent", "2", "--workers-per-trial", "1",
+               "--output", str(tmp_path / "out"), "--name", "search", "--mlflow-uri", uri, *OVERRIDES]
+    search = tmp_path / "out" / "search"
+    try:
+        assert spai(command) == 0
+        rows = read_table(search)
+        trial_dirs = sorted(p.name for p in search.iterdir() if p.is_dir() and p.name != "train")
+        train_dirs = sorted(p.name for p in (search / "train").iterdir())
+
+        # ASHA: every trial reported each epoch; the third trial (worst seed) was stopped at the first rung
+        assert [int(r["seed"]) for r in rows] == seeds  # trial ids follow the grid order
+        assert len(rows) == 4 and sorted(r["trial_id"] for r in rows) == trial_dirs == train_dirs
+        epochs = {r["trial_id"]: int(r["epochs"]) for r in rows}
+        stopped = [r["trial_id"] for r in rows if r["status"] == "stopped_early"]
+        assert all(r["status"] in ("completed", "stopped_early") for r in rows), rows
+        assert rows[2]["status"] == "stopped_early" and epochs[rows[2]["trial_id"]] == 1
+        assert all(epochs[t] < MAX_T for t in stopped)
+        assert all(epochs[r["trial_id"]] == MAX_T for r in rows if r["status"] == "completed")
+        assert any(r["status"] == "completed" for r in rows)
+        print("trials:", [(r["trial_id"], r["seed"], r["model.mask_radius"], r["status"], r["epochs"],
+                           r["best_val_auc"]) for r in rows])
+
+        # each trial's checkpoint is a model with the mask radius the trial sampled
+        for row in rows:
+            model, _ = load_model(row["checkpoint"])
+            assert model.cfg.mask_radius == int(row["model.mask_radius"])
+        best = max(rows, key=lambda r: float(r["best_val_auc"]))
+        assert load_model(search / "best.safetensors")[0].cfg.mask_radius == int(best["model.mask_radius"])
+
+        # the best config is a ready training config, and `spai train` accepts it
+        best_cfg = load_train_config(search / "best_config.yaml")
+        assert (best_cfg.seed, best_cfg.model.mask_radius, best_cfg.epochs) == (
+            int(best["seed"]), int(best["model.mask_radius"]), MAX_T)
+        assert math.isclose(best_cfg.optim.lr, float(best["optim.lr"]))
+        args = build_parser().parse_args(["train", "--config", str(search / "best_config.yaml"), "--manifest",
+                                          manifest])
+        assert args.command == "train" and load_train_config(args.config, args.overrides) == best_cfg
+
+        # MLflow: one parent run with the results, a child run per trial tagged with its outcome
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("spai-tune").experiment_id])
+        parents = [r for r in runs if r.data.tags.get("spai.kind") == "tune"]
+        assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+        parent = parents[0].info.run_id
+        children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+        assert sorted(children) == trial_dirs
+        for row in rows:
+            child = children[row["trial_id"]]
+            assert child.data.tags["spai.tune.status"] == row["status"]
+            assert child.info.status == ("FINISHED" if row["status"] == "completed" else "KILLED")
+            assert len(client.get_metric_history(child.info.run_id, "val_auc")) == int(row["epochs"])
+            assert child.data.params["model.mask_radius"] == row["model.mask_radius"]
+        artifacts = {a.path for a in client.list_artifacts(parent)}
+        assert {"trials.csv", "val_auc.png", "best_config.yaml"} <= artifacts
+        assert (search / "val_auc.png").read_bytes()[:4] == b"\x89PNG"
+
+        # resuming the finished search runs nothing again
+        assert spai(["tune", "--resume", "--manifest", manifest, "--output", str(tmp_path / "out"), "--name",
+                     "search"]) == 0
+        assert sorted(p.name for p in search.iterdir() if p.is_dir() and p.name != "train") == trial_dirs
+        assert sorted(p.name for p in (search / "train").iterdir()) == train_dirs
+        assert {r["trial_id"]: int(r["epochs"]) for r in read_table(search)} == epochs
+        runs = client.search_runs([client.get_experiment_by_name("spai-tune").experiment_id])
+        assert len(runs) == 1 + len(rows)
+    finally:
+        ray.shutdown()
