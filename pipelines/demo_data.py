@@ -44,7 +44,7 @@ from pipelines.manifest import REAL, SPLITS, read_manifest, read_sidecar, rows_t
 from spai_core.config import ConfigError, load_config, to_dict
 
 BUILDER = "spai demo-data"
-BUILDER_VERSION = 1  # bump when the corpus recipe changes, so old corpora are rebuilt
+BUILDER_VERSION = 2  # bump when the corpus recipe changes, so old corpora are rebuilt
 ASSET_PHOTOS = Path(__file__).resolve().parent / "assets" / "photos"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 MARKER = ".spai-demo-corpus"  # marks a folder this builder owns (its images/ may be deleted on rebuild)
@@ -67,8 +67,10 @@ class DemoCorpusConfig:
     full_frame_prob: float = 0.35  # chance that an image shows the whole photo instead of a crop
     max_resample_factor: float = 0.95  # output / source scale stays below this (always a real down-scale)
     min_resample_factor: float = 0.3
-    jpeg_quality_min: int = 75  # the same range for reals and fakes
-    jpeg_quality_max: int = 95
+    # The same range for reals and fakes. Below ~90 JPEG erases the weaker generators' lattices, and the tiny
+    # model trained from scratch in the demo cannot learn them in minutes (measured: no learning at 75-95).
+    jpeg_quality_min: int = 95
+    jpeg_quality_max: int = 100
     generators: list[str] = field(default_factory=lambda: list(gens.GENERATOR_NAMES))
     seen_generators: list[str] = field(default_factory=lambda: ["autoencoder", "waifu2x_upconv7",
                                                                 "animevideov3_x4"])
