@@ -20,6 +20,7 @@ import dataclasses
 import io
 import json
 import math
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -39,8 +40,8 @@ from pipelines.manifest import read_manifest
 from pipelines.runtime import init_ray
 from pipelines.train import CONFIG_DIR, TrainConfig, load_train_config, run_training
 from spai_core.config import ConfigError, from_dict, to_dict
-from tune.space import AshaConfig, SearchSpace, check_space, load_space, plain, space_from_dict, trial_config, \
-    tune_param_space
+from tune.space import (AshaConfig, SearchSpace, check_space, load_space, plain, space_from_dict, trial_config,
+                        tune_param_space)
 
 DEFAULT_SPACE = CONFIG_DIR / "search_space.yaml"
 DEFAULT_OUTPUT = "runs/tune"
@@ -132,9 +133,9 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def per_trial_cpus(setup: TrialSetup) -> float:
+def per_trial_cpus(base: dict[str, Any]) -> float:
     """CPUs one trial holds while it runs: its Train workers' and its driver's."""
-    return setup.base["workers"] * setup.base["cpus_per_worker"] + DRIVER_CPUS
+    return base["workers"] * base["cpus_per_worker"] + DRIVER_CPUS
 
 
 def default_concurrency(cpus_per_trial: float, gpus_per_trial: float) -> int:
@@ -203,18 +204,18 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
     manifest = _absolute(manifest)
     read_manifest(manifest, options)  # fail fast on a missing manifest, before starting Ray and MLflow runs
 
-    tracking_uri = tracking.resolve_tracking_uri(mlflow_uri)
-    setup = TrialSetup(base_dict, manifest, storage.join(search_dir, "train"), tracking_uri, experiment, "")
     if max_concurrent is None:
-        init_ray(reserved_cpus=per_trial_cpus(setup))
-        max_concurrent = default_concurrency(per_trial_cpus(setup), gpus_per_trial)
+        init_ray(reserved_cpus=per_trial_cpus(base_dict))
+        max_concurrent = default_concurrency(per_trial_cpus(base_dict), gpus_per_trial)
     else:
-        init_ray(reserved_cpus=max_concurrent * per_trial_cpus(setup))
-    setup.parent_run_id = tracking.start_run(
+        init_ray(reserved_cpus=max_concurrent * per_trial_cpus(base_dict))
+    tracking_uri = tracking.resolve_tracking_uri(mlflow_uri)
+    parent_run_id = tracking.start_run(
         tracking_uri, experiment, storage.basename(search_dir),
         {"base": base_dict, "space": dataclasses.asdict(space), "search": {"trials": trials,
                                                                            "max_concurrent": max_concurrent}},
         {"spai.kind": "tune", "output": search_dir})
+    setup = TrialSetup(base_dict, manifest, storage.join(search_dir, "train"), tracking_uri, experiment, parent_run_id)
     plan = SearchPlan(setup, dataclasses.asdict(space), trials, max_concurrent)
     storage.write_bytes(marker, json.dumps(dataclasses.asdict(plan), indent=2).encode(), options)
     print(f"[spai tune] {search_dir}: {trials} trial(s), at most {max_concurrent} at once, "
@@ -232,7 +233,7 @@ def resume_search(output: str, name: str, manifest: str | None = None) -> Search
     plan = from_dict(SearchPlan, json.loads(storage.read_bytes(marker, options)), where=marker)
     if manifest is not None and _absolute(manifest) != plan.setup.manifest:
         raise ConfigError(f"search {name} runs on {plan.setup.manifest}; resume it with that --manifest")
-    init_ray(reserved_cpus=plan.max_concurrent * per_trial_cpus(plan.setup))
+    init_ray(reserved_cpus=plan.max_concurrent * per_trial_cpus(plan.setup.base))
     fs, path = storage.filesystem(search_dir, options)
     if not ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
         raise FileNotFoundError(f"{search_dir} has no Tune state (the search stopped before its first trial); "
@@ -240,6 +241,16 @@ def resume_search(output: str, name: str, manifest: str | None = None) -> Search
     tuner = ray.tune.Tuner.restore(path, trainable=_trainable(plan), resume_errored=True, storage_filesystem=fs)
     print(f"[spai tune] resuming {search_dir}", flush=True)
     return _fit(tuner, plan, search_dir, options)
+
+
+def unfinished_trials(search_dir: str, options: storage.StorageOptions) -> list[str]:
+    """Trials the search's saved state has not ended: on Ctrl+C Tune saves its state and returns without raising.
+
+    The returned results cannot tell: Tune marks the trials it cuts short as terminated once it has saved the state.
+    """
+    fs, path = storage.filesystem(search_dir, options)
+    analysis = ray.tune.ExperimentAnalysis(path, storage_filesystem=fs)
+    return [t.trial_id for t in analysis.trials if t.status not in ("TERMINATED", "ERROR")]
 
 
 def _fit(tuner: ray.tune.Tuner, plan: SearchPlan, search_dir: str, options: storage.StorageOptions) -> SearchResult:
@@ -251,10 +262,12 @@ def _fit(tuner: ray.tune.Tuner, plan: SearchPlan, search_dir: str, options: stor
         tracking.finish_run(setup.tracking_uri, setup.parent_run_id,
                             "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    if grid.num_terminated + grid.num_errors < len(grid):  # Tune stopped on Ctrl+C and saved its state
+    if unfinished_trials(search_dir, options):
         tracking.finish_run(setup.tracking_uri, setup.parent_run_id, "KILLED")
-        raise KeyboardInterrupt(f"search interrupted; continue it with `spai tune --resume --output "
-                                f"{storage.parent(search_dir)} --name {storage.basename(search_dir)} ...`")
+        print(f"[spai tune] search interrupted; continue it with: spai tune --resume --output "
+              f"{storage.parent(search_dir)} --name {storage.basename(search_dir)} --manifest {setup.manifest}",
+              file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
     return report_search(list(grid), plan, search_dir, options)
 
 
@@ -266,51 +279,63 @@ def _storage_uri(path: str, like: str) -> str:
     return "s3://" + path.lstrip("/") if storage.is_s3(like) and not storage.is_s3(path) else path
 
 
-def _weights(row: dict[str, Any], train_dir: str) -> str | None:
-    """The model.safetensors of the checkpoint a result row reported, if it reported one."""
-    path = row.get("checkpoint_path")
-    return storage.join(_storage_uri(path, train_dir), "model.safetensors") if isinstance(path, str) else None
+def epoch_history(client: MlflowClient, run_id: str | None, keys: tuple[str, ...]) -> dict[int, dict[str, float]]:
+    """``{epoch: {key: value}}`` as a trial's Train run logged them to its MLflow run.
+
+    Unlike Tune's record this survives restarts: Tune starts the results of a restarted trial afresh, while its Train
+    run continues in the same MLflow run. An epoch logged twice (redone after a restart) keeps its latest value.
+    """
+    history: dict[int, dict[str, float]] = {}
+    for key in keys:
+        for metric in sorted(client.get_metric_history(run_id, key) if run_id else [], key=lambda m: m.timestamp):
+            history.setdefault(metric.step, {})[key] = metric.value
+    return dict(sorted(history.items()))
 
 
-def best_row(rows: list[dict[str, Any]], asha: AshaConfig, train_dir: str,
-             options: storage.StorageOptions) -> dict[str, Any] | None:
-    """The trial's best epoch whose checkpoint Train kept (the best few by val AUC; ties go to the later epoch)."""
-    sign = 1.0 if asha.mode == "max" else -1.0
-    ranked = sorted((r for r in rows if math.isfinite(float(r.get(asha.metric, math.nan)))),
-                    key=lambda r: (sign * r[asha.metric], r["epoch"]), reverse=True)
-    kept = (r for r in ranked if _weights(r, train_dir) and storage.exists(_weights(r, train_dir), options))
-    return next(kept, ranked[0] if ranked else None)
-
-
-def trial_status(result, rows: list[dict[str, Any]], max_t: int, patience: int | None) -> str:
+def trial_status(failed: bool, history: dict[int, dict[str, float]], max_t: int, patience: int | None) -> str:
     """completed, stopped_early (by ASHA) or failed.
 
-    Tune marks trials that ASHA stopped ``done`` like finished ones, so epochs tell them apart: ASHA's rungs are all
-    below ``max_t``, and the only other way to end early is the trainer's own patience, visible in the last result.
+    Tune marks trials that ASHA stopped ``done`` like completed ones, so epochs tell them apart: ASHA's rungs are all
+    below ``max_t``, and the only other way to end early is the trainer's own patience, visible in the last epoch.
     """
-    if result.error:
+    if failed:
         return "failed"
-    last = rows[-1] if rows else {}
-    own_stop = patience is not None and last.get("stale_epochs", 0) > patience
-    return "completed" if own_stop or last.get(TIME_ATTR, 0) >= max_t else "stopped_early"
+    last = max(history, default=-1)
+    own_stop = patience is not None and history.get(last, {}).get("stale_epochs", 0) > patience
+    return "completed" if own_stop or last + 1 >= max_t else "stopped_early"
 
 
-def summarize_trial(result, asha: AshaConfig, setup: TrialSetup, options: storage.StorageOptions) -> TrialSummary:
-    """A trial's outcome from Tune's record of its results and its Train run's marker."""
-    trial_id = storage.basename(result.path)
+def best_weights(result, ranked_epochs: list[int], run_dir: str, options: storage.StorageOptions) -> str | None:
+    """A trial's best weights: its Train run's export (a completed trial), else the best epoch's checkpoint that
+    Train kept (the best few by val AUC), as reported to Tune."""
+    exported = storage.join(run_dir, BEST_WEIGHTS)  # run_training's export has the same name
+    if storage.exists(exported, options):
+        return exported
     frame = result.metrics_dataframe
-    rows = [] if frame is None or TIME_ATTR not in frame else (
-        frame.drop_duplicates(TIME_ATTR, keep="last").sort_values(TIME_ATTR).to_dict("records"))
-    best = best_row(rows, asha, setup.train_dir, options)
-    marker = storage.join(setup.train_dir, trial_id, RUN_MARKER)
+    reported = {} if frame is None or "checkpoint_path" not in frame else {
+        int(epoch): path for epoch, path in zip(frame["epoch"], frame["checkpoint_path"]) if isinstance(path, str)}
+    candidates = (storage.join(_storage_uri(reported[e], run_dir), "model.safetensors") for e in ranked_epochs
+                  if e in reported)
+    return next((uri for uri in candidates if storage.exists(uri, options)), None)
+
+
+def summarize_trial(result, asha: AshaConfig, setup: TrialSetup, client: MlflowClient,
+                    options: storage.StorageOptions) -> TrialSummary:
+    """A trial's outcome: epochs and metric per epoch from its MLflow run, its status, and its best weights."""
+    trial_id = storage.basename(result.path)
+    run_dir = storage.join(setup.train_dir, trial_id)
+    marker = storage.join(run_dir, RUN_MARKER)
     run_id = json.loads(storage.read_bytes(marker, options))["mlflow_run_id"] if storage.exists(marker, options) \
         else None
+    history = epoch_history(client, run_id, (asha.metric, "stale_epochs"))
+    curve = [(epoch, values[asha.metric]) for epoch, values in history.items() if asha.metric in values]
+    sign = 1.0 if asha.mode == "max" else -1.0
+    ranked = sorted(curve, key=lambda ev: (sign * ev[1], ev[0]), reverse=True)  # ties: the later epoch, as Train
     return TrialSummary(
         trial_id, {k: plain(v) for k, v in (result.config or {}).items()},
-        trial_status(result, rows, asha.max_t, setup.base["patience"]),
-        int(rows[-1][TIME_ATTR]) if rows else 0, float(best[asha.metric]) if best else math.nan,
-        int(best["epoch"]) if best else None, _weights(best, setup.train_dir) if best else None,
-        [(int(r["epoch"]), float(r[asha.metric])) for r in rows], run_id)
+        trial_status(bool(result.error), history, asha.max_t, setup.base["patience"]), max(history, default=-1) + 1,
+        ranked[0][1] if ranked else math.nan, ranked[0][0] if ranked else None,
+        best_weights(result, [epoch for epoch, _ in ranked], run_dir, options), curve, run_id)
 
 
 def best_trial(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
@@ -318,15 +343,14 @@ def best_trial(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
     return (max if mode == "max" else min)(scored, key=lambda t: t.best_value) if scored else None
 
 
-def close_trial_runs(tracking_uri: str, trials: list[TrialSummary]) -> None:
-    """Tag each trial's MLflow run with its outcome; runs of stopped or failed trials never closed themselves."""
-    client = MlflowClient(tracking_uri)
+def close_trial_runs(client: MlflowClient, trials: list[TrialSummary]) -> None:
+    """Tag each trial's MLflow run with its outcome and end it so; runs of stopped trials never ended themselves."""
     for trial in trials:
         if not trial.mlflow_run_id:
             continue
         client.set_tag(trial.mlflow_run_id, "spai.tune.status", trial.status)
         client.set_tag(trial.mlflow_run_id, "spai.tune.epochs", str(trial.epochs))
-        if trial.status != "completed":
+        if client.get_run(trial.mlflow_run_id).info.status != MLFLOW_STATUS[trial.status]:
             client.set_terminated(trial.mlflow_run_id, MLFLOW_STATUS[trial.status])
 
 
@@ -388,8 +412,9 @@ def best_config_yaml(best: TrialSummary, base: dict[str, Any], metric: str, sear
 def report_search(results: list, plan: SearchPlan, search_dir: str, options: storage.StorageOptions) -> SearchResult:
     """Summarize the trials; write and log the table, plot, best config and checkpoint; close the MLflow runs."""
     setup, asha = plan.setup, space_from_dict(plan.space).scheduler
-    trials = sorted((summarize_trial(r, asha, setup, options) for r in results), key=lambda t: t.trial_id)
-    close_trial_runs(setup.tracking_uri, trials)
+    client = MlflowClient(setup.tracking_uri)
+    trials = sorted((summarize_trial(r, asha, setup, client, options) for r in results), key=lambda t: t.trial_id)
+    close_trial_runs(client, trials)
     best = best_trial(trials, asha.mode)
     rows = table_rows(trials, asha.metric)
     with tempfile.TemporaryDirectory() as tmp:
