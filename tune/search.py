@@ -224,7 +224,11 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
 
 
 def resume_search(output: str, name: str, manifest: str | None = None) -> SearchResult:
-    """Continue an interrupted search: finished trials are kept, unfinished and errored ones run again."""
+    """Continue an interrupted search: finished trials are kept, unfinished and errored ones run again.
+
+    Restarted trials continue their Train runs from their last checkpoints. Tune saves no scheduler state, so ASHA's
+    rungs start empty: trials are compared only with results reported after the resume.
+    """
     options = storage.StorageOptions.from_env()
     search_dir = storage.join(_absolute(output), name)
     marker = storage.join(search_dir, SEARCH_MARKER)
