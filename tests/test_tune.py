@@ -101,7 +101,7 @@ def initial_val_aucs(cfg: TrainConfig, manifest: str, seeds: range) -> dict[int,
 
 
 def read_table(search: Path) -> list[dict]:
-    return list(csv.DictReader((search / "trials.csv").open()))
+    return list(csv.DictReader((search / "trials.csv").read_text().splitlines()))
 
 
 @pytest.mark.slow
