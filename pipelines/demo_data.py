@@ -68,7 +68,7 @@ class DemoCorpusConfig:
     max_resample_factor: float = 0.95  # output / source scale stays below this (always a real down-scale)
     min_resample_factor: float = 0.3
     # The same range for reals and fakes. Below ~90 JPEG erases the weaker generators' lattices, and the tiny
-    # model trained from scratch in the demo cannot learn them in minutes (measured: no learning at 75-95).
+    # model trained from scratch in the demo cannot learn them in minutes (measured: no learning at 75-95, 90-98).
     jpeg_quality_min: int = 95
     jpeg_quality_max: int = 100
     generators: list[str] = field(default_factory=lambda: list(gens.GENERATOR_NAMES))
