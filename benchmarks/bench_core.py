@@ -1,0 +1,151 @@
+"""spai_core speed and memory: our Detector vs a naive per-image loop, as a fraction of the machine's matmul peak.
+
+Each (method, size, precision) runs in its own subprocess so peak RSS is that case's alone. The naive loop is the
+official tool's way: one image per call, fp32, every tile encoded (the five identical crops of a 224 image too).
+FLOPs are counted analytically from the model config (a ViT-B/16 pass is ~35 GFLOP); the peak is a large matmul
+timed in the same run per precision.
+
+    python benchmarks/bench_core.py                          # ViT-B, 224/512/1024/2048x1536, 2 images each
+    python benchmarks/bench_core.py --model spai_tiny --images 4 --sizes 224 512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from spai_core.detector import Detector, image_to_tensor
+from spai_core.metrics import binary_metrics
+from spai_core.spai import ModelConfig, build_model
+
+PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "photos"
+SIZES = {"224": (224, 224), "512": (512, 512), "1024": (1024, 1024), "2048x1536": (1536, 2048)}
+
+
+def tile_gflop(cfg: ModelConfig) -> float:
+    """Forward GFLOP of one tile: three ViT passes plus the FRE projections (2 FLOP per multiply-add)."""
+    tokens, dim, hidden = (cfg.img_size // cfg.patch_size) ** 2 + 1, cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    block = tokens * (4 * dim * dim + 2 * dim * hidden) + 2 * tokens * tokens * dim
+    embed = (tokens - 1) * dim * 3 * cfg.patch_size ** 2
+    projector = (tokens - 1) * (dim * cfg.proj_dim + cfg.proj_dim ** 2)
+    return 2 * 3 * (cfg.depth * (block + projector) + embed) / 1e9
+
+
+def matmul_peak(precision: str, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a square matmul in this precision (best of ``repeats``)."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size ** 3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def test_images(size: tuple[int, int], count: int) -> list[np.ndarray]:
+    photos = sorted(PHOTOS.glob("*.jpg"))[:count]
+    return [np.asarray(Image.open(p).convert("RGB").resize(size[::-1], Image.LANCZOS)) for p in photos]
+
+
+def naive_logits(model, images: list[np.ndarray]) -> np.ndarray:
+    """Batch 1, fp32, every tile encoded: the official per-image path."""
+    out = []
+    with torch.inference_mode():
+        for image in images:
+            padded, offsets = model.plan_tiles(image_to_tensor(image))
+            size = model.cfg.img_size
+            tiles = torch.stack([padded[:, r:r + size, c:c + size] for r, c in offsets])
+            out.append(float(model.pool(model.mfvit(tiles)[None])[0][0]))
+    return np.array(out, dtype=np.float32)
+
+
+def run_case(args: argparse.Namespace) -> dict:
+    """One measurement in this process: returns throughput, tiles, FLOP rate and peak RSS."""
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    model = build_model(args.model).eval()
+    images = test_images(SIZES[args.size], args.images)
+    detector = Detector(model, "cpu", args.precision, feature_batch=args.feature_batch)
+    def run(batch: list[np.ndarray]) -> np.ndarray:
+        return naive_logits(model, batch) if args.method == "naive" else detector.logits(batch)
+
+    run(images[:1])  # warm-up: first-call allocations are not what a long job sees
+    start = time.perf_counter()
+    logits = run(images)
+    seconds = time.perf_counter() - start
+    encoded = sum(len(model.plan_tiles(image_to_tensor(i))[1]) for i in images)
+    unique = sum(len(set(model.plan_tiles(image_to_tensor(i))[1])) for i in images)
+    tiles = encoded if args.method == "naive" else unique
+    gflop = tiles * tile_gflop(model.cfg)
+    return {"images_per_s": len(images) / seconds, "tiles_per_s": tiles / seconds, "gflop_per_s": gflop / seconds,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "logits": logits.tolist()}
+
+
+def subprocess_case(args: argparse.Namespace, method: str, size: str, precision: str, images: int) -> dict:
+    cmd = [sys.executable, __file__, "--case", "--model", args.model, "--threads", str(args.threads), "--method", method,
+           "--size", size, "--precision", precision, "--images", str(images), "--feature-batch", str(args.feature_batch)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="spai_vit_b16")
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--images", type=int, default=2, help="images per size")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--feature-batch", type=int, default=16, help="tiles encoded at once by our detector")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="ours", help=argparse.SUPPRESS)
+    parser.add_argument("--size", default="224", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args)))
+        return
+    torch.set_num_threads(args.threads)
+    peaks = {p: matmul_peak(p) for p in args.precisions}
+    print(f"model {args.model}, {args.threads} threads; matmul peak: "
+          + ", ".join(f"{p} {v:.0f} GFLOP/s" for p, v in peaks.items()))
+    header = ["size", "method", "prec", "img/s", "tiles/s", "GFLOP/s", "of peak", "peak RSS GiB", "vs naive", "max|dlogit|"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for size in args.sizes:
+        naive = subprocess_case(args, "naive", size, "fp32", args.images)
+        rows = [("naive", "fp32", naive)] + [("ours", p, subprocess_case(args, "ours", size, p, args.images))
+                                             for p in args.precisions]
+        for method, precision, r in rows:
+            delta = np.abs(np.array(r["logits"]) - np.array(naive["logits"])).max()
+            print(f"| {size} | {method} | {precision} | {r['images_per_s']:.3f} | {r['tiles_per_s']:.2f} | "
+                  f"{r['gflop_per_s']:.0f} | {r['gflop_per_s'] / peaks[precision]:.2f} | {r['peak_rss_gib']:.2f} | "
+                  f"{r['images_per_s'] / naive['images_per_s']:.2f}x | {delta:.2e} |", flush=True)
+    if "bf16" in args.precisions:
+        report_bf16_auc(args)
+
+
+def report_bf16_auc(args: argparse.Namespace) -> None:
+    """bf16 vs fp32 scores of one model on real photos: max |delta logit| and the ranking (AUC of fp32 labels)."""
+    torch.manual_seed(0)
+    model = build_model(args.model).eval()
+    images = test_images(SIZES["512"], 8)
+    fp32 = Detector(model, "cpu", "fp32", feature_batch=args.feature_batch).logits(images)
+    bf16 = Detector(model, "cpu", "bf16", feature_batch=args.feature_batch).logits(images)
+    labels = (fp32 > np.median(fp32)).astype(int)  # random weights: compare rankings, not accuracy
+    print(f"bf16 vs fp32 on 8 real photos: max |dlogit| {np.abs(bf16 - fp32).max():.3e}; AUC of bf16 scores against "
+          f"the fp32 split at the median: {binary_metrics(labels, bf16)['auc']:.3f} (1.0 = same ranking)")
+
+
+if __name__ == "__main__":
+    main()
