@@ -8,7 +8,7 @@ import ray
 
 
 def init_ray(reserved_cpus: float = 0) -> None:
-    """Connect to ``RAY_ADDRESS`` (a cluster) or start local Ray; a no-op when Ray is already up.
+    """Connect to ``RAY_ADDRESS`` (a cluster, or ``auto``) or start a new local Ray; a no-op when Ray is already up.
 
     ``reserved_cpus`` is what long-lived actors (training workers, scoring actors) hold for the whole job. Ray Data
     tasks that feed them need CPU slots too, or the pipeline waits forever for a slot that the actors hold; so a
@@ -17,8 +17,8 @@ def init_ray(reserved_cpus: float = 0) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
-    if address:
+    if address:  # "auto" joins a cluster started on this machine with `ray start`
         ray.init(address=address, log_to_driver=True)
-    else:
+    else:  # always a fresh local Ray: silently joining some other job's cluster would mix resources and logs
         cpus = max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2)
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)

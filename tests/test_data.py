@@ -25,7 +25,7 @@ def ray_session(s3_server):  # noqa: F811 - the fixture; Ray starts after it so 
     with pytest.MonkeyPatch.context() as env:
         # Workers unpickle the transforms defined here by module name, so they must be able to import this file.
         env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.getenv("PYTHONPATH")])))
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()

@@ -38,7 +38,7 @@ BAD_FILES = {"zero.jpg": b"", "text.jpg": b"this is a text file, not a JPEG", "c
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session(s3_server):  # noqa: F811 - the fixture; Ray starts after it so workers see the S3 settings
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 

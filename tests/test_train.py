@@ -140,8 +140,13 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(small_corpus, tmp_path):
             cwd=tmp_path, env=subprocess_env(), stdout=sink, stderr=subprocess.STDOUT) as proc:
         # The checkpoint folder appears while rank 0 uploads; the controller commits it (writes its snapshot) only
         # later. Killing in between loses the checkpoint and rightly restarts at epoch 0 (seen in a run), so wait.
-        wait_for(lambda: (run_dir / "checkpoint_manager_snapshot.json").is_file(), 600, "the first committed checkpoint")
-        victim = wait_for(lambda: sorted(set(train_workers()) - before), 60, "a training worker")[0]
+        def still_running(found):
+            assert proc.poll() is None, f"spai train exited early:\n{log.read_text()[-4000:]}"
+            return found
+
+        wait_for(lambda: still_running((run_dir / "checkpoint_manager_snapshot.json").is_file()), 600,
+                 "the first committed checkpoint")
+        victim = wait_for(lambda: still_running(sorted(set(train_workers()) - before)), 60, "a training worker")[0]
         os.kill(victim, signal.SIGKILL)
         proc.wait(timeout=600)
     out = log.read_text()

@@ -23,7 +23,7 @@ MAX_PIXELS = 100_000  # the 400x300 photo (120k pixels) is over it, the 64x48 on
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     yield
