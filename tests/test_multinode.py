@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus import small_corpus  # noqa: F401  (the session fixture)
+from polling import wait_for
 from pipelines.manifest import read_manifest
 from pipelines.train import CONFIG_DIR
 from s3server import s3_server, upload_folder  # noqa: F401  (the module fixture)
@@ -132,16 +132,6 @@ def train_and_score(cluster, nodes, s3_server, manifest, rows, tmp_path):  # noq
     out = pq.read_table(tmp_path / "scores.parquet")
     assert sorted(out.column("uri").to_pylist()) == sorted(read_manifest(manifest).column("uri").to_pylist())
     assert out.num_rows == rows and out.column("error").null_count == rows
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_training_survives_losing_a_node(small_corpus, s3_server, tmp_path):  # noqa: F811

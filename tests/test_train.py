@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 from PIL import Image
 
 from corpus import small_corpus  # noqa: F401  (the session fixture)
+from polling import wait_for
 from pipelines.manifest import read_manifest
 from pipelines.train import CONFIG_DIR
 from spai_core.checkpoint import convert
@@ -118,16 +118,6 @@ def train_workers() -> list[int]:
     """Pids of live Ray Train worker processes (Ray sets their process title to ``ray::RayTrainWorker...``)."""
     ps = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True, check=True).stdout
     return [int(line.split(None, 1)[0]) for line in ps.splitlines() if "RayTrainWorker" in line]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = condition()
-        if found:
-            return found
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(small_corpus, tmp_path):
