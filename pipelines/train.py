@@ -249,7 +249,7 @@ def train_loop(loop: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        started, seen, loss_sum, failed = time.time(), 0, 0.0, 0
+        started, seen, loss_sum, failed, grad_norm_max = time.time(), 0, 0.0, 0, 0.0
         shard = epoch_shard(train_rows, epoch, cfg.seed, rank, world, equal=True)
         batches = iter_image_batches(shard, train_transform, cfg.seed + epoch, per_worker, options, drop_last=True)
         for step_in_epoch, batch in enumerate(batches):
@@ -268,8 +268,9 @@ def train_loop(loop: dict[str, Any]) -> None:
             scaler.scale(loss).backward()
             if (step_in_epoch + 1) % cfg.optim.accumulation_steps == 0:
                 scaler.unscale_(optimizer)
-                if cfg.optim.clip_grad:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+                # The norm is logged even without clipping (as the official loop does): spikes precede collapse.
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad or math.inf)
+                grad_norm_max = max(grad_norm_max, float(norm))
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -280,9 +281,10 @@ def train_loop(loop: dict[str, Any]) -> None:
         val = validate(core, val_rows, cfg, rank, world, device, dtype, val_transform, options)
         gathered = [None] * world
         if world > 1:
-            dist.all_gather_object(gathered, {"seen": seen, "loss": loss_sum, "failed": failed, "val": val})
+            dist.all_gather_object(gathered, {"seen": seen, "loss": loss_sum, "failed": failed, "val": val,
+                                              "grad_norm_max": grad_norm_max})
         else:
-            gathered = [{"seen": seen, "loss": loss_sum, "failed": failed, "val": val}]
+            gathered = [{"seen": seen, "loss": loss_sum, "failed": failed, "val": val, "grad_norm_max": grad_norm_max}]
         metrics = epoch_metrics(gathered, epoch, train_time, optimizer.param_groups[0]["lr"])
         improved = metrics["val_auc"] > best_auc or (math.isnan(best_auc) and not math.isnan(metrics["val_auc"]))
         best_auc, stale = (metrics["val_auc"], 0) if improved else (best_auc, stale + 1)
@@ -333,6 +335,7 @@ def epoch_metrics(gathered: list[dict[str, Any]], epoch: int, train_time: float,
     metrics = {"epoch": epoch, "train_loss": sum(g["loss"] for g in gathered) / max(seen, 1), "lr": lr,
                "train_images": seen, "train_images_per_s": seen / max(train_time, 1e-9),
                "train_decode_failures": sum(g["failed"] for g in gathered),
+               "train_grad_norm_max": max(g.get("grad_norm_max", 0.0) for g in gathered),
                "val_decode_failures": sum(len(g["val"]["failed"]) for g in gathered), "val_loss": val_loss}
     overall = binary_metrics(labels, scores) if len(labels) else {}
     metrics.update({f"val_{k}": float(v) for k, v in overall.items()})

@@ -109,6 +109,8 @@ def assert_mlflow_run(uri: str, name: str, epochs: int) -> None:
     assert run.info.status == "FINISHED"
     history = client.get_metric_history(run.info.run_id, "val_auc")
     assert sorted(m.step for m in history) == list(range(epochs))
+    grad_norms = client.get_metric_history(run.info.run_id, "train_grad_norm_max")
+    assert len(grad_norms) == epochs and all(m.value > 0 for m in grad_norms)
     assert "model/best.safetensors" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]
     versions = client.search_model_versions("name = 'spai'")
     assert run.info.run_id in [v.run_id for v in versions]
