@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import shutil
 import sys
@@ -141,10 +142,14 @@ class ActorPlan:
     feature_batch: int | None
 
 
-def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float]) -> ActorPlan:
-    """One actor per GPU (or ``workers`` x ``gpus``) on GPU clusters, else ``workers`` CPU actors sharing the CPUs."""
+def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Sequence[float] | None = None
+                ) -> ActorPlan:
+    """One actor per GPU (or ``workers`` x ``gpus``) on GPU clusters, else ``workers`` CPU actors sharing the CPUs.
+
+    ``node_cpus`` (CPUs of each alive node; default: one node with all of ``resources``) sizes CPU actors per node:
+    actors are spread over the nodes that have CPUs, and each node keeps one CPU unreserved for decode tasks.
+    """
     gpus_total = float(resources.get("GPU", 0.0))
-    cpus_total = float(resources.get("CPU", 1.0))
     if cfg.device == "cuda" and gpus_total == 0:
         raise ScoreError("--device cuda was asked for but the Ray cluster has no GPU; use --device cpu or auto")
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus_total > 0) else "cpu"
@@ -154,9 +159,12 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float]) -> ActorPlan:
         workers = cfg.workers or max(1, int(gpus_total // gpus))
         return ActorPlan(device, precision, workers, 1.0, gpus, GPU_ACTOR_THREADS, cfg.feature_batch)
     workers = cfg.workers or 1
-    threads = max(1, int(cpus_total // workers))
-    # Actors use all cores through torch threads but reserve less, so Ray can still schedule the decode tasks.
-    num_cpus = min(float(threads), max(cpus_total - 1.0, 1.0) / workers)
+    cpu_nodes = [c for c in (node_cpus or [float(resources.get("CPU", 1.0))]) if c >= 1] or [1.0]
+    per_node = math.ceil(workers / len(cpu_nodes))  # actors sharing the smallest node in the worst case
+    smallest = min(cpu_nodes)
+    threads = max(1, int(smallest // per_node))
+    # Actors use all their cores through torch threads but reserve less, so Ray can still schedule decode tasks.
+    num_cpus = min(float(threads), max(smallest - 1.0, 1.0) / per_node)
     return ActorPlan(device, precision, workers, num_cpus, 0.0, threads, cfg.feature_batch or CPU_FEATURE_BATCH)
 
 
@@ -495,7 +503,8 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     table, skipped = input_table(cfg, options)
     model_id = weights_id(cfg.weights, options)
     init_ray()
-    plan = plan_actors(cfg, ray.cluster_resources())
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    plan = plan_actors(cfg, ray.cluster_resources(), node_cpus)
     scoring_options = cfg.options(plan.precision)
     ids = table.column("row_id")
     work.start({"model_id": model_id, "rows": table.num_rows, **scoring_options,

@@ -248,6 +248,11 @@ def test_actor_plan_follows_the_cluster():
     cpu = plan_actors(ScoreConfig(workers=2), {"CPU": 8})
     assert (cpu.device, cpu.precision, cpu.workers, cpu.threads, cpu.num_gpus) == ("cpu", "fp32", 2, 4, 0.0)
     assert cpu.num_cpus * cpu.workers <= 7  # a CPU stays free for decoding
+    # A 0-CPU head and two 2-CPU workers: one actor per worker node, each node keeps a CPU for decode tasks.
+    spread = plan_actors(ScoreConfig(workers=2), {"CPU": 4}, node_cpus=[0.0, 2.0, 2.0])
+    assert (spread.threads, spread.num_cpus) == (2, 1.0)
+    crowded = plan_actors(ScoreConfig(workers=4), {"CPU": 4}, node_cpus=[0.0, 2.0, 2.0])
+    assert (crowded.threads, crowded.num_cpus) == (1, 0.5)
     with pytest.raises(ScoreError, match="no GPU"):
         plan_actors(ScoreConfig(device="cuda"), {"CPU": 8})
 
