@@ -94,15 +94,22 @@ def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None
 
 
 def register_model(tracking_uri: str, run_id: str, artifact_path: str, name: str) -> str:
-    """Register an artifact of a run as a new version of model ``name``; returns the version."""
+    """Register an artifact of a run as a version of model ``name``; returns the version.
+
+    Idempotent per run and artifact: a resumed run that registers again gets its existing version back.
+    """
     client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    source = f"{run.info.artifact_uri}/{artifact_path}"
+    for existing in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if existing.source == source:
+            return existing.version
     try:
         client.create_registered_model(name)
     except mlflow.exceptions.MlflowException as exc:
         if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
             raise
-    run = client.get_run(run_id)
-    version = client.create_model_version(name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id)
+    version = client.create_model_version(name, source, run_id=run_id)
     return version.version
 
 

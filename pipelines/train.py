@@ -76,7 +76,7 @@ class TrainConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
-    registered_model: str = "spai"  # MLflow registered model name for the best checkpoint
+    registered_model: str | None = "spai"  # MLflow registered model for the best checkpoint (null: none)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -457,11 +457,13 @@ def _export_best(result, run_dir: str, cfg: TrainConfig, options: storage.Storag
             local = Path(tempfile.mkdtemp()) / "best.safetensors"
             shutil.copy(weights, local)
             tracking.log_artifact(tracking_uri, run_id, local, "model")
-            version = tracking.register_model(tracking_uri, run_id, "model/best.safetensors", cfg.registered_model)
+            if cfg.registered_model:
+                version = tracking.register_model(tracking_uri, run_id, "model/best.safetensors",
+                                                  cfg.registered_model)
+                print(f"[spai train] registered {cfg.registered_model} version {version}")
             tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
                                                         if k.startswith("val_")}, step=int(best_metrics["epoch"]))
             tracking.finish_run(tracking_uri, run_id)
-            print(f"[spai train] registered {cfg.registered_model} version {version}")
     return TrainResult(run_dir, best_uri, dict(best_metrics), run_id, tracking_uri)
 
 

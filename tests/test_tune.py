@@ -177,7 +177,10 @@ def test_asha_search_mlflow_and_resume(manifest, tmp_path, monkeypatch):
             assert len(client.get_metric_history(child.info.run_id, "val_auc")) == int(row["epochs"])
             assert child.data.params["model.mask_radius"] == row["model.mask_radius"]
         artifacts = {a.path for a in client.list_artifacts(parent)}
-        assert {"trials.csv", "val_auc.png", "best_config.yaml"} <= artifacts
+        assert {"trials.csv", "val_auc.png", "best_config.yaml", "model"} <= artifacts
+        # one registered model version per search (the best trial's weights, on the parent run), none per trial
+        versions = client.search_model_versions("name = 'spai'")
+        assert [v.run_id for v in versions] == [parent]
         assert (search / "val_auc.png").read_bytes()[:4] == b"\x89PNG"
 
         # resuming the finished search runs nothing again
@@ -188,5 +191,6 @@ def test_asha_search_mlflow_and_resume(manifest, tmp_path, monkeypatch):
         assert {r["trial_id"]: int(r["epochs"]) for r in read_table(search)} == epochs
         runs = client.search_runs([client.get_experiment_by_name("spai-tune").experiment_id])
         assert len(runs) == 1 + len(rows)
+        assert len(client.search_model_versions("name = 'spai'")) == 1
     finally:
         ray.shutdown()

@@ -121,7 +121,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     A trial restarted by a resumed search finds its Train run and continues it from its last checkpoint.
     """
-    cfg = trial_config(setup.base, params)
+    # Trials do not register models: the search registers its best checkpoint once, from the parent run.
+    cfg = dataclasses.replace(trial_config(setup.base, params), registered_model=None)
     trial_id = ray.tune.get_context().get_trial_id()
     resume = storage.exists(storage.join(setup.train_dir, trial_id, RUN_MARKER))
     run_training(cfg, setup.manifest, setup.train_dir, trial_id, resume=resume, mlflow_uri=setup.tracking_uri,
@@ -435,6 +436,7 @@ def report_search(results: list, plan: SearchPlan, search_dir: str, options: sto
     if best:
         best_checkpoint = storage.join(search_dir, BEST_WEIGHTS)
         storage.write_bytes(best_checkpoint, storage.read_bytes(best.checkpoint, options), options)
+        register_best(best_checkpoint, setup, options)
     counts = {f"trials_{s}": sum(t.status == s for t in trials) for s in MLFLOW_STATUS}
     tracking.log_metrics(setup.tracking_uri, setup.parent_run_id,
                          {**counts, **({f"best_{asha.metric}": best.best_value} if best else {})}, step=0)
@@ -442,6 +444,19 @@ def report_search(results: list, plan: SearchPlan, search_dir: str, options: sto
     print(format_table(rows), flush=True)
     return SearchResult(search_dir, trials, best, storage.join(search_dir, BEST_CONFIG) if best else None,
                         best_checkpoint, setup.parent_run_id, setup.tracking_uri)
+
+
+def register_best(checkpoint: str, setup: TrialSetup, options: storage.StorageOptions) -> None:
+    """Log the best trial's weights on the parent run and register them (one model version per search)."""
+    name = setup.base.get("registered_model")
+    if not name:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / BEST_WEIGHTS
+        local.write_bytes(storage.read_bytes(checkpoint, options))
+        tracking.log_artifact(setup.tracking_uri, setup.parent_run_id, local, "model")
+    version = tracking.register_model(setup.tracking_uri, setup.parent_run_id, f"model/{BEST_WEIGHTS}", name)
+    print(f"[spai tune] registered {name} version {version} (best trial)", flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
