@@ -585,6 +585,12 @@ def _kuberay_gpu_capacity(doc: dict) -> int:
     return total
 
 
+def _local_paths(ns) -> list[str]:
+    """``--manifest/--input/--output`` values of a parsed command that are not on shared storage (``s3://``)."""
+    return [f"--{field} {value}" for field in ("manifest", "input", "output")
+            if (value := getattr(ns, field, None)) is not None and not value.startswith("s3://")]
+
+
 def test_rayjob_commands_fit_their_cluster_and_use_shared_storage():
     problems = []
     for path in RAYJOB_FILES:
@@ -597,10 +603,7 @@ def test_rayjob_commands_fit_their_cluster_and_use_shared_storage():
                 problems.append(f"{path.name}: `spai {ns.command}` needs {need} GPUs, the cluster has {have}")
             if need == 0:
                 problems.append(f"{path.name}: `spai {ns.command}` asks for no GPUs")
-            for field in ("manifest", "input", "output"):
-                value = getattr(ns, field, None)
-                if value is not None and not value.startswith("s3://"):
-                    problems.append(f"{path.name}: --{field} {value} is not on shared storage (s3://)")
+            problems += [f"{path.name}: {arg} is not on shared storage (s3://)" for arg in _local_paths(ns)]
     assert not problems, "\n".join(problems)
 
 
@@ -616,10 +619,7 @@ def test_launcher_commands_fit_cluster_yaml():
             if not isinstance(ns, str) and _gpus_needed(ns) > capacity:
                 problems.append(f"{label}: `spai {shlex.join(argv)}` needs more than {capacity} GPUs")
             if label == "cluster.yaml" and not isinstance(ns, str):
-                for field in ("manifest", "input", "output"):
-                    value = getattr(ns, field, None)
-                    if value is not None and not value.startswith("s3://"):
-                        problems.append(f"cluster.yaml: --{field} {value} is not on shared storage")
+                problems += [f"cluster.yaml: {arg} is not on shared storage" for arg in _local_paths(ns)]
     assert not problems, "\n".join(problems)
 
 
