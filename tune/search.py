@@ -435,8 +435,9 @@ def report_search(results: list, plan: SearchPlan, search_dir: str, options: sto
     best_checkpoint = None
     if best:
         best_checkpoint = storage.join(search_dir, BEST_WEIGHTS)
-        storage.write_bytes(best_checkpoint, storage.read_bytes(best.checkpoint, options), options)
-        register_best(best_checkpoint, setup, options)
+        weights = storage.read_bytes(best.checkpoint, options)
+        storage.write_bytes(best_checkpoint, weights, options)
+        register_best(weights, setup)
     counts = {f"trials_{s}": sum(t.status == s for t in trials) for s in MLFLOW_STATUS}
     tracking.log_metrics(setup.tracking_uri, setup.parent_run_id,
                          {**counts, **({f"best_{asha.metric}": best.best_value} if best else {})}, step=0)
@@ -446,14 +447,14 @@ def report_search(results: list, plan: SearchPlan, search_dir: str, options: sto
                         best_checkpoint, setup.parent_run_id, setup.tracking_uri)
 
 
-def register_best(checkpoint: str, setup: TrialSetup, options: storage.StorageOptions) -> None:
+def register_best(weights: bytes, setup: TrialSetup) -> None:
     """Log the best trial's weights on the parent run and register them (one model version per search)."""
     name = setup.base.get("registered_model")
     if not name:
         return
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / BEST_WEIGHTS
-        local.write_bytes(storage.read_bytes(checkpoint, options))
+        local.write_bytes(weights)
         tracking.log_artifact(setup.tracking_uri, setup.parent_run_id, local, "model")
     version = tracking.register_model(setup.tracking_uri, setup.parent_run_id, f"model/{BEST_WEIGHTS}", name)
     print(f"[spai tune] registered {name} version {version} (best trial)", flush=True)
