@@ -67,7 +67,7 @@ def naive_logits(model, images: list[np.ndarray]) -> np.ndarray:
             padded, offsets = model.plan_tiles(image_to_tensor(image))
             size = model.cfg.img_size
             tiles = torch.stack([padded[:, r:r + size, c:c + size] for r, c in offsets])
-            out.append(float(model.pool(model.mfvit(tiles)[None])[0][0]))
+            out.append(float(model.pool(model.describe(tiles)[None])[0][0]))
     return np.array(out, dtype=np.float32)
 
 

@@ -253,6 +253,9 @@ def save_official(path: str | Path, model: SPAI, epoch: int = 0) -> None:
     Only used parameters are written (plus the frequency mask); the official loader is non-strict and keeps
     its own initial values for the unused extras.
     """
+    if model.cfg.descriptor_norm:
+        raise CheckpointError(f"model {model.cfg.name} standardises its descriptors (descriptor_norm), which the "
+                              "official model has no layer for; keep it in our .safetensors format")
     state = {ours_to_official_key(k): v.detach().float().cpu() for k, v in model.state_dict().items()}
     state[_MASK_KEY] = model.mfvit.frequencies_mask.long().cpu()
     torch.save({"model": state, "epoch": epoch}, str(path))

@@ -47,6 +47,10 @@ class ModelConfig:
     minimum_patches: int = 4  # fewer grid tiles than this -> five-crop
     feature_batch: int = 400  # tiles encoded at once; bounds activation memory, not results
     max_tiles: int | None = None  # cap on tiles per image (None = all, as the official model)
+    # Standardise tile descriptors (BatchNorm without affine) before pooling. Not in the official model: its MFM
+    # backbone gives similarity statistics that vary across images, but from a randomly initialised backbone they
+    # differ by ~0.3% of their size and the head cannot see them. Models with it have no official layout.
+    descriptor_norm: bool = False
 
     @property
     def descriptor_dim(self) -> int:
@@ -211,6 +215,9 @@ class SPAI(nn.Module):
         self.cfg = cfg
         self.sca = SpectralContextAttention(cfg.descriptor_dim, cfg.sca_heads, cfg.sca_dim, cfg.dropout)
         self.mfvit = PatchEncoder(cfg)
+        # eps far below BatchNorm's 1e-5: the similarity statistics' variance across tiles is itself ~1e-5.
+        self.descriptor_norm = (nn.BatchNorm1d(cfg.descriptor_dim, eps=1e-10, affine=False) if cfg.descriptor_norm
+                                else nn.Identity())
         self.norm = nn.LayerNorm(cfg.descriptor_dim)
         self.cls_head = ClassificationHead(cfg.descriptor_dim, cfg.head_mlp_ratio, cfg.dropout)
         self.apply(_init_weights)
@@ -220,10 +227,14 @@ class SPAI(nn.Module):
         self.cfg = dataclasses.replace(self.cfg, mask_radius=radius)
         self.mfvit.set_mask_radius(radius)
 
+    def describe(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``T x 3 x S x S`` tiles -> ``T x descriptor_dim`` descriptors, standardised if the config says so."""
+        return self.descriptor_norm(self.mfvit(tiles))
+
     def encode_tiles(self, tiles: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Descriptors of ``T`` tiles, encoded ``chunk`` at a time so peak memory is bounded."""
         chunk = chunk or self.cfg.feature_batch
-        return torch.cat([self.mfvit(tiles[i:i + chunk]) for i in range(0, tiles.shape[0], chunk)])
+        return torch.cat([self.describe(tiles[i:i + chunk]) for i in range(0, tiles.shape[0], chunk)])
 
     def pool(self, desc: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tile descriptors ``B x L x D`` -> logits ``B`` and attention over tiles ``B x heads x L``."""
@@ -233,7 +244,7 @@ class SPAI(nn.Module):
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """Training path: ``B x V x 3 x S x S`` augmented views of each image -> ``B`` logits."""
         batch, num_views = views.shape[:2]
-        desc = self.mfvit(views.flatten(0, 1)).view(batch, num_views, -1)
+        desc = self.describe(views.flatten(0, 1)).view(batch, num_views, -1)
         return self.pool(desc)[0]
 
     def forward_images(self, images: Sequence[torch.Tensor], chunk: int | None = None,
@@ -269,7 +280,7 @@ class SPAI(nn.Module):
         out = []
         for start in range(0, len(keys), chunk):
             tiles = torch.stack([padded[i][:, r:r + size, c:c + size] for i, (r, c) in keys[start:start + chunk]])
-            out.append(self.mfvit(tiles))
+            out.append(self.describe(tiles))
         return torch.cat(out)
 
 

@@ -140,6 +140,23 @@ def test_convert_both_ways_keeps_scores(tiny, tmp_path):
     assert "patch_aggregator" in raw["model"] and "to_kv.weight" in raw["model"] and raw["epoch"] == 2
 
 
+def test_descriptor_norm_statistics_round_trip_in_our_format_only(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(get_model_config("spai_tiny", descriptor_norm=True))
+    with torch.no_grad():  # a few training-mode passes move the running statistics off their initial 0/1
+        for seed in range(3):
+            model.train()(torch.rand(2, 2, 3, 224, 224, generator=torch.Generator().manual_seed(seed)))
+    model.eval()
+    assert model.descriptor_norm.num_batches_tracked == 3
+    save_checkpoint(tmp_path / "norm.safetensors", model)
+    loaded, ckpt = load_model(tmp_path / "norm.safetensors")
+    assert ckpt.config.descriptor_norm
+    torch.testing.assert_close(loaded.descriptor_norm.running_var, model.descriptor_norm.running_var, rtol=0, atol=0)
+    np.testing.assert_array_equal(Detector(loaded, "cpu").logits(IMAGES), Detector(model, "cpu").logits(IMAGES))
+    with pytest.raises(CheckpointError, match="descriptor_norm"):
+        convert(tmp_path / "norm.safetensors", tmp_path / "official.pth")
+
+
 def test_convert_cli(tiny, tmp_path):
     save_official(tmp_path / "official.pth", tiny)
     subprocess.run([sys.executable, "-m", "spai_cli.main", "convert", str(tmp_path / "official.pth"),

@@ -111,3 +111,20 @@ def test_training_forward_views_shape():
     model = build_model(get_model_config("spai_tiny"))
     out = model(torch.rand(2, 4, 3, 224, 224))
     assert out.shape == (2,)
+
+
+def test_descriptor_norm_standardises_in_training_and_is_per_image_in_eval():
+    torch.manual_seed(0)
+    model = build_model(get_model_config("spai_tiny", descriptor_norm=True, dropout=0.0))
+    tiles = torch.rand(16, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        raw = model.mfvit(tiles)
+        standardised = model.train().describe(tiles)
+    # Raw similarity statistics barely vary across tiles; standardised, every column has unit spread.
+    assert float((raw[:, :24].std(0) / raw[:, :24].abs().mean(0)).max()) < 0.2
+    torch.testing.assert_close(standardised.mean(0), torch.zeros(raw.shape[1]), rtol=0, atol=1e-4)
+    torch.testing.assert_close(standardised.std(0, unbiased=False), torch.ones(raw.shape[1]), rtol=0, atol=1e-2)
+    detector = Detector(model.eval(), device="cpu", precision="fp32")
+    images = [_rand_image(256, 300, 6), _rand_image(480, 500, 7)]
+    np.testing.assert_allclose(detector.logits(images), np.concatenate([detector.logits([i]) for i in images]),
+                               rtol=1e-4, atol=1e-5)
