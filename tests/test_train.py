@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from corpus import small_corpus  # noqa: F401  (the session fixture)
+from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
 from pipelines.manifest import read_manifest
 from pipelines.train import CONFIG_DIR
-from spai_core.checkpoint import convert
+from spai_core.checkpoint import CheckpointError, convert
 from spai_core.detector import Detector
 from spai_core.metrics import binary_metrics
 
@@ -62,41 +62,43 @@ def printed_epochs(text: str) -> list[int]:
     return [int(EPOCH_LINE.search(line).group(1)) for line in log_lines(text, EPOCH_LINE)]
 
 
-def held_out_logits(detector: Detector, manifest: str) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels of the ``test`` split (photos the model never saw)."""
-    rows = [r for r in read_manifest(manifest).to_pylist() if r["split"] == "test"]
+def split_logits(detector: Detector, manifest: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of one split (``test``: photos the model never saw)."""
+    rows = read_manifest(manifest, split=split).to_pylist()
     images = [np.asarray(Image.open(r["uri"]).convert("RGB")) for r in rows]
     return detector.logits(images), np.array([r["label"] for r in rows])
 
 
-def held_out_auc(checkpoint: Path, manifest: str) -> float:
-    logits, labels = held_out_logits(Detector.from_pretrained(checkpoint, device="cpu", precision="fp32"), manifest)
+def auc(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(binary_metrics(labels, 1 / (1 + np.exp(-logits)))["auc"])
 
 
-def test_train_end_to_end(small_corpus, tmp_path):
-    epochs = 4
+def test_train_end_to_end(learning_corpus, tmp_path):
+    epochs = 24
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    done = spai_train(train_command(small_corpus, tmp_path / "runs", "e2e", f"epochs={epochs}", *LEARN,
-                                    mlflow_uri=uri), tmp_path)
+    done = spai_train(train_command(learning_corpus, tmp_path / "runs", "e2e", f"epochs={epochs}", "patience=null",
+                                    mlflow_uri=uri), tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:]
     best = tmp_path / "runs" / "e2e" / "best.safetensors"
     assert best.is_file()
+    detector = Detector.from_pretrained(best, device="cpu", precision="fp32")
 
-    # The exported checkpoint reloads to identical scores, directly and through the official .pth layout.
-    first, _ = held_out_logits(Detector.from_pretrained(best, device="cpu", precision="fp32"), small_corpus)
-    again, _ = held_out_logits(Detector.from_pretrained(best, device="cpu", precision="fp32"), small_corpus)
-    convert(best, tmp_path / "official.pth")
-    convert(tmp_path / "official.pth", tmp_path / "back.safetensors", "spai_tiny")
-    back, _ = held_out_logits(Detector.from_pretrained(tmp_path / "back.safetensors", device="cpu",
-                                                       precision="fp32"), small_corpus)
-    np.testing.assert_array_equal(first, again)
-    np.testing.assert_array_equal(first, back)
+    # It learned: it separates its own training images, and photos it never saw well above chance. Broken learning
+    # leaves both near 0.5 (0.38-0.56 measured before the tiny recipe was fixed); 54 test images put chance's
+    # standard deviation at 0.08, and working runs measured 0.78-0.80 here.
+    train_auc = auc(*split_logits(detector, learning_corpus, "train"))
+    test_logits, test_labels = split_logits(detector, learning_corpus, "test")
+    test_auc = auc(test_logits, test_labels)
+    print(f"AUC after {epochs} epochs: train {train_auc:.3f}, held-out test {test_auc:.3f}")
+    assert train_auc >= 0.9 and test_auc >= 0.68, (train_auc, test_auc)
+
+    # The exported checkpoint reloads to identical scores; its standardised descriptors have no official layout.
+    again, _ = split_logits(Detector.from_pretrained(best, device="cpu", precision="fp32"), learning_corpus, "test")
+    np.testing.assert_array_equal(test_logits, again)
+    with pytest.raises(CheckpointError, match="descriptor_norm"):
+        convert(best, tmp_path / "official.pth")
 
     assert_mlflow_run(uri, "e2e", epochs)
-    # Held-out AUC is measured and reported, not asserted: the tiny model trained from random weights does not yet
-    # learn this corpus in CPU minutes (0.44-0.56 measured; see the closing note of the training issue).
-    print(f"held-out AUC after {epochs} epochs: {held_out_auc(best, small_corpus):.3f}")
 
 
 def assert_mlflow_run(uri: str, name: str, epochs: int) -> None:

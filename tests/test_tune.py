@@ -31,8 +31,9 @@ from tune.space import check_space, load_space, space_from_dict, trial_config, t
 
 MAX_T = 3
 # Training that leaves the seeded initial weights as they are (see the module docstring); one view keeps steps cheap.
+# No descriptor_norm: its running statistics would change the model in training mode whatever the learning rate.
 OVERRIDES = ["batch_size=8", "patience=null", "keep_checkpoints=2", "augment.views=1", "optim.warmup_epochs=0",
-             "optim.lr=1e-10", "optim.warmup_lr=1e-10", "optim.min_lr=1e-10"]
+             "optim.lr=1e-10", "optim.warmup_lr=1e-10", "optim.min_lr=1e-10", "model.descriptor_norm=false"]
 
 
 def base_dict(**changes) -> dict:
