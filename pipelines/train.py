@@ -279,12 +279,11 @@ def train_loop(loop: dict[str, Any]) -> None:
         train_time = time.time() - started
 
         val = validate(core, val_rows, cfg, rank, world, device, dtype, val_transform, options)
-        gathered = [None] * world
+        local = {"seen": seen, "loss": loss_sum, "failed": failed, "val": val, "grad_norm_max": grad_norm_max}
+        gathered = [local]
         if world > 1:
-            dist.all_gather_object(gathered, {"seen": seen, "loss": loss_sum, "failed": failed, "val": val,
-                                              "grad_norm_max": grad_norm_max})
-        else:
-            gathered = [{"seen": seen, "loss": loss_sum, "failed": failed, "val": val, "grad_norm_max": grad_norm_max}]
+            gathered = [None] * world
+            dist.all_gather_object(gathered, local)
         metrics = epoch_metrics(gathered, epoch, train_time, optimizer.param_groups[0]["lr"])
         improved = metrics["val_auc"] > best_auc or (math.isnan(best_auc) and not math.isnan(metrics["val_auc"]))
         best_auc, stale = (metrics["val_auc"], 0) if improved else (best_auc, stale + 1)
@@ -335,7 +334,7 @@ def epoch_metrics(gathered: list[dict[str, Any]], epoch: int, train_time: float,
     metrics = {"epoch": epoch, "train_loss": sum(g["loss"] for g in gathered) / max(seen, 1), "lr": lr,
                "train_images": seen, "train_images_per_s": seen / max(train_time, 1e-9),
                "train_decode_failures": sum(g["failed"] for g in gathered),
-               "train_grad_norm_max": max(g.get("grad_norm_max", 0.0) for g in gathered),
+               "train_grad_norm_max": max(g["grad_norm_max"] for g in gathered),
                "val_decode_failures": sum(len(g["val"]["failed"]) for g in gathered), "val_loss": val_loss}
     overall = binary_metrics(labels, scores) if len(labels) else {}
     metrics.update({f"val_{k}": float(v) for k, v in overall.items()})

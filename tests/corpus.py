@@ -4,7 +4,6 @@ Import the fixture into a test module with ``from corpus import small_corpus  # 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -34,21 +33,18 @@ def learning_corpus_config() -> DemoCorpusConfig:
     return DemoCorpusConfig(generators=list(seen), seen_generators=list(seen))
 
 
-def build_small_corpus(out: str | Path) -> str:
-    """Build (or reuse, when already built with the same config) the small corpus; returns its manifest URI."""
-    return build_demo_corpus(out, small_corpus_config(), progress=False)
-
-
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Manifest URI of the small corpus, built once per session under pytest's temporary folder."""
-    pytest.importorskip("ncnn", reason="the demo generators need the `ncnn` package (pip install -e .[dev])")
-    return build_small_corpus(tmp_path_factory.getbasetemp() / "small_corpus")
+    return _session_corpus(tmp_path_factory, "small_corpus", small_corpus_config())
 
 
 @pytest.fixture(scope="session")
 def learning_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Manifest URI of the learning corpus (see ``learning_corpus_config``), built once per session."""
+    return _session_corpus(tmp_path_factory, "learning_corpus", learning_corpus_config())
+
+
+def _session_corpus(tmp_path_factory: pytest.TempPathFactory, name: str, cfg: DemoCorpusConfig) -> str:
     pytest.importorskip("ncnn", reason="the demo generators need the `ncnn` package (pip install -e .[dev])")
-    return build_demo_corpus(tmp_path_factory.getbasetemp() / "learning_corpus", learning_corpus_config(),
-                             progress=False)
+    return build_demo_corpus(tmp_path_factory.getbasetemp() / name, cfg, progress=False)
