@@ -101,8 +101,8 @@ class PerLayerProjector(nn.Module):
         super().__init__()
         self.projectors = nn.ModuleList(Projector(in_dim, dim, dropout, True, nn.Identity()) for _ in range(depth))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.stack([proj(tokens[:, i]) for i, proj in enumerate(self.projectors)], dim=1)
+    def forward(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        return self.projectors[layer](tokens)
 
 
 def _mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,28 +118,40 @@ class SpectralContextProjector(nn.Module):
         self.proj1 = Projector(2 * dim, dim, dropout, False, nn.GELU())
         self.proj2 = Projector(dim, dim, dropout, False, nn.GELU())
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        mean, std = _mean_std(tokens, dim=2)
-        per_layer = self.proj1(torch.cat([mean, std], dim=-1))
+    def forward(self, moments: torch.Tensor) -> torch.Tensor:
+        """``T x layers x 2P``: per layer, the mean then the std over tokens of the original image's projections."""
+        per_layer = self.proj1(moments)
         pooled = (per_layer * self.alpha.softmax(dim=1)).sum(dim=1)
         return self.proj2(pooled)
 
 
 class FrequencyRestorationEstimator(nn.Module):
-    """Tile descriptor from ViT tokens of the original, low- and high-pass images."""
+    """Tile descriptor from ViT tokens of the original, low- and high-pass images, reduced one layer at a time."""
+
+    PAIRS = ((0, 1), (0, 2), (1, 2))  # (original, low), (original, high), (low, high)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.patch_projector = PerLayerProjector(cfg.depth, cfg.embed_dim, cfg.proj_dim, cfg.dropout)
         self.original_features_processor = SpectralContextProjector(cfg.depth, cfg.proj_dim, cfg.dropout)
 
-    def forward(self, orig: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        orig, low, high = (self.patch_projector(t) for t in (orig, low, high))
+    def layer_statistics(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """One layer's ``3T x N x D`` tokens (original, low, high stacked) -> ``T x (6 + 2P)``.
+
+        The 6 similarity statistics (mean and std over tokens of each pair's cosine similarity), then the mean and
+        std over tokens of the original image's projections, which the spectral context vector is built from.
+        """
+        branches = self.patch_projector(layer, tokens).chunk(3)
         stats = []
-        for a, b in ((orig, low), (orig, high), (low, high)):
-            sim = F.cosine_similarity(a, b, dim=-1, eps=1e-8)  # B x layers x tokens
-            stats.extend(_mean_std(sim, dim=2))
-        return torch.cat(stats + [self.original_features_processor(orig)], dim=1)
+        for a, b in self.PAIRS:
+            stats.extend(_mean_std(F.cosine_similarity(branches[a], branches[b], dim=-1, eps=1e-8), dim=1))
+        return torch.cat([torch.stack(stats, dim=1), *_mean_std(branches[0], dim=1)], dim=1)
+
+    def forward(self, per_layer: list[torch.Tensor]) -> torch.Tensor:
+        """Every layer's ``layer_statistics`` -> ``T x descriptor_dim`` (statistic-major, as the official layout)."""
+        stats = torch.stack(per_layer, dim=1)  # T x layers x (6 + 2P)
+        similarity = stats[..., :6].transpose(1, 2).flatten(1)
+        return torch.cat([similarity, self.original_features_processor(stats[..., 6:])], dim=1)
 
 
 class PatchEncoder(nn.Module):
@@ -158,16 +170,25 @@ class PatchEncoder(nn.Module):
     def set_mask_radius(self, radius: int) -> None:
         self.frequencies_mask = frequency_mask(self.vit.patch_embed.img_size, radius).to(self.mean.device)
 
-    def backbone(self, tiles: torch.Tensor) -> torch.Tensor:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            return self.vit(tiles)
+    def _backbone_grad(self) -> torch.autograd.grad_mode.set_grad_enabled:
+        # A frozen backbone runs without autograd, so its activations are not kept for the backward pass.
+        return torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen)
 
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
-        """``T x 3 x S x S`` tiles in [0, 1] -> ``T x descriptor_dim``."""
+        """``T x 3 x S x S`` tiles in [0, 1] -> ``T x descriptor_dim``.
+
+        The three images share one ViT pass; each block's tokens are reduced to statistics before the next block
+        runs, so activation memory is that of one layer, not of all ``depth`` layers.
+        """
         low, high = split_frequencies(tiles, self.frequencies_mask)
-        images = (torch.cat([tiles, low, high]) - self.mean) / self.std
-        orig_f, low_f, high_f = self.backbone(images).chunk(3)
-        return self.features_processor(orig_f, low_f, high_f)
+        with self._backbone_grad():
+            x = self.vit.embed((torch.cat([tiles, low, high]) - self.mean) / self.std)
+        per_layer = []
+        for layer, block in enumerate(self.vit.blocks):
+            with self._backbone_grad():
+                x = block(x)
+            per_layer.append(self.features_processor.layer_statistics(layer, x[:, 1:]))
+        return self.features_processor(per_layer)
 
 
 class SpectralContextAttention(nn.Module):

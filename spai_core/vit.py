@@ -84,7 +84,8 @@ class PatchEmbed(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT returning the residual stream after every block (CLS dropped, no final norm): ``B x depth x N x D``."""
+    """ViT whose blocks are run one at a time by the caller (``embed``, then ``blocks``), so that a consumer of every
+    block's tokens can reduce each layer as it comes instead of holding all of them (``depth`` x the memory)."""
 
     def __init__(self, img_size: int, patch_size: int, dim: int, depth: int, num_heads: int, mlp_ratio: float,
                  drop_path: float):
@@ -96,11 +97,7 @@ class VisionTransformer(nn.Module):
         rates = torch.linspace(0, drop_path, depth).tolist()
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, rate) for rate in rates)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x S x S`` images -> ``B x (1 + N) x D`` tokens (CLS first) entering the first block."""
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        outputs = []
-        for block in self.blocks:
-            x = block(x)
-            outputs.append(x[:, 1:])
-        return torch.stack(outputs, dim=1)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
