@@ -3,8 +3,9 @@
 Corpus: ``--images`` squares cut from the committed photos, 224 to 2048 px, alternately JPEG and PNG. Both sides use
 the same weights (``--model``: a seeded random ``spai_tiny`` by default for speed, ``spai_vit_b16`` for real figures)
 on the same machine, one run each, every run a fresh process as a user would start it (Ray start-up and model load
-included). Rows: the loop, ``spai score`` with each ``--workers`` count on CPU, and on a CUDA machine the loop and
-``spai score`` on the GPU in fp32 and bf16 (with the GPU's mean utilisation from ``nvidia-smi``).
+included). Rows: the loop, ``spai score`` with each ``--workers`` count and ``--precisions`` value on CPU, and on a
+CUDA machine the loop and ``spai score`` on the GPU in each precision (with the GPU's mean utilisation from
+``nvidia-smi``).
 
 Columns: ``wall`` is the whole process; ``work`` leaves out start-up (imports, Ray, listing) but keeps the model load;
 memory is the peak PSS of the process tree (sampled from ``/proc``, Linux), so Ray's raylet, workers and shared object
@@ -12,7 +13,7 @@ store pages count once instead of once per process as summed RSS would. ``max |d
 with the loop's.
 
     python benchmarks/bench_score.py --images 28                        # CPU, spai_tiny, a few minutes on 2 cores
-    python benchmarks/bench_score.py --model spai_vit_b16 --images 64   # the real model
+    python benchmarks/bench_score.py --model spai_vit_b16 --images 7    # the real model, one image per size: ~12 min
 """
 from __future__ import annotations
 
@@ -218,6 +219,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=28, help="corpus size (sizes cycle through 224..2048)")
     parser.add_argument("--batch-size", type=int, default=8, help="spai score --batch-size")
     parser.add_argument("--workers", default="1,2", help="CPU worker counts to run spai score with")
+    parser.add_argument("--precisions", default="fp32,bf16",
+                        help="spai score --precision values to run (bf16 pays off on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--work-dir", default=None, help="keep corpus, logs and outputs here (default: a temp dir)")
     parser.add_argument("--loop", nargs=4, metavar=("WEIGHTS", "CORPUS", "DEVICE", "RESULT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,8 +238,9 @@ def main() -> None:
         for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
             base, reference = bench_loop(weights, corpus, device, work)
             rows.append(base)
-            runs = [(w, "fp32") for w in map(int, args.workers.split(","))] if device == "cpu" else [
-                (1, "fp32"), (1, "bf16")]
+            precisions = args.precisions.split(",")
+            runs = [(w, p) for p in precisions for w in map(int, args.workers.split(","))] if device == "cpu" else [
+                (1, p) for p in precisions]
             for workers, precision in runs:
                 rows.append(bench_score(weights, corpus, device, workers, precision, args.batch_size, work,
                                         reference))
