@@ -104,8 +104,9 @@ def pipeline(manifest: str, expected: int) -> Result:
 
 
 def write_corpus_manifest(paths: list[Path], folder: Path) -> str:
-    rows = [{"uri": str(p), "label": 0, "split": "test", "generator": "real", "source": "bench", "group": p.stem}
-            for p in paths]
+    # width and height as a validated manifest has them (`spai validate`): the pipeline sizes its blocks by pixels.
+    rows = [{"uri": str(p), "label": 0, "split": "test", "generator": "real", "source": "bench", "group": p.stem,
+             **dict(zip(("width", "height"), Image.open(p).size))} for p in paths]
     return write_manifest(rows_to_table(rows), str(folder / "manifest"), {"builder": "bench_ingest"})
 
 

@@ -30,9 +30,16 @@ Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 # Rows per decode batch. A decoded camera photo is 30-300 MB, so a few rows per batch keep a worker's memory and each
 # output block small; the object store then holds a bounded number of images whatever the corpus size.
 DEFAULT_BATCH_SIZE = 4
-# Manifest rows per input block. Each block is one decode task: enough rows to hide the task overhead (16 small
-# images are ~50 ms of work), few enough that tasks spread over all CPUs and a block of large photos stays bounded.
+# Manifest rows per input block when image sizes are unknown. Each block is one decode task: enough rows to hide the
+# task overhead (16 small images are ~50 ms of work), few enough that tasks spread over all CPUs and a block of large
+# photos stays bounded.
 DEFAULT_ROWS_PER_BLOCK = 16
+# Decoded pixels per input block when the manifest knows image sizes (a validated manifest has width and height):
+# 24 MP is ~96 rows of 512-px images but 6 of 2048-px ones. Small images then share one task's fixed cost (16 rows of
+# 512-px JPEGs spent a quarter to a third of their CPU time on it, benchmarks/bench_ingest.py) while a block's
+# decoded output stays ~72 MB, under Ray Data's 128 MB block target, whatever the image size.
+DEFAULT_BLOCK_PIXELS = 24 << 20
+MAX_ROWS_PER_BLOCK = 128
 # Columns decode_images adds; input columns of the same name (a validated manifest's width/height, a CSV's image
 # path) are replaced, since the manifest table keeps the originals.
 DECODED_COLUMNS = ("image", "height", "width", "error")
@@ -50,8 +57,8 @@ def read_manifest_dataset(uri_or_table: str | pa.Table, options: StorageOptions 
 
     The manifest is read with pyarrow on the driver (only the split's files when given): rows are a few hundred bytes,
     and this skips the file-listing and repartition stages a Parquet read would add to every job (over a second each
-    on a busy machine). Rows come in small blocks (``override_num_blocks`` blocks, default
-    :data:`DEFAULT_ROWS_PER_BLOCK` rows each) because blocks set how many decode tasks run at once.
+    on a busy machine). Rows come in small blocks (``override_num_blocks`` blocks, else sized by
+    :func:`block_bounds`) because a block is one decode task.
     """
     if isinstance(uri_or_table, pa.Table):
         table = conform(uri_or_table)
@@ -62,10 +69,39 @@ def read_manifest_dataset(uri_or_table: str | pa.Table, options: StorageOptions 
         if table.num_rows == 0:
             raise ManifestError(f"the manifest has no rows of split {split!r}; check the split name (train, val or "
                                 "test) or rebuild the manifest")
-    rows = table.num_rows
-    blocks = max(1, min(override_num_blocks or math.ceil(rows / DEFAULT_ROWS_PER_BLOCK), rows))
-    bounds = [i * rows // blocks for i in range(blocks + 1)]
+    bounds = block_bounds(table, override_num_blocks)
     return ray.data.from_arrow([table.slice(start, end - start) for start, end in zip(bounds, bounds[1:])])
+
+
+def row_pixels(table: pa.Table) -> np.ndarray | None:
+    """Pixels of each row from ``width`` x ``height`` columns (a validated manifest's), or None where any is unknown."""
+    if not {"width", "height"} <= set(table.column_names):
+        return None
+    try:
+        width, height = (pc.cast(table.column(name), pa.int64()) for name in ("width", "height"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if width.null_count or height.null_count:
+        return None
+    return width.to_numpy() * height.to_numpy()
+
+
+def block_bounds(table: pa.Table, num_blocks: int | None = None) -> list[int]:
+    """Row offsets of contiguous input blocks: ``num_blocks`` equal ones if given, else blocks of about
+    :data:`DEFAULT_BLOCK_PIXELS` decoded pixels (at most :data:`MAX_ROWS_PER_BLOCK` rows) when sizes are known, else
+    :data:`DEFAULT_ROWS_PER_BLOCK` rows."""
+    rows = table.num_rows
+    pixels = None if num_blocks else row_pixels(table)
+    if pixels is None or rows == 0:
+        blocks = max(1, min(num_blocks or math.ceil(rows / DEFAULT_ROWS_PER_BLOCK), rows))
+        return [i * rows // blocks for i in range(blocks + 1)]
+    # A row belongs to the budget-sized slot its first pixel falls in; long runs of tiny images are cut.
+    slot = (np.cumsum(pixels) - pixels) // DEFAULT_BLOCK_PIXELS
+    ends = (np.flatnonzero(np.diff(slot)) + 1).tolist()
+    bounds = []
+    for start, end in zip([0] + ends, ends + [rows]):
+        bounds.extend(range(start, end, MAX_ROWS_PER_BLOCK))
+    return bounds + [rows]
 
 
 def image_column(images: list[np.ndarray | None]) -> pa.Array:

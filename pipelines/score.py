@@ -384,7 +384,9 @@ def _ray_data_bars_off() -> Iterator[None]:
 def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str, options: StorageOptions,
                work: WorkDir, bar: tqdm) -> None:
     """Stream ``todo`` through decode and the actor pool; finished rows go to the work directory as they come."""
-    ds = read_manifest_dataset(todo.select([*CORE_COLUMNS, "row_id"]))
+    # width/height of a validated manifest let the input blocks be sized by pixels (see pipelines.data.block_bounds)
+    ds = read_manifest_dataset(todo.select([c for c in (*CORE_COLUMNS, "row_id", "width", "height")
+                                            if c in todo.column_names]))
     ds = decode_images(ds, make_score_transform(cfg.transform), cfg.seed, options, cfg.max_pixels)
     # Blocks of one model batch each; the repartition boundary also keeps Ray from fusing decoding into the actors,
     # so decode tasks run beside scoring instead of stalling it (and a GPU never waits on JPEG decoding).

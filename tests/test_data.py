@@ -13,7 +13,8 @@ import ray
 from PIL import Image
 
 from pipelines import manifest as m
-from pipelines.data import decode_images, image_column, read_manifest_dataset, row_rng
+from pipelines.data import (MAX_ROWS_PER_BLOCK, block_bounds, decode_images, image_column, read_manifest_dataset,
+                            row_rng)
 from pipelines.validate import validate_manifest
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.images import to_rgb_array
@@ -165,3 +166,26 @@ def test_s3_corpus_gives_the_same_rows_as_disk(s3_server, corpus):  # noqa: F811
             continue
         with Image.open(disk_of[row["uri"]]) as img:
             np.testing.assert_array_equal(row["image"], to_rgb_array(img))
+
+
+def test_blocks_follow_decoded_pixels_when_the_manifest_knows_sizes():
+    rows = [{"uri": f"/x/{i}.jpg", "label": 0, "split": "test", "generator": "real", "source": "t", "group": str(i)}
+            for i in range(300)]
+    table = m.rows_to_table(rows)
+    assert block_bounds(table) == [i * 300 // 19 for i in range(20)]  # sizes unknown: ~16 rows per block
+
+    def sized(sides: list[int]) -> pa.Table:
+        return table.slice(0, len(sides)).append_column("width", pa.array(sides, pa.int32())).append_column(
+            "height", pa.array(sides, pa.int32()))
+
+    small = block_bounds(sized([512] * 300))  # 0.25 MP each: 96 rows fill the 24 MP budget
+    assert small == [0, 96, 192, 288, 300]
+    large = block_bounds(sized([2048] * 30))  # 4 MP each: 6 rows per block
+    assert large == [0, 6, 12, 18, 24, 30]
+    tiny = block_bounds(sized([64] * 300))  # the row cap bounds a block of thumbnails
+    assert tiny == [0, MAX_ROWS_PER_BLOCK, 2 * MAX_ROWS_PER_BLOCK, 300]
+    assert block_bounds(sized([8192, 256, 256, 8192])) == [0, 1, 4]  # two 64 MP images never share a block
+    assert block_bounds(sized([512] * 300), num_blocks=3) == [0, 100, 200, 300]
+    unknown = table.slice(0, 2).append_column("width", pa.array(["512", None])).append_column(
+        "height", pa.array(["512", "512"]))
+    assert block_bounds(unknown) == [0, 2]  # one unknown size: row counts, as without the columns
