@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -87,6 +88,17 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: Mapping[str, float], st
 
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     MlflowClient(tracking_uri).log_artifact(run_id, str(path), artifact_path)
+
+
+def log_weights(tracking_uri: str, run_id: str, weights: bytes, filename: str, registered_model: str | None = None
+                ) -> str | None:
+    """Log checkpoint bytes as ``model/<filename>`` on a run and register them as a version of ``registered_model``
+    when one is named; returns that version."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / filename
+        local.write_bytes(weights)
+        log_artifact(tracking_uri, run_id, local, "model")
+    return register_model(tracking_uri, run_id, f"model/{filename}", registered_model) if registered_model else None
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:

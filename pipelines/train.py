@@ -14,7 +14,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -450,19 +449,15 @@ def _export_best(result, run_dir: str, cfg: TrainConfig, options: storage.Storag
     best_metrics, best = max(ranked, key=lambda mc: mc[0].get("val_auc", -1.0))
     best_uri = storage.join(run_dir, "best.safetensors")
     with best.as_directory() as directory:
-        weights = os.path.join(directory, "model.safetensors")
-        storage.write_bytes(best_uri, Path(weights).read_bytes(), options)
-        if run_id:
-            local = Path(tempfile.mkdtemp()) / "best.safetensors"
-            shutil.copy(weights, local)
-            tracking.log_artifact(tracking_uri, run_id, local, "model")
-            if cfg.registered_model:
-                version = tracking.register_model(tracking_uri, run_id, "model/best.safetensors",
-                                                  cfg.registered_model)
-                print(f"[spai train] registered {cfg.registered_model} version {version}")
-            tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
-                                                        if k.startswith("val_")}, step=int(best_metrics["epoch"]))
-            tracking.finish_run(tracking_uri, run_id)
+        weights = Path(directory, "model.safetensors").read_bytes()
+    storage.write_bytes(best_uri, weights, options)
+    if run_id:
+        version = tracking.log_weights(tracking_uri, run_id, weights, "best.safetensors", cfg.registered_model)
+        if version:
+            print(f"[spai train] registered {cfg.registered_model} version {version}")
+        tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
+                                                    if k.startswith("val_")}, step=int(best_metrics["epoch"]))
+        tracking.finish_run(tracking_uri, run_id)
     return TrainResult(run_dir, best_uri, dict(best_metrics), run_id, tracking_uri)
 
 

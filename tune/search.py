@@ -452,11 +452,7 @@ def register_best(weights: bytes, setup: TrialSetup) -> None:
     name = setup.base.get("registered_model")
     if not name:
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / BEST_WEIGHTS
-        local.write_bytes(weights)
-        tracking.log_artifact(setup.tracking_uri, setup.parent_run_id, local, "model")
-    version = tracking.register_model(setup.tracking_uri, setup.parent_run_id, f"model/{BEST_WEIGHTS}", name)
+    version = tracking.log_weights(setup.tracking_uri, setup.parent_run_id, weights, BEST_WEIGHTS, name)
     print(f"[spai tune] registered {name} version {version} (best trial)", flush=True)
 
 
