@@ -252,11 +252,6 @@ class SPAI(nn.Module):
         """``T x 3 x S x S`` tiles -> ``T x descriptor_dim`` descriptors, standardised if the config says so."""
         return self.descriptor_norm(self.mfvit(tiles))
 
-    def encode_tiles(self, tiles: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-        """Descriptors of ``T`` tiles, encoded ``chunk`` at a time so peak memory is bounded."""
-        chunk = chunk or self.cfg.feature_batch
-        return torch.cat([self.describe(tiles[i:i + chunk]) for i in range(0, tiles.shape[0], chunk)])
-
     def pool(self, desc: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tile descriptors ``B x L x D`` -> logits ``B`` and attention over tiles ``B x heads x L``."""
         pooled, attn = self.sca(desc, valid)
