@@ -103,16 +103,16 @@ def pipeline(manifest: str, expected: int) -> Result:
     return Result((seen - first[1]) / elapsed, seen / cpu, first[0] - start, peak() / MB)
 
 
-def write_corpus_manifest(paths: list[Path], folder: Path) -> str:
+def write_corpus_manifest(paths: list[Path], size: int, folder: Path) -> str:
     # width and height as a validated manifest has them (`spai validate`): the pipeline sizes its blocks by pixels.
     rows = [{"uri": str(p), "label": 0, "split": "test", "generator": "real", "source": "bench", "group": p.stem,
-             **dict(zip(("width", "height"), Image.open(p).size))} for p in paths]
+             "width": size, "height": size} for p in paths]
     return write_manifest(rows_to_table(rows), str(folder / "manifest"), {"builder": "bench_ingest"})
 
 
 def run(images: int, sizes: list[int], cpus: list[int], workdir: Path) -> dict:
     corpora = {s: make_corpus(workdir / str(s), s, images) for s in sizes}
-    manifests = {s: write_corpus_manifest(paths, workdir / str(s)) for s, paths in corpora.items()}
+    manifests = {s: write_corpus_manifest(paths, s, workdir / str(s)) for s, paths in corpora.items()}
     results = {("plain", 1, s): plain_loop(paths) for s, paths in corpora.items()}
     for n in cpus:
         ray.init(num_cpus=n, include_dashboard=False, logging_level=logging.WARNING)
