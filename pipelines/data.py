@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -27,9 +27,11 @@ from pipelines.storage import Files, StorageOptions
 
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
-# Rows per decode batch. A decoded camera photo is 30-300 MB, so a few rows per batch keep a worker's memory and each
-# output block small; the object store then holds a bounded number of images whatever the corpus size.
-DEFAULT_BATCH_SIZE = 4
+# Decoded bytes per output block. A decode task emits a block whenever its images fill this budget, so a worker holds
+# at most one budget of pixels (plus one image) and the object store a bounded number of blocks, whatever the input
+# block's row count or the images' sizes (a camera photo decodes to 30-300 MB). 72 MB is DEFAULT_BLOCK_PIXELS of RGB,
+# so a pixel-sized input block comes out as one block, under Ray Data's 128 MB block target.
+DEFAULT_OUTPUT_BYTES = 72 << 20
 # Manifest rows per input block when image sizes are unknown. Each block is one decode task: enough rows to hide the
 # task overhead (16 small images are ~50 ms of work), few enough that tasks spread over all CPUs and a block of large
 # photos stays bounded.
@@ -104,18 +106,51 @@ def block_bounds(table: pa.Table, num_blocks: int | None = None) -> list[int]:
     return bounds + [rows]
 
 
-def image_column(images: list[np.ndarray | None]) -> pa.Array:
-    """A Ray tensor column of per-row images; failed rows (None) become empty arrays of the same rank.
+class ImageColumnBuilder:
+    """Builds a Ray tensor column of per-row images, copying each into one preallocated array while shapes agree.
 
-    Same-shaped images give a fixed-shape tensor column (stacked batches), differing shapes a variable-shaped one.
-    Empty arrays rather than nulls, because Ray cannot join an all-null block with typed ones.
+    Decoded images are copied into their block as they arrive, so a batch is never held twice (per-row arrays and
+    their stack) and a worker reuses its freed memory instead of faulting in fresh pages for every image, which costs
+    as much as a JPEG decode on small VMs. Same-shaped rows give a fixed-shape tensor column, differing shapes a
+    variable-shaped one. Failed rows (None) become empty arrays of the same rank rather than nulls, because Ray cannot
+    join an all-null block with typed ones.
     """
-    ndim = next((im.ndim for im in images if im is not None), 3)
-    empty = np.zeros((0,) * (ndim - 1) + (3,), np.uint8)
-    filled = [empty if im is None else im for im in images]
-    if len({im.shape for im in filled}) == 1:
-        return ArrowTensorArray.from_numpy(np.stack(filled))
-    return ArrowVariableShapedTensorArray.from_numpy(filled)
+
+    def __init__(self, capacity: int, max_bytes: int = DEFAULT_OUTPUT_BYTES):
+        self._capacity = capacity  # rows still to come in this batch: the stack never needs more
+        self._max_bytes = max_bytes
+        self._stack: np.ndarray | None = None
+        self._ragged: list[np.ndarray | None] | None = None
+        self.rows = 0
+        self.nbytes = 0
+
+    def full(self) -> bool:
+        """Whether the column holds its byte budget (or all its stacked rows): time to emit it as a block."""
+        if self._ragged is None and self._stack is not None:
+            return self.rows == len(self._stack)
+        return self.nbytes >= self._max_bytes
+
+    def append(self, image: np.ndarray | None) -> None:
+        if self._ragged is None:
+            if self._stack is None and image is not None:
+                rows = max(1, min(self._capacity, self._max_bytes // max(image.nbytes, 1)))
+                self._stack = np.empty((rows, *image.shape), np.uint8)
+            if image is not None and image.shape == self._stack.shape[1:]:
+                self._stack[self.rows] = image
+                self.rows += 1
+                self.nbytes += image.nbytes
+                return
+            self._ragged = [] if self._stack is None else list(self._stack[:self.rows])
+        self._ragged.append(image)
+        self.rows += 1
+        self.nbytes += 0 if image is None else image.nbytes
+
+    def finish(self) -> pa.Array:
+        if self._ragged is None:
+            return ArrowTensorArray.from_numpy(self._stack[:self.rows])
+        ndim = next((im.ndim for im in self._ragged if im is not None), 3)
+        empty = np.zeros((0,) * (ndim - 1) + (3,), np.uint8)
+        return ArrowVariableShapedTensorArray.from_numpy([empty if im is None else im for im in self._ragged])
 
 
 def _decode_one(uri: str, files: Files, transform: Transform | None, seed: int, max_pixels: int
@@ -137,21 +172,33 @@ def _decode_one(uri: str, files: Files, transform: Transform | None, seed: int, 
     return out, info, None
 
 
-def _decode_batch(batch: pa.Table, transform: Transform | None, seed: int, options: StorageOptions,
-                  max_pixels: int) -> pa.Table:
+def decode_block(batch: pa.Table, transform: Transform | None, seed: int, options: StorageOptions,
+                  max_pixels: int, max_bytes: int) -> Iterator[pa.Table]:
+    """Decode a manifest block's rows (adding :data:`DECODED_COLUMNS`), yielding a table whenever their images fill
+    ``max_bytes``; rows keep their order and every row comes out once, failed ones with their ``error``."""
     files = Files(options)  # one S3 client per batch, not per image
-    results = [_decode_one(uri, files, transform, seed, max_pixels) for uri in batch.column("uri").to_pylist()]
-    sizes = [(info["height"], info["width"]) if info else (None, None) for _, info, _ in results]
     batch = batch.drop_columns([name for name in DECODED_COLUMNS if name in batch.column_names])
-    return (batch.append_column("image", image_column([image for image, _, _ in results]))
-            .append_column("height", pa.array([h for h, _ in sizes], pa.int32()))
-            .append_column("width", pa.array([w for _, w in sizes], pa.int32()))
-            .append_column("error", pa.array([error for _, _, error in results], pa.string())))
+    uris = batch.column("uri").to_pylist()
+    start = 0
+    while start < len(uris):
+        images = ImageColumnBuilder(len(uris) - start, max_bytes)
+        heights, widths, errors = [], [], []
+        while start + images.rows < len(uris) and not images.full():
+            image, info, error = _decode_one(uris[start + images.rows], files, transform, seed, max_pixels)
+            images.append(image)
+            heights.append(info and info["height"])
+            widths.append(info and info["width"])
+            errors.append(error)
+        yield (batch.slice(start, images.rows).append_column("image", images.finish())
+               .append_column("height", pa.array(heights, pa.int32()))
+               .append_column("width", pa.array(widths, pa.int32()))
+               .append_column("error", pa.array(errors, pa.string())))
+        start += images.rows
 
 
 def decode_images(ds: ray.data.Dataset, transform: Transform | None = None, seed: int = 0,
                   options: StorageOptions | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  batch_size: int = DEFAULT_BATCH_SIZE) -> ray.data.Dataset:
+                  max_bytes: int = DEFAULT_OUTPUT_BYTES) -> ray.data.Dataset:
     """Stream manifest rows to decoded images: adds ``image``, ``height``, ``width`` (original size) and ``error``.
 
     ``image`` is the uint8 ``H x W x 3`` array, or whatever uint8 array ``transform(image, rng)`` returns (e.g.
@@ -159,12 +206,13 @@ def decode_images(ds: ray.data.Dataset, transform: Transform | None = None, seed
     transform failed) and the reason in ``error``. Input columns with these names are replaced. In numpy batches
     ``image`` is one stacked array when every row has the same shape, else an object array of per-row arrays (a
     failed row's empty image makes shapes differ), so stack the good rows yourself. ``seed`` feeds
-    :func:`row_rng`; pass ``seed + epoch`` for new augmentations each epoch.
+    :func:`row_rng`; pass ``seed + epoch`` for new augmentations each epoch. Each input block is one task, which
+    emits an output block whenever its decoded images reach ``max_bytes``.
     """
     return ds.map_batches(
-        _decode_batch,
+        decode_block,
         batch_format="pyarrow",
-        batch_size=batch_size,
+        batch_size=None,
         fn_kwargs={"transform": transform, "seed": seed, "options": options or StorageOptions.from_env(),
-                   "max_pixels": max_pixels},
+                   "max_pixels": max_pixels, "max_bytes": max_bytes},
     )

@@ -17,7 +17,8 @@ def to_rgb_array(image: ImageLike) -> np.ndarray:
     (C = 1, 3 or 4; a fourth channel is treated as alpha and dropped).
     """
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        # convert("RGB") of an RGB image is a plain copy: skip it (same pixels, one image-sized allocation less).
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"), dtype=np.uint8)
     array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if array.dtype != np.uint8:
         raise TypeError(f"image arrays must be uint8 (0..255), got {array.dtype}; convert or pass a PIL image")

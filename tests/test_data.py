@@ -13,8 +13,10 @@ import ray
 from PIL import Image
 
 from pipelines import manifest as m
-from pipelines.data import (MAX_ROWS_PER_BLOCK, block_bounds, decode_images, image_column, read_manifest_dataset,
-                            row_rng)
+from pipelines.data import (MAX_ROWS_PER_BLOCK, ImageColumnBuilder, block_bounds, decode_block, decode_images,
+                            read_manifest_dataset, row_rng)
+from pipelines.decode import DEFAULT_MAX_PIXELS
+from pipelines.storage import StorageOptions
 from pipelines.validate import validate_manifest
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.images import to_rgb_array
@@ -101,7 +103,7 @@ def test_transform_randomness_depends_on_seed_and_uri_not_blocks(manifest_uri):
     table = m.read_manifest(manifest_uri)
     one = _by_uri(decode_images(read_manifest_dataset(table, override_num_blocks=1), _two_views, seed=5).take_all())
     many = _by_uri(decode_images(read_manifest_dataset(table, override_num_blocks=7), _two_views, seed=5,
-                                 batch_size=1).take_all())
+                                 max_bytes=1).take_all())
     other = _by_uri(decode_images(read_manifest_dataset(table), _two_views, seed=6).take_all())
     good = [u for u, r in one.items() if r["error"] is None]
     assert len(good) == 11
@@ -133,11 +135,37 @@ def test_decoded_columns_replace_same_named_inputs(manifest_uri):
     assert all(w > 1 for w in decoded.column("width").to_pylist())
 
 
-def test_image_column_shapes():
-    same = image_column([np.zeros((2, 3, 3), np.uint8), None, np.ones((2, 3, 3), np.uint8)])
-    assert len(same) == 3
-    ragged = image_column([np.zeros((2, 3, 3), np.uint8), np.zeros((4, 1, 3), np.uint8), None])
+def _column(images: list[np.ndarray | None], max_bytes: int = 1 << 20) -> tuple[pa.Array, bool]:
+    builder = ImageColumnBuilder(len(images), max_bytes)
+    for image in images:
+        builder.append(image)
+    return builder.finish(), builder.full()
+
+
+def test_image_column_stacks_same_shapes_and_keeps_ragged_rows():
+    same, full = _column([np.zeros((2, 3, 3), np.uint8), np.ones((2, 3, 3), np.uint8)])
+    assert full and same.to_numpy().shape == (2, 2, 3, 3) and same.to_numpy()[1].min() == 1
+    ragged, _ = _column([np.zeros((2, 3, 3), np.uint8), np.zeros((4, 1, 3), np.uint8), None])
     assert [a.shape for a in ragged.to_numpy(zero_copy_only=False)] == [(2, 3, 3), (4, 1, 3), (0, 0, 3)]
+    failed_first, _ = _column([None, np.ones((1, 2, 4, 3), np.uint8)])
+    assert [a.shape for a in failed_first.to_numpy(zero_copy_only=False)] == [(0, 0, 0, 3), (1, 2, 4, 3)]
+
+
+def test_image_column_is_full_at_its_byte_budget():
+    image = np.zeros((4, 4, 3), np.uint8)
+    builder = ImageColumnBuilder(10, max_bytes=2 * image.nbytes)
+    builder.append(image)
+    assert not builder.full()
+    builder.append(image)
+    assert builder.full() and builder.rows == 2
+
+
+def test_decode_block_emits_tables_within_max_bytes_and_keeps_every_row(manifest_uri):
+    table = m.read_manifest(manifest_uri)
+    view_bytes = 2 * 16 * 16 * 3
+    parts = list(decode_block(table, _two_views, 5, StorageOptions(), DEFAULT_MAX_PIXELS, max_bytes=3 * view_bytes))
+    assert len(parts) >= 4 and all(p.column("error").null_count <= 3 for p in parts)  # 11 good rows, 3 per table
+    assert [u for p in parts for u in p.column("uri").to_pylist()] == table.column("uri").to_pylist()
 
 
 def test_s3_corpus_gives_the_same_rows_as_disk(s3_server, corpus):  # noqa: F811
