@@ -9,6 +9,41 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _onednn_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype :func:`linear` runs oneDNN's fused CPU kernel in (fp32, or bf16 under CPU bf16 autocast), or None
+    where it must use the plain ops: on GPU, under autograd (the op has no backward), without oneDNN."""
+    if (x.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        bf16 = torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    return torch.float32 if x.dtype == weight.dtype == torch.float32 else None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + gelu(x @ weight.T + bias)`` (each part optional; exact GELU).
+
+    On CPU inference this is oneDNN's linear with the bias and GELU (and in fp32 the residual add) fused into the
+    GEMM: in fp32 about 20% faster per ViT-B image than ``F.linear`` (MKL ``addmm`` first copies the broadcast bias
+    into the output) followed by separate element-wise passes, equal to it up to float rounding. Under bf16 autocast
+    it computes what autocast would (bf16 operands, bf16 output, the residual added in its own dtype). Elsewhere
+    (GPU, training) the plain ops.
+    """
+    dtype = _onednn_dtype(x, weight)
+    if dtype is None:
+        out = F.linear(x, weight, bias)
+        out = F.gelu(out) if gelu else out
+    elif dtype == torch.float32 and residual is not None and not gelu:
+        return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+    else:
+        bias = None if bias is None else bias.to(dtype)
+        out = torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight.to(dtype), bias, "gelu" if gelu else "none", [],
+                                                 "none" if gelu else "")
+    return out if residual is None else residual + out
+
+
 class DropPath(nn.Module):
     """Stochastic depth per sample; active only in training mode (the official recipe keeps it on)."""
 
@@ -35,24 +70,27 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of ``x``, plus ``residual`` when given (added inside the output projection)."""
         batch, tokens, dim = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = (self.qkv(x) + bias).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        qkv = linear(x, self.qkv.weight, bias).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)  # default scale head_dim**-0.5, as in the official model
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return linear(out.transpose(1, 2).reshape(batch, tokens, dim), self.proj.weight, self.proj.bias,
+                      residual=residual)
 
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """MLP of ``x``, plus ``residual`` when given (added inside the second linear)."""
+        hidden = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
+        return linear(hidden, self.fc2.weight, self.fc2.bias, residual=residual)
 
 
 class Block(nn.Module):
@@ -67,8 +105,11 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.drop_path.training and self.drop_path.prob > 0:  # the residual must skip the dropped branch
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        x = self.attn(self.norm1(x), residual=x)
+        return self.mlp(self.norm2(x), residual=x)
 
 
 class PatchEmbed(nn.Module):

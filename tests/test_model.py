@@ -9,6 +9,7 @@ from PIL import Image
 from spai_core.detector import Detector
 from spai_core.spai import build_model, get_model_config
 from spai_core.tiling import five_crop_offsets, pad_to_min_size, spread_indices, tile_offsets
+from spai_core.vit import _onednn_dtype, linear
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +129,35 @@ def test_descriptor_norm_standardises_in_training_and_is_per_image_in_eval():
     images = [_rand_image(256, 300, 6), _rand_image(480, 500, 7)]
     np.testing.assert_allclose(detector.logits(images), np.concatenate([detector.logits([i]) for i in images]),
                                rtol=1e-4, atol=1e-5)
+
+
+def _plain_linear(x, weight, bias, gelu, residual):
+    out = torch.nn.functional.linear(x, weight, bias)
+    out = torch.nn.functional.gelu(out) if gelu else out
+    return out if residual is None else residual + out
+
+
+@pytest.mark.parametrize("gelu,with_residual,with_bias", [(False, False, True), (True, False, True),
+                                                          (False, True, True), (False, True, False)])
+def test_fused_linear_equals_the_plain_ops(gelu, with_residual, with_bias):
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 5, 16, generator=g), torch.randn(24, 16, generator=g) * 0.3
+    bias = torch.randn(24, generator=g) if with_bias else None
+    residual = torch.randn(2, 5, 24, generator=g) if with_residual else None
+    with torch.no_grad():
+        assert _onednn_dtype(x, weight) == (torch.float32 if torch.backends.mkldnn.is_available() else None)
+        fused, plain = linear(x, weight, bias, gelu, residual), _plain_linear(x, weight, bias, gelu, residual)
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", torch.bfloat16):
+            fused, plain = linear(x, weight, bias, gelu, residual), _plain_linear(x, weight, bias, gelu, residual)
+        assert fused.dtype == plain.dtype
+        torch.testing.assert_close(fused.float(), plain.float(), atol=0.05, rtol=0.02)
+
+
+def test_fused_linear_keeps_autograd():
+    x = torch.randn(3, 8, requires_grad=True)
+    weight = torch.randn(4, 8, requires_grad=True)
+    assert _onednn_dtype(x, weight) is None
+    linear(x, weight, torch.zeros(4), gelu=True, residual=torch.ones(3, 4)).sum().backward()
+    assert x.grad is not None and weight.grad is not None and weight.grad.abs().sum() > 0
+
