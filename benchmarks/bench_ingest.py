@@ -158,16 +158,16 @@ def format_table(results: dict, sizes: list[int], cpus: list[int]) -> str:
         for n in cpus:
             plain, r = results[("plain", n, s)], results[("ray", n, s)]
             line += (f" | {plain.images_per_s:>18.1f} {r.images_per_s:>9.1f}"
-                     f" {r.images_per_s / n / one.images_per_s:>6.0%} {r.images_per_s / plain.images_per_s:>8.0%} {r.images_per_cpu_s:>9.1f}"
-                     f" {r.images_per_cpu_s / one.images_per_cpu_s:>5.0%} {r.startup_s:>9.2f}"
-                     f" {r.peak_object_store_mb:>7.0f}")
+                     f" {r.images_per_s / n / one.images_per_s:>6.0%} {r.images_per_s / plain.images_per_s:>8.0%}"
+                     f" {r.images_per_cpu_s:>9.1f} {r.images_per_cpu_s / one.images_per_cpu_s:>5.0%}"
+                     f" {r.startup_s:>9.2f} {r.peak_object_store_mb:>7.0f}")
         lines.append(line)
     notes = ("img/s: all images / wall clock (Ray: from the job's start, ramp-up included); plain N: the plain loop "
-             "split over N processes; /core: (ray img/s / N) / plain-1 img/s; vs plain: ray img/s / plain-N img/s, both on N "
-             "cores; img/CPU-s and eff: images per CPU-second of decoding work (Ray: all its tasks) and its ratio to "
-             "the one-process plain loop, which other load on the machine does not distort; startup s: time to the "
-             "first batch, once per job; peak MB: Ray Data's peak object-store use (the corpus is the same decoded MB "
-             "per size).")
+             "split over N processes; /core: (ray img/s / N) / plain-1 img/s; vs plain: ray img/s / plain-N img/s, "
+             "both on N cores; img/CPU-s and eff: images per CPU-second of decoding work (Ray: all its tasks) and its "
+             "ratio to the one-process plain loop, which other load on the machine does not distort; startup s: time "
+             "to the first batch, once per job; peak MB: Ray Data's peak object-store use (the corpus is the same "
+             "decoded MB per size).")
     return "\n".join(lines + ["", notes])
 
 
