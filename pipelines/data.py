@@ -173,7 +173,7 @@ def _decode_one(uri: str, files: Files, transform: Transform | None, seed: int, 
 
 
 def decode_block(batch: pa.Table, transform: Transform | None, seed: int, options: StorageOptions,
-                  max_pixels: int, max_bytes: int) -> Iterator[pa.Table]:
+                 max_pixels: int, max_bytes: int) -> Iterator[pa.Table]:
     """Decode a manifest block's rows (adding :data:`DECODED_COLUMNS`), yielding a table whenever their images fill
     ``max_bytes``; rows keep their order and every row comes out once, failed ones with their ``error``."""
     files = Files(options)  # one S3 client per batch, not per image
