@@ -20,7 +20,7 @@ from torch import nn
 
 from .filters import frequency_mask, split_frequencies
 from .tiling import Offset, pad_to_min_size, tile_offsets
-from .vit import VisionTransformer
+from .vit import VisionTransformer, linear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,7 +91,11 @@ class Projector(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm2(self.projector(self.norm1(x)))
+        # The Sequential keeps the official keys; running its linears through vit.linear fuses the first one's bias
+        # and GELU into the GEMM (the per-layer projectors are about a fifth of the encoder's FLOPs).
+        drop_in, fc1, _, drop_mid, fc2, last_act, drop_out = self.projector
+        x = linear(drop_in(self.norm1(x)), fc1.weight, fc1.bias, gelu=True)
+        return self.norm2(drop_out(last_act(linear(drop_mid(x), fc2.weight, fc2.bias))))
 
 
 class PerLayerProjector(nn.Module):
