@@ -103,8 +103,9 @@ def run_case(args: argparse.Namespace) -> dict:
 
 
 def subprocess_case(args: argparse.Namespace, method: str, size: str, precision: str, images: int) -> dict:
-    cmd = [sys.executable, __file__, "--case", "--model", args.model, "--threads", str(args.threads), "--method", method,
-           "--size", size, "--precision", precision, "--images", str(images), "--feature-batch", str(args.feature_batch)]
+    cmd = [sys.executable, __file__, "--case", "--model", args.model, "--threads", str(args.threads), "--method",
+           method, "--size", size, "--precision", precision, "--images", str(images)]
+    cmd += ["--feature-batch", str(args.feature_batch)] if args.feature_batch else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -115,7 +116,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--images", type=int, default=2, help="images per size")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--feature-batch", type=int, default=16, help="tiles encoded at once by our detector")
+    parser.add_argument("--feature-batch", type=int, default=None,
+                        help="tiles encoded at once by our detector (default: the Detector's CPU default)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="ours", help=argparse.SUPPRESS)

@@ -10,10 +10,14 @@ CUDA machine the loop and ``spai score`` on the GPU in each precision (with the 
 Columns: ``wall`` is the whole process; ``work`` leaves out start-up (imports, Ray, listing) but keeps the model load;
 memory is the peak PSS of the process tree (sampled from ``/proc``, Linux), so Ray's raylet, workers and shared object
 store pages count once instead of once per process as summed RSS would. ``max |dlogit|`` compares each run's logits
-with the loop's.
+with the loop's. ``steady`` is the rate after the first results, which a long job runs at; ``scaling eff.`` is a
+run's steady rate over ``workers`` x that of its one-worker twin; give
+``--cpus-per-worker`` so that the twins' workers are the same size (else one worker already has every CPU).
 
     python benchmarks/bench_score.py --images 28                        # CPU, spai_tiny, a few minutes on 2 cores
     python benchmarks/bench_score.py --model spai_vit_b16 --images 7    # the real model, one image per size: ~12 min
+    python benchmarks/bench_score.py --model spai_vit_b16 --images 28 --sizes 512 --batch-size 1 --precisions fp32 \
+        --cpus-per-worker 1                                             # scaling from 1 to 2 one-CPU workers
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,14 +65,25 @@ class Measurement:
     peak_pss: int  # bytes
     max_dlogit: float = float("nan")
     gpu_util: float | None = None
+    cpus_per_worker: int | None = None  # None: the node's CPUs split between the workers
+    steady: float = float("nan")  # images/s after the first results: the rate a long job runs at, start-up apart
+
+
+def scaling_efficiency(row: Measurement, rows: list[Measurement]) -> float | None:
+    """Steady throughput of ``row`` over ``workers`` x that of the same run with one worker, if there is one."""
+    single = [r for r in rows if r.name == row.name and r.workers == 1 and (r.device, r.precision, r.cpus_per_worker)
+              == (row.device, row.precision, row.cpus_per_worker)]
+    if row.workers == 1 or not single:
+        return None
+    return row.steady / (row.workers * single[0].steady)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inputs
 
 
-def make_corpus(folder: Path, count: int) -> list[Path]:
-    """``count`` squares of the photos at sizes cycling through :data:`SIZES`, alternately JPEG and PNG."""
+def make_corpus(folder: Path, count: int, sizes: Sequence[int] = SIZES) -> list[Path]:
+    """``count`` squares of the photos at sizes cycling through ``sizes``, alternately JPEG and PNG."""
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -75,7 +91,7 @@ def make_corpus(folder: Path, count: int) -> list[Path]:
         image = Image.open(photos[i % len(photos)]).convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        size = SIZES[i % len(SIZES)]
+        size = sizes[i % len(sizes)]
         square = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
         path = folder / f"img{i:04d}_{size}.{'jpg' if i % 2 == 0 else 'png'}"
         square.save(path, quality=90)
@@ -94,13 +110,15 @@ def make_weights(path: Path, model: str) -> Path:
 
 
 def loop(weights: str, corpus: str, device: str, result: str) -> None:
-    """Open each image and score it alone in fp32; write ``{"seconds": ..., "logits": {name: logit}}``."""
+    """Open each image and score it alone in fp32; write ``{"seconds", "first" (seconds to the first logit),
+    "logits": {name: logit}}``."""
     started = time.perf_counter()
     detector = Detector.from_pretrained(weights, device, "fp32")
-    logits = {}
+    logits, first = {}, None
     for path in sorted(Path(corpus).iterdir()):
         logits[path.name] = float(detector.logits([to_rgb_array(Image.open(path))])[0])
-    Path(result).write_text(json.dumps({"seconds": time.perf_counter() - started, "logits": logits}))
+        first = first or time.perf_counter() - started
+    Path(result).write_text(json.dumps({"seconds": time.perf_counter() - started, "first": first, "logits": logits}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -180,34 +198,42 @@ def bench_loop(weights: Path, corpus: Path, device: str, work: Path) -> tuple[Me
     wall, peak, util = run_measured(command, work / f"loop-{device}.log")
     data = json.loads(result.read_text())
     logits = data["logits"]
+    steady = (len(logits) - 1) / (data["seconds"] - data["first"]) if len(logits) > 1 else float("nan")
     return Measurement("loop (batch 1)", device, 1, "fp32", len(logits), wall, data["seconds"], peak, 0.0,
-                       util), logits
+                       util, steady=steady), logits
 
 
 def bench_score(weights: Path, corpus: Path, device: str, workers: int, precision: str, batch_size: int,
-                work: Path, reference: dict[str, float]) -> Measurement:
-    name = f"score-{device}-{workers}w-{precision}"
+                work: Path, reference: dict[str, float], cpus_per_worker: int | None = None) -> Measurement:
+    name = f"score-{device}-{workers}w-{precision}" + (f"-{cpus_per_worker}cpu" if cpus_per_worker else "")
     output = work / f"{name}.parquet"
     command = [sys.executable, "-m", "spai_cli.main", "score", "-w", str(weights), "-i", str(corpus), "-o",
                str(output), "--device", device, "--precision", precision, "--workers", str(workers),
                "--batch-size", str(batch_size)]
+    command += ["--cpus-per-worker", str(cpus_per_worker)] if cpus_per_worker else []
     wall, peak, util = run_measured(command, work / f"{name}.log")
-    seconds = float(re.search(r"scored \d+ images in ([\d.]+) s", (work / f"{name}.log").read_text()).group(1))
+    log = (work / f"{name}.log").read_text()
+    seconds = float(re.search(r"scored \d+ images in ([\d.]+) s", log).group(1))
+    since = re.search(r"([\d.]+) img/s since", log)
+    steady = float(since.group(1)) if since else float("nan")
     table = pq.read_table(output)
     logits = dict(zip(table.column("image").to_pylist(), table.column("logit").to_pylist()))
     dlogit = max(abs(logits[k] - v) for k, v in reference.items())
-    return Measurement("spai score", device, workers, precision, table.num_rows, wall, seconds, peak, dlogit, util)
+    return Measurement("spai score", device, workers, precision, table.num_rows, wall, seconds, peak, dlogit, util,
+                       cpus_per_worker, steady)
 
 
 def format_table(rows: list[Measurement]) -> str:
     base = {r.device: r for r in rows if r.name.startswith("loop")}
-    header = ("run", "device", "workers", "precision", "images", "wall s", "img/s wall", "img/s work", "vs loop",
-              "peak PSS GiB", "max |dlogit|", "GPU util %")
+    header = ("run", "device", "workers", "CPUs/worker", "precision", "images", "wall s", "img/s wall", "img/s work",
+              "img/s steady", "vs loop", "scaling eff.", "peak PSS GiB", "max |dlogit|", "GPU util %")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         speedup = base[r.device].wall_s / r.wall_s if r.device in base else float("nan")
-        cells = (r.name, r.device, r.workers, r.precision, r.images, f"{r.wall_s:.1f}", f"{r.images / r.wall_s:.2f}",
-                 f"{r.images / r.work_s:.2f}", f"{speedup:.2f}x", f"{r.peak_pss / 2 ** 30:.2f}",
+        efficiency = scaling_efficiency(r, rows)
+        cells = (r.name, r.device, r.workers, r.cpus_per_worker or "auto", r.precision, r.images, f"{r.wall_s:.1f}",
+                 f"{r.images / r.wall_s:.2f}", f"{r.images / r.work_s:.2f}", f"{r.steady:.2f}", f"{speedup:.2f}x",
+                 "-" if efficiency is None else f"{efficiency:.2f}", f"{r.peak_pss / 2 ** 30:.2f}",
                  f"{r.max_dlogit:.1e}", "-" if r.gpu_util is None else f"{r.gpu_util:.0f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
@@ -217,8 +243,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="spai_tiny", help="model config of the seeded random weights")
     parser.add_argument("--images", type=int, default=28, help="corpus size (sizes cycle through 224..2048)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES),
+                        help="square image sizes the corpus cycles through (one size balances workers best)")
     parser.add_argument("--batch-size", type=int, default=8, help="spai score --batch-size")
     parser.add_argument("--workers", default="1,2", help="CPU worker counts to run spai score with")
+    parser.add_argument("--cpus-per-worker", type=int, default=None,
+                        help="spai score --cpus-per-worker for the CPU runs: fix each worker's threads so the runs "
+                        "with 1 and 2 workers measure scaling (default: the CPUs split between the workers)")
     parser.add_argument("--precisions", default="fp32,bf16",
                         help="spai score --precision values to run (bf16 pays off on CPUs with AVX512-BF16 or AMX)")
     parser.add_argument("--work-dir", default=None, help="keep corpus, logs and outputs here (default: a temp dir)")
@@ -232,7 +263,7 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         corpus = work / "corpus"
         shutil.rmtree(corpus, ignore_errors=True)
-        make_corpus(corpus, args.images)
+        make_corpus(corpus, args.images, args.sizes)
         weights = make_weights(work / f"{args.model}.safetensors", args.model)
         rows = []
         for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
@@ -243,9 +274,10 @@ def main() -> None:
                 (1, p) for p in precisions]
             for workers, precision in runs:
                 rows.append(bench_score(weights, corpus, device, workers, precision, args.batch_size, work,
-                                        reference))
-        print(f"\nmodel {args.model}, {args.images} images of {SIZES} px (JPEG/PNG), batch {args.batch_size}, "
-              f"{os.cpu_count()} CPUs" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+                                        reference, args.cpus_per_worker if device == "cpu" else None))
+        print(f"\nmodel {args.model}, {args.images} images of {tuple(args.sizes)} px (JPEG/PNG), "
+              f"batch {args.batch_size}, {os.cpu_count()} CPUs"
+              + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
         print(format_table(rows))
 
 

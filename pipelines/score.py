@@ -68,7 +68,6 @@ PART_SCHEMA = pa.schema([("row_id", pa.string()), ("logit", pa.float32()), ("til
                          ("error", pa.string())])
 JOB_FILE = "job.json"
 PART_SECONDS = 60.0  # a part file is written at least this often, so a kill loses at most a minute of work
-CPU_FEATURE_BATCH = 16  # tiles encoded at once on CPU: ~1 GB of ViT-B activations, and no faster when larger
 GPU_ACTOR_THREADS = 2  # a GPU actor only pads and tiles on the CPU
 
 
@@ -88,7 +87,8 @@ class ScoreConfig:
     batch_size: int = 8  # images per model call; their tiles are encoded together
     workers: int | None = None  # scoring actors (default: one per GPU, else 1)
     gpus: float | None = None  # GPUs per actor (default 1 on GPU)
-    feature_batch: int | None = None  # tiles encoded at once (default 16 on CPU, the model's on GPU)
+    cpus_per_worker: int | None = None  # torch threads per CPU actor (default: its node's CPUs split between them)
+    feature_batch: int | None = None  # tiles encoded at once (default: the Detector's, 4 on CPU, the model's on GPU)
     max_tiles: int | None = None  # cap on tiles per image
     transform: ScoreTransformConfig = dataclasses.field(default_factory=ScoreTransformConfig)
     root: str | None = None  # root of relative paths in a CSV input
@@ -104,7 +104,8 @@ class ScoreConfig:
             raise ConfigError(f"device must be auto, cpu or cuda, got {self.device!r}")
         if self.precision not in ("auto", *PRECISIONS):
             raise ConfigError(f"precision must be auto or one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "workers", "feature_batch", "max_tiles", "part_rows", "max_pixels"):
+        for name in ("batch_size", "workers", "cpus_per_worker", "feature_batch", "max_tiles", "part_rows",
+                     "max_pixels"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value}")
@@ -148,6 +149,7 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
 
     ``node_cpus`` (CPUs of each alive node; default: one node with all of ``resources``) sizes CPU actors per node:
     actors are spread over the nodes that have CPUs, and each node keeps one CPU unreserved for decode tasks.
+    ``cpus_per_worker`` fixes each CPU actor's torch threads instead (e.g. to measure scaling at a fixed size).
     """
     gpus_total = float(resources.get("GPU", 0.0))
     if cfg.device == "cuda" and gpus_total == 0:
@@ -162,10 +164,10 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
     cpu_nodes = [c for c in (node_cpus or [float(resources.get("CPU", 1.0))]) if c >= 1] or [1.0]
     per_node = math.ceil(workers / len(cpu_nodes))  # actors sharing the smallest node in the worst case
     smallest = min(cpu_nodes)
-    threads = max(1, int(smallest // per_node))
+    threads = cfg.cpus_per_worker or max(1, int(smallest // per_node))
     # Actors use all their cores through torch threads but reserve less, so Ray can still schedule decode tasks.
     num_cpus = min(float(threads), max(smallest - 1.0, 1.0) / per_node)
-    return ActorPlan(device, precision, workers, num_cpus, 0.0, threads, cfg.feature_batch or CPU_FEATURE_BATCH)
+    return ActorPlan(device, precision, workers, num_cpus, 0.0, threads, cfg.feature_batch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -382,8 +384,10 @@ def _ray_data_bars_off() -> Iterator[None]:
 
 
 def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str, options: StorageOptions,
-               work: WorkDir, bar: tqdm) -> None:
-    """Stream ``todo`` through decode and the actor pool; finished rows go to the work directory as they come."""
+               work: WorkDir, bar: tqdm) -> tuple[float, int] | None:
+    """Stream ``todo`` through decode and the actor pool; finished rows go to the work directory as they come.
+
+    Returns when (``time.monotonic()``) the first results came and how many rows they held, if any came."""
     # width/height of a validated manifest let the input blocks be sized by pixels (see pipelines.data.block_bounds)
     ds = read_manifest_dataset(todo.select([c for c in (*CORE_COLUMNS, "row_id", "width", "height")
                                             if c in todo.column_names]))
@@ -396,14 +400,16 @@ def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
                         num_gpus=plan.num_gpus or None,
                         fn_constructor_kwargs={"weights": cfg.weights, "model_id": model_id, "plan": plan,
                                                "max_tiles": cfg.max_tiles, "options": options})
-    buffer = PartBuffer(work, cfg.part_rows)
+    buffer, first = PartBuffer(work, cfg.part_rows), None
     with _ray_data_bars_off():
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 buffer.add(batch)
                 bar.update(batch.num_rows)
+                first = first or (time.monotonic(), batch.num_rows)
         finally:  # on Ctrl-C too: rows already scored are kept
             buffer.flush()
+    return first
 
 
 def assemble(table: pa.Table, parts: pa.Table, model_id: str, options: Mapping[str, Any]) -> pa.Table:
@@ -464,12 +470,16 @@ class ScoreResult:
     scored_now: int  # rows scored by this invocation (the rest came from an interrupted run)
     seconds: float
     skipped: dict[str, Any]  # files the input listing left out: {"count", "why", "examples"}, or empty
+    first: tuple[float, int] | None = None  # seconds to the first results and their rows: start-up apart from speed
 
     def summary(self) -> str:
         errors = [e for e in self.table.column("error").to_pylist() if e is not None]
         reasons = collections.Counter(e.split(":", 1)[0] for e in errors)
-        rate = self.scored_now / self.seconds if self.seconds else 0.0
-        lines = [f"scored {self.scored_now} images in {self.seconds:.1f} s ({rate:.2f} img/s); output has "
+        rate = f"{self.scored_now / self.seconds if self.seconds else 0.0:.2f} img/s"
+        if self.first and self.scored_now > self.first[1] and self.seconds > self.first[0]:
+            since = (self.scored_now - self.first[1]) / (self.seconds - self.first[0])
+            rate += f"; first results after {self.first[0]:.1f} s, {since:.2f} img/s since"
+        lines = [f"scored {self.scored_now} images in {self.seconds:.1f} s ({rate}); output has "
                  f"{self.table.num_rows} rows: {self.table.num_rows - len(errors)} scored, {len(errors)} failed"
                  + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else "")]
         if self.skipped:
@@ -512,15 +522,16 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     work.start({"model_id": model_id, "rows": table.num_rows, **scoring_options,
                 "input_digest": hashlib.sha256("\n".join(sorted(ids.to_pylist())).encode()).hexdigest()})
     todo = table.filter(pc.invert(pc.is_in(ids, value_set=work.read_parts().column("row_id"))))
-    started = time.monotonic()
+    started, first = time.monotonic(), None
     if todo.num_rows:
         with tqdm(total=table.num_rows, initial=table.num_rows - todo.num_rows, unit="img", desc="scoring",
                   disable=not progress, mininterval=1.0, smoothing=0.05) as bar:
-            score_rows(todo, cfg, plan, model_id, options, work, bar)
+            first = score_rows(todo, cfg, plan, model_id, options, work, bar)
+    seconds = time.monotonic() - started
     out = assemble(table, work.read_parts(), model_id, scoring_options)
     write_outputs(out, cfg, files)
     work.remove()
-    return ScoreResult(cfg.output, out, todo.num_rows, time.monotonic() - started, skipped)
+    return ScoreResult(cfg.output, out, todo.num_rows, seconds, skipped, first and (first[0] - started, first[1]))
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
@@ -529,9 +540,9 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                                      blur_sigma=args.blur_sigma, noise_sigma=args.noise_sigma, scale=args.scale)
     return ScoreConfig(weights=args.weights, input=args.input, output=args.output, device=args.device,
                        precision=args.precision, batch_size=args.batch_size, workers=args.workers, gpus=args.gpus,
-                       feature_batch=args.feature_batch, max_tiles=args.max_tiles, transform=transform,
-                       root=args.root, split=args.split, tag=args.tag, official_csv=args.official_csv,
-                       part_rows=args.part_rows)
+                       cpus_per_worker=args.cpus_per_worker, feature_batch=args.feature_batch,
+                       max_tiles=args.max_tiles, transform=transform, root=args.root, split=args.split, tag=args.tag,
+                       official_csv=args.official_csv, part_rows=args.part_rows)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="images per model call")
     p.add_argument("--workers", type=int, default=None, help="scoring actors (default: GPUs, else 1)")
     p.add_argument("--gpus", type=float, default=None, help="GPUs per scoring actor")
+    p.add_argument("--cpus-per-worker", type=int, default=None,
+                   help="torch threads of each CPU scoring actor (default: the node's CPUs split between the actors)")
     p.add_argument("--resize-to", type=int, default=None, help="resize so the SHORTER side is N (official behaviour)")
     p.add_argument("--max-tiles", type=int, default=None, help="cap on 224-px tiles per image (huge images)")
     p.add_argument("--feature-batch", type=int, default=None, help="tiles encoded at once (bounds memory)")

@@ -24,7 +24,7 @@ from PIL import Image
 
 from parity import FIXTURE, expected_rows, write_official_checkpoint
 from pipelines.manifest import rows_to_table, write_manifest
-from pipelines.score import ActorPlan, ScoreConfig, ScoreError, Scorer, WorkDir, plan_actors, score
+from pipelines.score import ActorPlan, ScoreConfig, ScoreError, Scorer, ScoreResult, WorkDir, plan_actors, score
 from pipelines.storage import Files, StorageOptions, read_bytes
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.checkpoint import save_checkpoint
@@ -242,6 +242,14 @@ def test_resume_refuses_other_options_and_finished_output(weights, corpus, tmp_p
         score(ScoreConfig(weights=str(weights), input=str(corpus), output=str(tmp_path / "done.parquet")))
 
 
+def test_summary_reports_start_up_apart_from_the_rate():
+    table = pa.table({"error": [None] * 9 + ["truncated: cut.jpg"]})
+    summary = ScoreResult("out.parquet", table, 10, 20.0, {}, first=(11.0, 1)).summary()
+    assert "scored 10 images in 20.0 s (0.50 img/s; first results after 11.0 s, 1.00 img/s since)" in summary
+    assert "9 scored, 1 failed (truncated: 1)" in summary
+    assert "since" not in ScoreResult("out.parquet", table, 10, 20.0, {}, first=(20.0, 10)).summary()
+
+
 def test_actor_plan_follows_the_cluster():
     gpu = plan_actors(ScoreConfig(), {"CPU": 32, "GPU": 4})
     assert (gpu.device, gpu.precision, gpu.workers, gpu.num_gpus) == ("cuda", "bf16", 4, 1.0)
@@ -253,6 +261,9 @@ def test_actor_plan_follows_the_cluster():
     assert (spread.threads, spread.num_cpus) == (2, 1.0)
     crowded = plan_actors(ScoreConfig(workers=4), {"CPU": 4}, node_cpus=[0.0, 2.0, 2.0])
     assert (crowded.threads, crowded.num_cpus) == (1, 0.5)
+    # Fixed actor size: one thread each, and a CPU still left for decoding.
+    fixed = plan_actors(ScoreConfig(workers=1, cpus_per_worker=1), {"CPU": 2})
+    assert (fixed.threads, fixed.num_cpus) == (1, 1.0)
     with pytest.raises(ScoreError, match="no GPU"):
         plan_actors(ScoreConfig(device="cuda"), {"CPU": 8})
 
