@@ -29,19 +29,19 @@ Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 # Decoded bytes per output block. A decode task emits a block whenever its images fill this budget, so a worker holds
 # at most one budget of pixels (plus one image) and the object store a bounded number of blocks, whatever the input
-# block's row count or the images' sizes (a camera photo decodes to 30-300 MB). 72 MB is DEFAULT_BLOCK_PIXELS of RGB,
-# so a pixel-sized input block comes out as one block, under Ray Data's 128 MB block target.
+# block's row count or the images' sizes (a camera photo decodes to 30-300 MB), under Ray Data's 128 MB block target.
 DEFAULT_OUTPUT_BYTES = 72 << 20
-# Manifest rows per input block when image sizes are unknown. Each block is one decode task: enough rows to hide the
-# task overhead (16 small images are ~50 ms of work), few enough that tasks spread over all CPUs and a block of large
-# photos stays bounded.
-DEFAULT_ROWS_PER_BLOCK = 16
+# Each input block is one decode task, and tasks must be long: Ray Data 2.60's executor notices a finished task only
+# on its next 0.1 s tick (ray.wait with a 0.1 s timeout on all running tasks), so tasks of ~0.1 s left one of two CPUs
+# idle. Memory does not grow with the block, since its output is emitted every DEFAULT_OUTPUT_BYTES.
 # Decoded pixels per input block when the manifest knows image sizes (a validated manifest has width and height):
-# 24 MP is ~96 rows of 512-px images but 6 of 2048-px ones, so a block's decoded output stays ~72 MB, under Ray Data's
-# 128 MB block target, whatever the image size (16 rows of 100 MP photos would be 4.8 GB). Small images share a task:
-# on 512-px JPEGs this measured 7-27% more images/s wall-clock than 16-row blocks, at the same CPU time per image.
-DEFAULT_BLOCK_PIXELS = 24 << 20
-MAX_ROWS_PER_BLOCK = 128
+# 256 MP is ~1 s of decoding on one core (1024 rows of 512-px images, 64 of 2048-px ones). Against 24 MP blocks on
+# 2 CPUs this measured 1050-1100 vs 745 images/s on 512-px JPEGs.
+DEFAULT_BLOCK_PIXELS = 256 << 20
+MAX_ROWS_PER_BLOCK = 2048  # bounds the rows of thumbnails a task takes
+# Manifest rows per input block when image sizes are unknown: ~0.5 s of work for 1-MP images, a few seconds for camera
+# photos.
+DEFAULT_ROWS_PER_BLOCK = 64
 # Columns decode_images adds; input columns of the same name (a validated manifest's width/height, a CSV's image
 # path) are replaced, since the manifest table keeps the originals.
 DECODED_COLUMNS = ("image", "height", "width", "error")

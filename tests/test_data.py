@@ -198,21 +198,21 @@ def test_s3_corpus_gives_the_same_rows_as_disk(s3_server, corpus):  # noqa: F811
 
 def test_blocks_follow_decoded_pixels_when_the_manifest_knows_sizes():
     rows = [{"uri": f"/x/{i}.jpg", "label": 0, "split": "test", "generator": "real", "source": "t", "group": str(i)}
-            for i in range(300)]
+            for i in range(2500)]
     table = m.rows_to_table(rows)
-    assert block_bounds(table) == [i * 300 // 19 for i in range(20)]  # sizes unknown: ~16 rows per block
+    assert block_bounds(table) == [i * 2500 // 40 for i in range(41)]  # sizes unknown: ~64 rows per block
 
     def sized(sides: list[int]) -> pa.Table:
         return table.slice(0, len(sides)).append_column("width", pa.array(sides, pa.int32())).append_column(
             "height", pa.array(sides, pa.int32()))
 
-    small = block_bounds(sized([512] * 300))  # 0.25 MP each: 96 rows fill the 24 MP budget
-    assert small == [0, 96, 192, 288, 300]
-    large = block_bounds(sized([2048] * 30))  # 4 MP each: 6 rows per block
-    assert large == [0, 6, 12, 18, 24, 30]
-    tiny = block_bounds(sized([64] * 300))  # the row cap bounds a block of thumbnails
-    assert tiny == [0, MAX_ROWS_PER_BLOCK, 2 * MAX_ROWS_PER_BLOCK, 300]
-    assert block_bounds(sized([8192, 256, 256, 8192])) == [0, 1, 4]  # two 64 MP images never share a block
+    small = block_bounds(sized([512] * 2100))  # 0.25 MP each: 1024 rows fill the 256 MP budget
+    assert small == [0, 1024, 2048, 2100]
+    large = block_bounds(sized([2048] * 150))  # 4 MP each: 64 rows per block
+    assert large == [0, 64, 128, 150]
+    tiny = block_bounds(sized([64] * 2500))  # the row cap bounds a block of thumbnails
+    assert tiny == [0, MAX_ROWS_PER_BLOCK, 2500]
+    assert block_bounds(sized([16384, 256, 256, 16384])) == [0, 1, 4]  # two 256 MP images never share a block
     assert block_bounds(sized([512] * 300), num_blocks=3) == [0, 100, 200, 300]
     unknown = table.slice(0, 2).append_column("width", pa.array(["512", None])).append_column(
         "height", pa.array(["512", "512"]))
