@@ -476,7 +476,8 @@ class ScoreResult:
         errors = [e for e in self.table.column("error").to_pylist() if e is not None]
         reasons = collections.Counter(e.split(":", 1)[0] for e in errors)
         rate = f"{self.scored_now / self.seconds if self.seconds else 0.0:.2f} img/s"
-        if self.first and self.scored_now > self.first[1] and self.seconds > self.first[0]:
+        # The rate since the first results says something only if they came early (else it is a burst of last rows).
+        if self.first and self.scored_now > self.first[1] and self.first[0] <= self.seconds / 2:
             since = (self.scored_now - self.first[1]) / (self.seconds - self.first[0])
             rate += f"; first results after {self.first[0]:.1f} s, {since:.2f} img/s since"
         lines = [f"scored {self.scored_now} images in {self.seconds:.1f} s ({rate}); output has "

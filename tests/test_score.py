@@ -244,10 +244,11 @@ def test_resume_refuses_other_options_and_finished_output(weights, corpus, tmp_p
 
 def test_summary_reports_start_up_apart_from_the_rate():
     table = pa.table({"error": [None] * 9 + ["truncated: cut.jpg"]})
-    summary = ScoreResult("out.parquet", table, 10, 20.0, {}, first=(11.0, 1)).summary()
-    assert "scored 10 images in 20.0 s (0.50 img/s; first results after 11.0 s, 1.00 img/s since)" in summary
+    summary = ScoreResult("out.parquet", table, 10, 20.0, {}, first=(8.0, 1)).summary()
+    assert "scored 10 images in 20.0 s (0.50 img/s; first results after 8.0 s, 0.75 img/s since)" in summary
     assert "9 scored, 1 failed (truncated: 1)" in summary
     assert "since" not in ScoreResult("out.parquet", table, 10, 20.0, {}, first=(20.0, 10)).summary()
+    assert "since" not in ScoreResult("out.parquet", table, 10, 20.0, {}, first=(15.0, 8)).summary()  # a burst
 
 
 def test_actor_plan_follows_the_cluster():
