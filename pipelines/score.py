@@ -140,7 +140,6 @@ class ActorPlan:
     num_cpus: float  # CPUs each actor reserves (fractional on CPU so decode tasks keep a slot)
     num_gpus: float
     threads: int  # torch threads per actor
-    feature_batch: int | None
 
 
 def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Sequence[float] | None = None
@@ -159,7 +158,7 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
     if device == "cuda":
         gpus = cfg.gpus or 1.0
         workers = cfg.workers or max(1, int(gpus_total // gpus))
-        return ActorPlan(device, precision, workers, 1.0, gpus, GPU_ACTOR_THREADS, cfg.feature_batch)
+        return ActorPlan(device, precision, workers, 1.0, gpus, GPU_ACTOR_THREADS)
     workers = cfg.workers or 1
     cpu_nodes = [c for c in (node_cpus or [float(resources.get("CPU", 1.0))]) if c >= 1] or [1.0]
     per_node = math.ceil(workers / len(cpu_nodes))  # actors sharing the smallest node in the worst case
@@ -167,7 +166,7 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
     threads = cfg.cpus_per_worker or max(1, int(smallest // per_node))
     # Actors use all their cores through torch threads but reserve less, so Ray can still schedule decode tasks.
     num_cpus = min(float(threads), max(smallest - 1.0, 1.0) / per_node)
-    return ActorPlan(device, precision, workers, num_cpus, 0.0, threads, cfg.feature_batch)
+    return ActorPlan(device, precision, workers, num_cpus, 0.0, threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,11 +241,12 @@ def local_weights(uri: str, options: StorageOptions) -> Iterator[str]:
 class Scorer:
     """Ray Data actor: loads the Detector once, then turns decoded rows into ``row_id, logit, tiles, error``."""
 
-    def __init__(self, weights: str, model_id: str, plan: ActorPlan, max_tiles: int | None, options: StorageOptions):
+    def __init__(self, weights: str, model_id: str, plan: ActorPlan, max_tiles: int | None,
+                 feature_batch: int | None, options: StorageOptions):
         torch.set_num_threads(plan.threads)
         with local_weights(weights, options) as path:
-            self.detector = Detector.from_pretrained(path, plan.device, plan.precision,
-                                                     feature_batch=plan.feature_batch, max_tiles=max_tiles)
+            self.detector = Detector.from_pretrained(path, plan.device, plan.precision, feature_batch=feature_batch,
+                                                     max_tiles=max_tiles)
         if self.detector.model_id != model_id:
             raise ScoreError(f"the weights at {weights} on this node (hash {self.detector.model_id}) differ from "
                              f"the driver's (hash {model_id}); put one copy on shared storage or s3://")
@@ -399,7 +399,8 @@ def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
                         compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.num_cpus,
                         num_gpus=plan.num_gpus or None,
                         fn_constructor_kwargs={"weights": cfg.weights, "model_id": model_id, "plan": plan,
-                                               "max_tiles": cfg.max_tiles, "options": options})
+                                               "max_tiles": cfg.max_tiles, "feature_batch": cfg.feature_batch,
+                                               "options": options})
     buffer, first = PartBuffer(work, cfg.part_rows), None
     with _ray_data_bars_off():
         try:

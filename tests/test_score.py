@@ -220,8 +220,8 @@ def test_killed_run_resumes_without_duplicates_or_gaps(weights, corpus, expected
 
 def test_scorer_isolates_an_image_the_model_cannot_take(weights, corpus, expected):
     """A batch that fails is retried image by image: the others are scored, the culprit gets the model's error."""
-    plan = ActorPlan("cpu", "fp32", workers=1, num_cpus=1.0, num_gpus=0.0, threads=2, feature_batch=16)
-    scorer = Scorer(str(weights), Detector.from_pretrained(weights, "cpu").model_id, plan, None, StorageOptions())
+    plan = ActorPlan("cpu", "fp32", workers=1, num_cpus=1.0, num_gpus=0.0, threads=2)
+    scorer = Scorer(str(weights), Detector.from_pretrained(weights, "cpu").model_id, plan, None, 16, StorageOptions())
     good = to_rgb_array(Image.open(corpus / "img0.jpg"))
     batch = {"row_id": np.array(["a", "b", "c"], object), "error": np.array([None, None, "zero_byte: empty"], object),
              "image": np.array([good, np.zeros((0, 300, 3), np.uint8), np.zeros((0, 0, 3), np.uint8)], object)}
