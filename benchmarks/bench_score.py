@@ -14,7 +14,9 @@ memory is the peak PSS of the process tree (sampled from ``/proc``, Linux), so R
 store pages count once instead of once per process as summed RSS would. ``max |dlogit|`` compares each run's logits
 with the first loop's. ``steady`` is the rate after the first results, which a long job runs at; ``scaling eff.`` is a
 run's steady rate over ``workers`` x that of its one-worker twin; give
-``--cpus-per-worker`` so that the twins' workers are the same size (else one worker already has every CPU).
+``--cpus-per-worker`` so that the twins' workers are the same size (else one worker already has every CPU). With it, the
+Detector loop also runs in 1 and N concurrent processes of that many threads: their scaling is the machine's own
+(shared caches, memory bandwidth and clocks), the ceiling for the workers' scaling.
 
     python benchmarks/bench_score.py --images 28                        # CPU, spai_tiny, a few minutes on 2 cores
     python benchmarks/bench_score.py --model spai_vit_b16 --images 7    # the real model, one image per size: ~12 min
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -114,19 +117,38 @@ def make_weights(path: Path, model: str) -> Path:
 # The baseline: what the official tool does
 
 
-def loop(weights: str, corpus: str, device: str, result: str, method: str) -> None:
-    """Open each image and score it alone in fp32; write ``{"seconds", "first" (seconds to the first logit),
-    "logits": {name: logit}}``. ``method`` "official" encodes every tile of an image in one call, as the official
-    tool does (the five identical crops of a 224 image too); "detector" calls our Detector with one image."""
+def loop_shard(weights: str, paths: list[Path], device: str, method: str, threads: int | None) -> dict:
+    """Open each image and score it alone in fp32: ``{"seconds", "first" (seconds to the first logit), "logits"}``.
+    ``method`` "official" encodes every tile of an image in one call, as the official tool does (the five identical
+    crops of a 224 image too); "detector" calls our Detector with one image."""
+    if threads:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     detector = Detector.from_pretrained(weights, device, "fp32")
     logits, first = {}, None
-    for path in sorted(Path(corpus).iterdir()):
+    for path in paths:
         image = to_rgb_array(Image.open(path))
         logit = naive_logits(detector.model, [image]) if method == "official" else detector.logits([image])
         logits[path.name] = float(logit[0])
         first = first or time.perf_counter() - started
-    Path(result).write_text(json.dumps({"seconds": time.perf_counter() - started, "first": first, "logits": logits}))
+    return {"seconds": time.perf_counter() - started, "first": first, "logits": logits}
+
+
+def loop(weights: str, corpus: str, device: str, result: str, method: str, threads: int | None = None,
+         processes: int = 1) -> None:
+    """Run :func:`loop_shard` over the corpus, in one process or split over ``processes`` concurrent ones (each with
+    ``threads`` torch threads); write the logits and the steady rate (each process's rate after its first image,
+    summed) to ``result``."""
+    paths = sorted(Path(corpus).iterdir())
+    if processes == 1:
+        shards = [loop_shard(weights, paths, device, method, threads)]
+    else:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            shards = pool.starmap(loop_shard, [(weights, paths[i::processes], device, method, threads)
+                                               for i in range(processes)])
+    steady = sum((len(s["logits"]) - 1) / (s["seconds"] - s["first"]) for s in shards if len(s["logits"]) > 1)
+    Path(result).write_text(json.dumps({"seconds": max(s["seconds"] for s in shards), "steady": steady or None,
+                                        "logits": {k: v for s in shards for k, v in s["logits"].items()}}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -205,16 +227,16 @@ def max_dlogit(logits: dict[str, float], reference: dict[str, float] | None) -> 
     return max(abs(logits[k] - v) for k, v in reference.items()) if reference else 0.0
 
 
-def bench_loop(weights: Path, corpus: Path, device: str, method: str, work: Path,
-               reference: dict[str, float] | None) -> tuple[Measurement, dict[str, float]]:
-    result = work / f"loop-{method}-{device}.json"
-    command = [sys.executable, __file__, "--loop", str(weights), str(corpus), device, str(result), method]
-    wall, peak, util = run_measured(command, work / f"loop-{method}-{device}.log")
-    data = json.loads(result.read_text())
+def bench_loop(weights: Path, corpus: Path, device: str, method: str, work: Path, reference: dict[str, float] | None,
+               threads: int | None = None, processes: int = 1) -> tuple[Measurement, dict[str, float]]:
+    name = f"loop-{method}-{device}" + (f"-{processes}x{threads}" if threads else "")
+    command = [sys.executable, __file__, "--loop", str(weights), str(corpus), device, str(work / f"{name}.json"),
+               method, "--loop-processes", str(processes)] + (["--loop-threads", str(threads)] if threads else [])
+    wall, peak, util = run_measured(command, work / f"{name}.log")
+    data = json.loads((work / f"{name}.json").read_text())
     logits = data["logits"]
-    steady = (len(logits) - 1) / (data["seconds"] - data["first"]) if len(logits) > 1 else float("nan")
-    return Measurement(LOOPS[method], device, 1, "fp32", len(logits), wall, data["seconds"], peak,
-                       max_dlogit(logits, reference), util, steady=steady), logits
+    return Measurement(LOOPS[method], device, processes, "fp32", len(logits), wall, data["seconds"], peak,
+                       max_dlogit(logits, reference), util, threads, data["steady"] or float("nan")), logits
 
 
 def bench_score(weights: Path, corpus: Path, device: str, workers: int, precision: str, batch_size: int,
@@ -255,7 +277,7 @@ def format_table(rows: list[Measurement]) -> str:
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     notes = (f"vs loop: that loop's wall time / the run's, against the first loop of the device ({base_names}); "
              "img/s work leaves out start-up but keeps the model load; steady: the rate after the first results; "
-             "max |dlogit|: against that first loop's logits.")
+             "max |dlogit|: against that first loop's logits; a loop's workers are its concurrent processes.")
     return "\n".join(lines + ["", notes])
 
 
@@ -279,9 +301,11 @@ def main() -> None:
                         "image per call: what Ray adds over our own in-process loop)")
     parser.add_argument("--loop", nargs=5, metavar=("WEIGHTS", "CORPUS", "DEVICE", "RESULT", "METHOD"),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--loop-threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--loop-processes", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loop:
-        loop(*args.loop)
+        loop(*args.loop, args.loop_threads, args.loop_processes)
         return
     with tempfile.TemporaryDirectory(prefix="bench-score-") as tmp:
         work = Path(args.work_dir or tmp)
@@ -297,8 +321,14 @@ def main() -> None:
                 row, logits = bench_loop(weights, corpus, device, method, work, reference)
                 rows.append(row)
                 reference = reference or logits
+            worker_counts = sorted(map(int, args.workers.split(",")))
+            if device == "cpu" and args.cpus_per_worker and worker_counts[-1] > 1:
+                # The machine's own scaling: our Detector loop in 1 and N concurrent processes of the workers' size.
+                for processes in sorted({1, *worker_counts}):
+                    rows.append(bench_loop(weights, corpus, device, "detector", work, reference, args.cpus_per_worker,
+                                           processes)[0])
             precisions = args.precisions.split(",")
-            runs = [(w, p) for p in precisions for w in map(int, args.workers.split(","))] if device == "cpu" else [
+            runs = [(w, p) for p in precisions for w in worker_counts] if device == "cpu" else [
                 (1, p) for p in precisions]
             for workers, precision in runs:
                 rows.append(bench_score(weights, corpus, device, workers, precision, args.batch_size, work,
