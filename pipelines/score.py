@@ -140,6 +140,11 @@ class ActorPlan:
     num_cpus: float  # CPUs each actor reserves (fractional on CPU so decode tasks keep a slot)
     num_gpus: float
     threads: int  # torch threads per actor
+    # Batches queued on one actor (None: Ray Data's default, 4). A CPU actor takes one at a time: a batch there is
+    # seconds to minutes of work, and with a queue the first actor to load its model took every batch of a small job
+    # while the others idled (14 images on 2 one-thread workers ran as long as on one). A GPU actor keeps a queue, so
+    # the next batch is fetched while the GPU works.
+    batches_in_flight: int | None = None
 
 
 def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Sequence[float] | None = None
@@ -166,7 +171,7 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
     threads = cfg.cpus_per_worker or max(1, int(smallest // per_node))
     # Actors use all their cores through torch threads but reserve less, so Ray can still schedule decode tasks.
     num_cpus = min(float(threads), max(smallest - 1.0, 1.0) / per_node)
-    return ActorPlan(device, precision, workers, num_cpus, 0.0, threads)
+    return ActorPlan(device, precision, workers, num_cpus, 0.0, threads, batches_in_flight=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -396,7 +401,9 @@ def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
     # so decode tasks run beside scoring instead of stalling it (and a GPU never waits on JPEG decoding).
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=plan.workers), num_cpus=plan.num_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=plan.workers,
+                                                           max_tasks_in_flight_per_actor=plan.batches_in_flight),
+                        num_cpus=plan.num_cpus,
                         num_gpus=plan.num_gpus or None,
                         fn_constructor_kwargs={"weights": cfg.weights, "model_id": model_id, "plan": plan,
                                                "max_tiles": cfg.max_tiles, "feature_batch": cfg.feature_batch,

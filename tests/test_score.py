@@ -253,9 +253,11 @@ def test_summary_reports_start_up_apart_from_the_rate():
 
 def test_actor_plan_follows_the_cluster():
     gpu = plan_actors(ScoreConfig(), {"CPU": 32, "GPU": 4})
-    assert (gpu.device, gpu.precision, gpu.workers, gpu.num_gpus) == ("cuda", "bf16", 4, 1.0)
+    assert (gpu.device, gpu.precision, gpu.workers, gpu.num_gpus, gpu.batches_in_flight) == ("cuda", "bf16", 4, 1.0,
+                                                                                             None)
     cpu = plan_actors(ScoreConfig(workers=2), {"CPU": 8})
     assert (cpu.device, cpu.precision, cpu.workers, cpu.threads, cpu.num_gpus) == ("cpu", "fp32", 2, 4, 0.0)
+    assert cpu.batches_in_flight == 1  # no queue on the first actor up while the others load
     assert cpu.num_cpus * cpu.workers <= 7  # a CPU stays free for decoding
     # A 0-CPU head and two 2-CPU workers: one actor per worker node, each node keeps a CPU for decode tasks.
     spread = plan_actors(ScoreConfig(workers=2), {"CPU": 4}, node_cpus=[0.0, 2.0, 2.0])
