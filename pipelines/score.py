@@ -140,11 +140,14 @@ class ActorPlan:
     num_cpus: float  # CPUs each actor reserves (fractional on CPU so decode tasks keep a slot)
     num_gpus: float
     threads: int  # torch threads per actor
-    # Batches queued on one actor (None: Ray Data's default, 4). A CPU actor takes one at a time: a batch there is
-    # seconds to minutes of work, and with a queue the first actor to load its model took every batch of a small job
-    # while the others idled (14 images on 2 one-thread workers ran as long as on one). A GPU actor keeps a queue, so
-    # the next batch is fetched while the GPU works.
-    batches_in_flight: int | None = None
+
+    @property
+    def batches_in_flight(self) -> int | None:
+        """Batches queued on one actor (None: Ray Data's default, 4). A CPU actor takes one at a time: a batch there
+        is seconds to minutes of work, and with a queue the first actor to load its model took every batch of a small
+        job while the others idled (14 images on 2 one-thread workers ran as long as on one). A GPU actor keeps a
+        queue, so the next batch is fetched while the GPU works."""
+        return 1 if self.device == "cpu" else None
 
 
 def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Sequence[float] | None = None
@@ -171,7 +174,7 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
     threads = cfg.cpus_per_worker or max(1, int(smallest // per_node))
     # Actors use all their cores through torch threads but reserve less, so Ray can still schedule decode tasks.
     num_cpus = min(float(threads), max(smallest - 1.0, 1.0) / per_node)
-    return ActorPlan(device, precision, workers, num_cpus, 0.0, threads, batches_in_flight=1)
+    return ActorPlan(device, precision, workers, num_cpus, 0.0, threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
