@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -20,6 +22,25 @@ PRECISIONS = ("fp32", "bf16")
 # (12 sequences, 2364 rows) keep their operands in cache and run near the matmul peak, while those of 16 tiles run
 # ~25% slower on a 2-core Zen 5 (fp32 oneDNN 330 vs 440 GFLOP/s); activations stay near 250 MB.
 CPU_FEATURE_BATCH = 4
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse rather than hand it back to the OS; True if it took effect.
+
+    Encoding a chunk of tiles allocates and frees activations of several MB to tens of MB per layer. By default glibc
+    serves the largest with fresh mmaps and trims freed memory off the top of the heap, so each layer pays page
+    faults again on first touch (~0.8M minor faults per 1024x1024 image in fp32). Keeping it makes ViT-B inference on
+    a 2-core Zen 5 ~9% faster in fp32 and ~5% in bf16, for ~4% more peak RSS. Process-wide, like the thread count,
+    and idempotent; a no-op where malloc is not glibc's.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # musl and other C libraries have no mallopt
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -76,6 +97,8 @@ class Detector:
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
+        if self.device.type == "cpu":
+            keep_freed_memory()
         default = min(model.cfg.feature_batch, CPU_FEATURE_BATCH) if self.device.type == "cpu" else None
         self.feature_batch = feature_batch or default or model.cfg.feature_batch
         self.model_id = model_id
