@@ -110,7 +110,15 @@ class PerLayerProjector(nn.Module):
 
 
 def _mean_std(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return x.mean(dim=dim), x.std(dim=dim, unbiased=True)
+    """Mean and unbiased std over ``dim`` in float32, in two passes (the mean, then the centred sum of squares).
+
+    As exact as ``torch.std`` up to float rounding, and on CPU ~10x faster for a dim that is not the innermost (its
+    Welford kernel is not vectorised there); the std of bf16 tokens is not rounded to bf16 either.
+    """
+    x = x.float()
+    mean = x.mean(dim=dim, keepdim=True)
+    variance = (x - mean).square().sum(dim=dim) / (x.shape[dim] - 1)
+    return mean.squeeze(dim), variance.sqrt()
 
 
 class SpectralContextProjector(nn.Module):

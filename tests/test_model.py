@@ -4,13 +4,16 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from spai_core.detector import Detector
-from spai_core.spai import build_model, get_model_config
+from spai_core.spai import _mean_std, build_model, get_model_config
 from spai_core.tiling import five_crop_offsets, pad_to_min_size, spread_indices, tile_offsets
 from spai_core.vit import _onednn_dtype, linear
 
@@ -163,6 +166,19 @@ def test_fused_linear_keeps_autograd():
     assert _onednn_dtype(x, weight) is None
     linear(x, weight, torch.zeros(4), gelu=True, residual=torch.ones(3, 4)).sum().backward()
     assert x.grad is not None and weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_std_matches_torch_in_float32(dtype):
+    x = (torch.randn(3, 196, 40, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(dtype)
+    mean, std = _mean_std(x, dim=1)
+    assert mean.dtype == std.dtype == torch.float32
+    torch.testing.assert_close(mean, x.double().mean(1).float())
+    torch.testing.assert_close(std, x.double().std(1).float())
 
 
 def test_detector_keeps_freed_memory_for_reuse():
