@@ -7,6 +7,9 @@ import sys
 import subprocess
 import sys
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +18,7 @@ from PIL import Image
 from spai_core.detector import Detector
 from spai_core.spai import _mean_std, build_model, get_model_config
 from spai_core.tiling import five_crop_offsets, pad_to_min_size, spread_indices, tile_offsets
-from spai_core.vit import _onednn_dtype, linear
+from spai_core.vit import _onednn_dtype, attention, linear
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +173,47 @@ def test_fused_linear_keeps_autograd():
 
 
 
+
+
+def test_bf16_cpu_attention_matches_sdpa():
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 197, 3, 4, 64, generator=g) * 2  # scores of std ~4: the softmax is far from uniform
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    with torch.inference_mode():
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(attention(q, k, v), reference)  # fp32: SDPA itself
+        with torch.autocast("cpu", torch.bfloat16):
+            bf16 = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == reference.shape
+    torch.testing.assert_close(bf16.float(), reference, atol=0.1, rtol=0.05)
+    assert float((bf16.float() - reference).abs().mean()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_std_matches_torch_in_float32(dtype):
+    x = (torch.randn(3, 196, 40, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(dtype)
+    mean, std = _mean_std(x, dim=1)
+    assert mean.dtype == std.dtype == torch.float32
+    torch.testing.assert_close(mean, x.double().mean(1).float())
+    torch.testing.assert_close(std, x.double().std(1).float())
+
+
+
+
+
+
+def test_bf16_cpu_attention_matches_sdpa():
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 197, 3, 4, 64, generator=g) * 2  # scores of std ~4: the softmax is far from uniform
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    with torch.inference_mode():
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        torch.testing.assert_close(attention(q, k, v), reference)  # fp32: SDPA itself
+        with torch.autocast("cpu", torch.bfloat16):
+            bf16 = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert bf16.dtype == torch.bfloat16 and bf16.shape == reference.shape
+    torch.testing.assert_close(bf16.float(), reference, atol=0.1, rtol=0.05)
+    assert float((bf16.float() - reference).abs().mean()) < 0.01
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
