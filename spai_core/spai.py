@@ -94,8 +94,8 @@ class Projector(nn.Module):
         # The Sequential keeps the official keys; running its linears through vit.linear fuses the first one's bias
         # and GELU into the GEMM (the per-layer projectors are about a fifth of the encoder's FLOPs).
         drop_in, fc1, _, drop_mid, fc2, last_act, drop_out = self.projector
-        x = linear(drop_in(self.norm1(x)), fc1.weight, fc1.bias, gelu=True)
-        return self.norm2(drop_out(last_act(linear(drop_mid(x), fc2.weight, fc2.bias))))
+        x = linear(drop_in(self.norm1(x)), fc1, gelu=True)
+        return self.norm2(drop_out(last_act(linear(drop_mid(x), fc2))))
 
 
 class PerLayerProjector(nn.Module):

@@ -4,12 +4,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import subprocess
-import sys
-
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -140,66 +134,60 @@ def test_descriptor_norm_standardises_in_training_and_is_per_image_in_eval():
                                rtol=1e-4, atol=1e-5)
 
 
-def _plain_linear(x, weight, bias, gelu, residual):
-    out = torch.nn.functional.linear(x, weight, bias)
+def _plain_linear(x, layer, bias, gelu, residual):
+    out = torch.nn.functional.linear(x, layer.weight, bias)
     out = torch.nn.functional.gelu(out) if gelu else out
     return out if residual is None else residual + out
+
+
+def _layer(in_features, out_features, bias, seed=0):
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.3)
+        if bias:
+            layer.bias.copy_(torch.randn(out_features, generator=g))
+    return layer
 
 
 @pytest.mark.parametrize("gelu,with_residual,with_bias", [(False, False, True), (True, False, True),
                                                           (False, True, True), (False, True, False)])
 def test_fused_linear_equals_the_plain_ops(gelu, with_residual, with_bias):
     g = torch.Generator().manual_seed(0)
-    x, weight = torch.randn(2, 5, 16, generator=g), torch.randn(24, 16, generator=g) * 0.3
-    bias = torch.randn(24, generator=g) if with_bias else None
+    x, layer = torch.randn(2, 5, 16, generator=g), _layer(16, 24, with_bias)
     residual = torch.randn(2, 5, 24, generator=g) if with_residual else None
     with torch.no_grad():
-        assert _onednn_dtype(x, weight) == (torch.float32 if torch.backends.mkldnn.is_available() else None)
-        fused, plain = linear(x, weight, bias, gelu, residual), _plain_linear(x, weight, bias, gelu, residual)
+        assert _onednn_dtype(x, layer.weight) == (torch.float32 if torch.backends.mkldnn.is_available() else None)
+        fused, plain = linear(x, layer, None, gelu, residual), _plain_linear(x, layer, layer.bias, gelu, residual)
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
         with torch.autocast("cpu", torch.bfloat16):
-            fused, plain = linear(x, weight, bias, gelu, residual), _plain_linear(x, weight, bias, gelu, residual)
+            fused, plain = linear(x, layer, None, gelu, residual), _plain_linear(x, layer, layer.bias, gelu, residual)
         assert fused.dtype == plain.dtype
         torch.testing.assert_close(fused.float(), plain.float(), atol=0.05, rtol=0.02)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN packing only")
+def test_packed_weight_is_bit_identical_and_follows_weight_changes():
+    x, layer = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1)), _layer(16, 24, True)
+    with torch.inference_mode():
+        unpacked = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
+        torch.testing.assert_close(linear(x, layer, gelu=True), unpacked, atol=0, rtol=0)
+        packed = layer.__dict__["_onednn_packed"][1]
+        linear(x, layer, gelu=True)
+        assert layer.__dict__["_onednn_packed"][1] is packed  # reused, not re-packed per call
+    with torch.no_grad():
+        layer.weight.mul_(2)  # an optimiser step or load_state_dict changes the weight in place
+    with torch.inference_mode():
+        torch.testing.assert_close(linear(x, layer), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        assert layer.__dict__["_onednn_packed"][1] is not packed
+
+
 def test_fused_linear_keeps_autograd():
     x = torch.randn(3, 8, requires_grad=True)
-    weight = torch.randn(4, 8, requires_grad=True)
-    assert _onednn_dtype(x, weight) is None
-    linear(x, weight, torch.zeros(4), gelu=True, residual=torch.ones(3, 4)).sum().backward()
-    assert x.grad is not None and weight.grad is not None and weight.grad.abs().sum() > 0
-
-
-
-
-
-
-def test_bf16_cpu_attention_matches_sdpa():
-    g = torch.Generator().manual_seed(0)
-    qkv = torch.randn(2, 197, 3, 4, 64, generator=g) * 2  # scores of std ~4: the softmax is far from uniform
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    with torch.inference_mode():
-        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        torch.testing.assert_close(attention(q, k, v), reference)  # fp32: SDPA itself
-        with torch.autocast("cpu", torch.bfloat16):
-            bf16 = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    assert bf16.dtype == torch.bfloat16 and bf16.shape == reference.shape
-    torch.testing.assert_close(bf16.float(), reference, atol=0.1, rtol=0.05)
-    assert float((bf16.float() - reference).abs().mean()) < 0.01
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_mean_std_matches_torch_in_float32(dtype):
-    x = (torch.randn(3, 196, 40, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(dtype)
-    mean, std = _mean_std(x, dim=1)
-    assert mean.dtype == std.dtype == torch.float32
-    torch.testing.assert_close(mean, x.double().mean(1).float())
-    torch.testing.assert_close(std, x.double().std(1).float())
-
-
-
-
+    layer = _layer(8, 4, True)
+    assert _onednn_dtype(x, layer.weight) is None
+    linear(x, layer, gelu=True, residual=torch.ones(3, 4)).sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
 def test_bf16_cpu_attention_matches_sdpa():
