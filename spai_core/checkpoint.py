@@ -111,7 +111,10 @@ def _read_torch_file(path: Path) -> Any:
             "no code in the file can run. If the file is trusted, load it with the code that wrote it and save "
             "its state dict with torch.save(model.state_dict(), ...)."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError) as exc:
+    # Garbage bytes fail inside the unpickler in many ways: a frame or length field past the address space
+    # (OverflowError, MemoryError), a memo or stack lookup (LookupError), a missing attribute.
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, ArithmeticError,
+            MemoryError, LookupError, AttributeError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
 
 
