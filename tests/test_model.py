@@ -1,6 +1,8 @@
 """spai_core model behaviour on the tiny config: tiling, chunking, modes, precision, explain."""
 from __future__ import annotations
 
+import copy
+import pickle
 import subprocess
 import sys
 
@@ -172,14 +174,31 @@ def test_packed_weight_is_bit_identical_and_follows_weight_changes():
     with torch.inference_mode():
         unpacked = torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, "gelu", [], "none")
         torch.testing.assert_close(linear(x, layer, gelu=True), unpacked, atol=0, rtol=0)
-        packed = layer.__dict__["_onednn_packed"][1]
+        packed = layer.__dict__["_onednn_packed"].weight
         linear(x, layer, gelu=True)
-        assert layer.__dict__["_onednn_packed"][1] is packed  # reused, not re-packed per call
+        assert layer.__dict__["_onednn_packed"].weight is packed  # reused, not re-packed per call
     with torch.no_grad():
         layer.weight.mul_(2)  # an optimiser step or load_state_dict changes the weight in place
     with torch.inference_mode():
         torch.testing.assert_close(linear(x, layer), torch.nn.functional.linear(x, layer.weight, layer.bias))
-        assert layer.__dict__["_onednn_packed"][1] is not packed
+        assert layer.__dict__["_onednn_packed"].weight is not packed
+
+
+def test_model_with_packed_weights_copies_pickles_and_runs_as_inference_tensors():
+    torch.manual_seed(0)
+    model = build_model("spai_tiny").eval()
+    images = [torch.rand(3, 256, 240, generator=torch.Generator().manual_seed(1))]
+    with torch.inference_mode():
+        reference = model.forward_images(images)  # packs the CPU weights on the model's layers
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # as training's export and Ray's actors do
+        with torch.inference_mode():
+            torch.testing.assert_close(twin.forward_images(images), reference, atol=0, rtol=0)
+    with torch.inference_mode():  # every parameter an inference tensor, loaded in place: nothing may be stale
+        torch.manual_seed(5)
+        built = build_model("spai_tiny").eval()
+        built.forward_images(images)
+        built.load_state_dict(model.state_dict())
+        torch.testing.assert_close(built.forward_images(images), reference, atol=0, rtol=0)
 
 
 def test_fused_linear_keeps_autograd():
