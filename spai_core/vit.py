@@ -39,10 +39,7 @@ class _PackedWeight:
         self.key: tuple | None = None
         self.weight: torch.Tensor | None = None
 
-    def __deepcopy__(self, memo: dict) -> _PackedWeight:
-        return _PackedWeight()
-
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple:  # what pickle, copy.copy and copy.deepcopy all rebuild from: an empty holder
         return _PackedWeight, ()
 
 
