@@ -28,7 +28,7 @@ from spai_core.checkpoint import load_model
 from spai_core.config import ConfigError, to_dict
 from spai_core.metrics import binary_metrics
 from spai_core.spai import build_model
-from tune.search import TIME_ATTR
+from tune.search import TIME_ATTR, trial_status
 from tune.space import check_space, load_space, space_from_dict, trial_config, tune_param_space
 
 MAX_T = 3
@@ -74,6 +74,17 @@ def test_space_schema_and_errors(tmp_path):
         space_from_dict({"params": {"optim.lr": {"type": "uniform", "low": 0, "high": 1, "step": 2}}})
     with pytest.raises(ConfigError, match="not one of"):
         space_from_dict({"params": {"optim.lr": {"type": "normal", "low": 0, "high": 1}}})
+
+
+def test_trial_status_follows_tunes_record_not_late_epochs():
+    """A trial ASHA stopped at a rung of max_t - 1 may still log epoch max_t to MLflow; Tune's last result says
+    what happened."""
+    assert trial_status(False, {TIME_ATTR: 4, "stale_epochs": 0}, max_t=5, patience=None) == "stopped_early"
+    assert trial_status(False, {TIME_ATTR: 5, "stale_epochs": 0}, max_t=5, patience=None) == "completed"
+    assert trial_status(False, {TIME_ATTR: 3, "stale_epochs": 3}, max_t=5, patience=2) == "completed"  # own patience
+    assert trial_status(False, {TIME_ATTR: 3, "stale_epochs": 2}, max_t=5, patience=2) == "stopped_early"
+    assert trial_status(False, None, max_t=5, patience=2) == "stopped_early"
+    assert trial_status(True, {TIME_ATTR: 5}, max_t=5, patience=None) == "failed"
 
 
 # ----------------------------------------------------------------------------------------------- search (slow)

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -297,17 +298,19 @@ def epoch_history(client: MlflowClient, run_id: str | None, keys: tuple[str, ...
     return dict(sorted(history.items()))
 
 
-def trial_status(failed: bool, history: dict[int, dict[str, float]], max_t: int, patience: int | None) -> str:
-    """completed, stopped_early (by ASHA) or failed.
+def trial_status(failed: bool, last_result: Mapping[str, Any] | None, max_t: int, patience: int | None) -> str:
+    """completed, stopped_early (by ASHA) or failed, from the last result Tune took from the trial.
 
-    Tune marks trials that ASHA stopped ``done`` like completed ones, so epochs tell them apart: ASHA's rungs are all
-    below ``max_t``, and the only other way to end early is the trainer's own patience, visible in the last epoch.
+    Tune marks trials that ASHA stopped ``done`` like completed ones, so epochs tell them apart: a trial that ends by
+    itself reports epoch ``max_t`` (or its own patience running out), one that ASHA stopped last reported a rung below.
+    Tune's record, not the trial's MLflow history: the stop reaches Train workers asynchronously, so a trial stopped
+    at a rung of ``max_t - 1`` may still log epoch ``max_t`` to MLflow.
     """
     if failed:
         return "failed"
-    last = max(history, default=-1)
-    own_stop = patience is not None and history.get(last, {}).get("stale_epochs", 0) > patience
-    return "completed" if own_stop or last + 1 >= max_t else "stopped_early"
+    last = last_result or {}
+    own_stop = patience is not None and last.get("stale_epochs", 0) > patience
+    return "completed" if own_stop or last.get(TIME_ATTR, 0) >= max_t else "stopped_early"
 
 
 def best_weights(result, ranked_epochs: list[int], run_dir: str, options: storage.StorageOptions) -> str | None:
@@ -338,7 +341,7 @@ def summarize_trial(result, asha: AshaConfig, setup: TrialSetup, client: MlflowC
     ranked = sorted(curve, key=lambda ev: (sign * ev[1], ev[0]), reverse=True)  # ties: the later epoch, as Train
     return TrialSummary(
         trial_id, {k: plain(v) for k, v in (result.config or {}).items()},
-        trial_status(bool(result.error), history, asha.max_t, setup.base["patience"]), max(history, default=-1) + 1,
+        trial_status(bool(result.error), result.metrics, asha.max_t, setup.base["patience"]), max(history, default=-1) + 1,
         ranked[0][1] if ranked else math.nan, ranked[0][0] if ranked else None,
         best_weights(result, [epoch for epoch, _ in ranked], run_dir, options), curve, run_id)
 
