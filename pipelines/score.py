@@ -404,8 +404,10 @@ def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
     # so decode tasks run beside scoring instead of stalling it (and a GPU never waits on JPEG decoding).
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
     ds = ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="numpy",
-                        # "true multi-threading" with one call at a time runs the model on the actor's main thread:
-                        # Ray Data's default hands each call to a helper thread, where the same CPU model ran 5% slower
+                        # "true multi-threading" with one call at a time runs calls on the actor's main thread, where
+                        # the model was built. Ray Data's default hands them to a helper thread: a second OpenMP pool,
+                        # and with more OpenMP threads than CPUs libgomp stops spin-waiting, so small ops slow ~2x and
+                        # a CPU model pass ~5%
                         compute=ray.data.ActorPoolStrategy(size=plan.workers, enable_true_multi_threading=True,
                                                            max_tasks_in_flight_per_actor=plan.batches_in_flight),
                         num_cpus=plan.num_cpus,
