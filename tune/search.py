@@ -23,8 +23,8 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -339,9 +339,9 @@ def summarize_trial(result, asha: AshaConfig, setup: TrialSetup, client: MlflowC
     curve = [(epoch, values[asha.metric]) for epoch, values in history.items() if asha.metric in values]
     sign = 1.0 if asha.mode == "max" else -1.0
     ranked = sorted(curve, key=lambda ev: (sign * ev[1], ev[0]), reverse=True)  # ties: the later epoch, as Train
+    status = trial_status(bool(result.error), result.metrics, asha.max_t, setup.base["patience"])
     return TrialSummary(
-        trial_id, {k: plain(v) for k, v in (result.config or {}).items()},
-        trial_status(bool(result.error), result.metrics, asha.max_t, setup.base["patience"]), max(history, default=-1) + 1,
+        trial_id, {k: plain(v) for k, v in (result.config or {}).items()}, status, max(history, default=-1) + 1,
         ranked[0][1] if ranked else math.nan, ranked[0][0] if ranked else None,
         best_weights(result, [epoch for epoch, _ in ranked], run_dir, options), curve, run_id)
 
