@@ -182,8 +182,13 @@ def epoch_shard(table: pa.Table, epoch: int, seed: int, rank: int, world: int, e
 
 def iter_image_batches(table: pa.Table, transform, seed: int, batch_size: int, options: storage.StorageOptions,
                        drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Decode (and transform) rows with Ray Data and yield numpy batches; failed rows keep their ``error``."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker per epoch drowns the log
+    """Decode (and transform) rows with Ray Data and yield numpy batches in the table's order; failed rows keep their
+    ``error``."""
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # one bar per worker per epoch drowns the log
+    # Without it the threads that format prefetched batches hand them over as they finish, so batches (and the
+    # weights they train) differ from run to run: a seeded run must see the same batches in the same order.
+    context.execution_options.preserve_order = True
     ds = decode_images(read_manifest_dataset(table), transform, seed=seed, options=options)
     yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2)
 

@@ -17,6 +17,7 @@ from pipelines.data import (MAX_ROWS_PER_BLOCK, ImageColumnBuilder, block_bounds
                             read_manifest_dataset, row_rng)
 from pipelines.decode import DEFAULT_MAX_PIXELS
 from pipelines.storage import StorageOptions
+from pipelines.train import iter_image_batches
 from pipelines.validate import validate_manifest
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.images import to_rgb_array
@@ -133,6 +134,14 @@ def test_decoded_columns_replace_same_named_inputs(manifest_uri):
     decoded = _collect(decode_images(read_manifest_dataset(table)))
     assert decoded.column_names == [*m.CORE_COLUMNS, "image", "height", "width", "error"]
     assert all(w > 1 for w in decoded.column("width").to_pylist())
+
+
+def test_training_batches_come_in_table_order(manifest_uri):
+    """Seeded training needs a fixed batch order; without preserve_order Ray Data's prefetch threads reorder batches."""
+    table = m.read_manifest(manifest_uri)
+    for _ in range(3):
+        batches = iter_image_batches(table, _two_views, 5, 1, StorageOptions(), drop_last=False)
+        assert [u for batch in batches for u in batch["uri"]] == table.column("uri").to_pylist()
 
 
 def _column(images: list[np.ndarray | None], max_bytes: int = 1 << 20) -> tuple[pa.Array, bool]:

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
@@ -169,6 +171,18 @@ def test_resume_continues_and_a_taken_name_is_refused(small_corpus, tmp_path):
     resumed = spai_train(train_command(small_corpus, runs, "r", "epochs=3", *LEARN, resume=True), tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-6000:]
     assert printed_epochs(resumed.stdout) == [2]
+
+
+def test_a_seeded_run_is_reproducible(small_corpus, tmp_path):
+    """Same seed, same manifest -> the same weights, bit for bit (Ray Data once reordered batches between runs)."""
+    weights = []
+    for name in ("once", "again"):
+        done = spai_train(train_command(small_corpus, tmp_path / "runs", name, "epochs=2", *LEARN), tmp_path)
+        assert done.returncode == 0, done.stdout[-6000:]
+        weights.append(load_file(tmp_path / "runs" / name / "best.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    for key, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][key]), key
 
 
 def free_port() -> int:
