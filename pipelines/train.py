@@ -253,7 +253,7 @@ def train_loop(loop: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        started, seen, loss_sum, failed, grad_norm_max = time.time(), 0, 0.0, 0, 0.0
+        started, seen, loss_sum, failed, failure, grad_norm_max = time.time(), 0, 0.0, 0, None, 0.0
         shard = epoch_shard(train_rows, epoch, cfg.seed, rank, world, equal=True)
         batches = iter_image_batches(shard, train_transform, cfg.seed + epoch, per_worker, options, drop_last=True)
         for step_in_epoch, batch in enumerate(batches):
@@ -262,6 +262,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                 group["lr"] = lr_at(step, total_steps, warmup_steps, cfg.optim)
             ok = np.array([e is None for e in batch["error"]])
             failed += int((~ok).sum())
+            failure = failure or first_failure(batch)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 if ok.any():
                     views = to_views_tensor(batch["image"][ok], device)
@@ -279,16 +280,26 @@ def train_loop(loop: dict[str, Any]) -> None:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
             seen += int(ok.sum())
-            loss_sum += float(loss) * cfg.optim.accumulation_steps * int(ok.sum())
+            loss_sum += float(loss.detach()) * cfg.optim.accumulation_steps * int(ok.sum())
         train_time = time.time() - started
 
         val = validate(core, val_rows, cfg, rank, world, device, dtype, val_transform, options)
-        local = {"seen": seen, "loss": loss_sum, "failed": failed, "val": val, "grad_norm_max": grad_norm_max}
+        local = {"seen": seen, "loss": loss_sum, "failed": failed, "failure": failure, "val": val,
+                 "grad_norm_max": grad_norm_max}
         gathered = [local]
         if world > 1:
             gathered = [None] * world
             dist.all_gather_object(gathered, local)
         metrics = epoch_metrics(gathered, epoch, train_time, optimizer.param_groups[0]["lr"])
+        if metrics["train_images"] == 0:  # nothing to learn from: no checkpoint, and the driver fails the run
+            if rank == 0:
+                if loop.get("mlflow_run_id"):
+                    tracking.log_metrics(loop["tracking_uri"], loop["mlflow_run_id"], metrics, step=epoch)
+                message = no_training_data_message(metrics, loop["manifest"])
+                print(f"[spai train] {message}", flush=True)
+                # Train V2 hands the driver only checkpointed metrics, and a raise would be retried max_failures times
+                storage.write_bytes(loop["data_error_uri"], message.encode(), options)
+            break
         improved = metrics["val_auc"] > best_auc or (math.isnan(best_auc) and not math.isnan(metrics["val_auc"]))
         best_auc, stale = (metrics["val_auc"], 0) if improved else (best_auc, stale + 1)
         metrics.update(best_val_auc=best_auc, stale_epochs=stale, **counts)
@@ -299,23 +310,24 @@ def train_loop(loop: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[spai train] epoch {epoch}: loss {metrics['train_loss']:.4f} val_auc {metrics['val_auc']:.4f} "
                   f"val_acc {metrics['val_accuracy']:.4f} ({metrics['train_images_per_s']:.1f} img/s)"
-                  + (" early stop" if stop else ""), flush=True)
+                  + failure_summary(metrics) + (" early stop" if stop else ""), flush=True)
         if stop:
             break
 
 
 def validate(model: SPAI, rows: pa.Table, cfg: TrainConfig, rank: int, world: int, device: torch.device,
-             dtype: torch.dtype | None, transform, options: storage.StorageOptions) -> dict[str, list]:
+             dtype: torch.dtype | None, transform, options: storage.StorageOptions) -> dict[str, Any]:
     """Score this rank's share of the validation images at their own resolution (any-resolution path)."""
     model.eval()
-    out: dict[str, list] = {"label": [], "generator": [], "logit": [], "failed": []}
+    out: dict[str, Any] = {"label": [], "generator": [], "logit": [], "failed": 0, "failure": None}
     shard = epoch_shard(rows, 0, cfg.seed, rank, world, equal=False)
     if shard.num_rows == 0:
         return out
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for batch in iter_image_batches(shard, transform, cfg.seed, cfg.val_batch_size, options, drop_last=False):
             ok = [i for i, e in enumerate(batch["error"]) if e is None]
-            out["failed"] += [str(batch["uri"][i]) for i, e in enumerate(batch["error"]) if e is not None]
+            out["failed"] += sum(e is not None for e in batch["error"])
+            out["failure"] = out["failure"] or first_failure(batch)
             if not ok:
                 continue
             images = [torch.from_numpy(np.asarray(batch["image"][i])).to(device).permute(2, 0, 1).float() * (1 / 255)
@@ -339,7 +351,10 @@ def epoch_metrics(gathered: list[dict[str, Any]], epoch: int, train_time: float,
                "train_images": seen, "train_images_per_s": seen / max(train_time, 1e-9),
                "train_decode_failures": sum(g["failed"] for g in gathered),
                "train_grad_norm_max": max(g["grad_norm_max"] for g in gathered),
-               "val_decode_failures": sum(len(g["val"]["failed"]) for g in gathered), "val_loss": val_loss}
+               "val_decode_failures": sum(g["val"]["failed"] for g in gathered), "val_loss": val_loss}
+    failure = next((f for g in gathered for f in (g["failure"], g["val"]["failure"]) if f), None)
+    if failure:
+        metrics["decode_failure_example"] = failure
     overall = binary_metrics(labels, scores) if len(labels) else {}
     metrics.update({f"val_{k}": float(v) for k, v in overall.items()})
     metrics.setdefault("val_auc", float("nan"))
@@ -351,6 +366,27 @@ def epoch_metrics(gathered: list[dict[str, Any]], epoch: int, train_time: float,
         metrics[f"val_auc_{gen}"] = float(gen_metrics["auc"])
         metrics[f"val_accuracy_{gen}"] = float(gen_metrics["accuracy"])
     return metrics
+
+
+def first_failure(batch: dict[str, np.ndarray]) -> str | None:
+    """``uri (reason)`` of the first row of a batch that failed to decode or transform, else None."""
+    return next((f"{uri} ({error})" for uri, error in zip(batch["uri"], batch["error"]) if error is not None), None)
+
+
+def failure_summary(metrics: dict[str, Any]) -> str:
+    """The epoch line's note on images that failed to decode (empty when none did): counts and one example."""
+    train, val = int(metrics["train_decode_failures"]), int(metrics["val_decode_failures"])
+    if not train and not val:
+        return ""
+    return (f"; {train} train / {val} val images failed, e.g. {metrics['decode_failure_example']} "
+            "(spai validate lists every reject)")
+
+
+def no_training_data_message(metrics: dict[str, Any], manifest: str) -> str:
+    """Why a run stopped at an epoch whose training images all failed, and what to check."""
+    return (f"epoch {metrics['epoch']}: none of the {metrics['train_decode_failures']} training images could be "
+            f"decoded, e.g. {metrics.get('decode_failure_example')}; check the manifest's paths and storage settings "
+            f"(`spai validate {manifest}` lists every reject with its reason)")
 
 
 def report_epoch(model: SPAI, optimizer, metrics: dict[str, float], cfg: TrainConfig, epoch: int, best_auc: float,
@@ -371,6 +407,10 @@ def report_epoch(model: SPAI, optimizer, metrics: dict[str, float], cfg: TrainCo
 
 
 # ----------------------------------------------------------------------------------------------- driver
+
+
+class TrainingDataError(RuntimeError):
+    """Every training image of an epoch failed, so the run has nothing worth exporting or registering."""
 
 
 @dataclass
@@ -415,13 +455,16 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
                                                 "config": to_dict(cfg)}).encode(), options)
         storage.write_bytes(storage.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg)).encode(), options)
 
+    data_error_uri = storage.join(run_dir, "data_error.txt")  # written by rank 0 when an epoch had nothing to train
+    if storage.exists(data_error_uri, options):  # a resumed run may have been fixed since
+        storage.Files(options).remove(data_error_uri)
     init_ray(reserved_cpus=cfg.workers * cfg.cpus_per_worker)
     fs, storage_path = storage.filesystem(output, options)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": to_dict(cfg), "manifest": manifest, "storage": dataclasses.asdict(options),
                            "init": init, "backbone": backbone, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-                           "run_name": name},
+                           "run_name": name, "data_error_uri": data_error_uri},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker}
@@ -436,6 +479,8 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
     )
     try:
         result = trainer.fit()
+        if storage.exists(data_error_uri, options):
+            raise TrainingDataError(storage.read_bytes(data_error_uri, options).decode())
     except BaseException:
         if run_id:
             tracking.finish_run(tracking_uri, run_id, "FAILED")

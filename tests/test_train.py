@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
@@ -21,8 +22,8 @@ from safetensors.torch import load_file
 
 from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
-from pipelines.manifest import read_manifest
-from pipelines.train import CONFIG_DIR
+from pipelines.manifest import read_manifest, write_manifest
+from pipelines.train import CONFIG_DIR, epoch_metrics, failure_summary
 from spai_core.checkpoint import CheckpointError, convert
 from spai_core.detector import Detector
 from spai_core.metrics import binary_metrics
@@ -183,6 +184,43 @@ def test_a_seeded_run_is_reproducible(small_corpus, tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for key, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][key]), key
+
+
+def test_a_run_without_one_decodable_training_image_fails_and_says_why(small_corpus, tmp_path):
+    """Images moved after the manifest was built: stop after the first epoch instead of registering an untrained model."""
+    from mlflow.tracking import MlflowClient
+
+    table = read_manifest(small_corpus)
+    moved = [str(tmp_path / "moved" / Path(uri).name) if split == "train" else uri
+             for uri, split in zip(table.column("uri").to_pylist(), table.column("split").to_pylist())]
+    table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(moved))
+    manifest = write_manifest(table, str(tmp_path / "moved-manifest"), {"builder": "test"})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    done = spai_train(train_command(manifest, tmp_path / "runs", "moved", "epochs=3", *LEARN, mlflow_uri=uri),
+                      tmp_path)
+    assert done.returncode != 0
+    assert re.search(r"TrainingDataError: epoch 0: none of the \d+ training images could be decoded, e.g. "
+                     r"\S+/moved/\S+ \(missing", done.stdout), done.stdout[-6000:]
+    assert printed_epochs(done.stdout) == [0]
+    assert not (tmp_path / "runs" / "moved" / "best.safetensors").exists()
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("spai-train").experiment_id])
+    assert run.info.status == "FAILED" and not client.search_model_versions("name = 'spai'")
+
+
+def test_epoch_line_counts_failed_images_and_shows_one():
+    def rank(seen: int, failed: int, failure: str | None, val_failed: int, val_failure: str | None) -> dict:
+        val = {"label": [0, 1], "generator": ["real", "gan"], "logit": [-1.0, 1.0], "failed": val_failed,
+               "failure": val_failure}
+        return {"seen": seen, "loss": 0.5 * seen, "failed": failed, "failure": failure, "val": val, "grad_norm_max": 1.0}
+
+    clean = epoch_metrics([rank(4, 0, None, 0, None)] * 2, 0, 1.0, 1e-3)
+    assert failure_summary(clean) == "" and "decode_failure_example" not in clean
+    metrics = epoch_metrics([rank(4, 0, None, 1, "/v.jpg (missing: gone)"), rank(2, 2, "/t.jpg (truncated: x)", 0, None)],
+                            0, 1.0, 1e-3)
+    assert (metrics["train_images"], metrics["train_decode_failures"], metrics["val_decode_failures"]) == (6, 2, 1)
+    assert failure_summary(metrics) == ("; 2 train / 1 val images failed, e.g. /v.jpg (missing: gone) "
+                                        "(spai validate lists every reject)")
 
 
 def free_port() -> int:
