@@ -420,6 +420,7 @@ class TrainResult:
     best_metrics: dict[str, Any]
     mlflow_run_id: str | None
     tracking_uri: str | None
+    last_checkpoint: str | None = None  # our .safetensors of the last epoch trained
 
 
 def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: str | None = None,
@@ -485,12 +486,21 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         if run_id:
             tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise
-    return _export_best(result, run_dir, cfg, options, tracking_uri, run_id)
+    return _export_weights(result, run_dir, cfg, options, tracking_uri, run_id)
 
 
-def _export_best(result, run_dir: str, cfg: TrainConfig, options: storage.StorageOptions,
-                 tracking_uri: str | None, run_id: str | None) -> TrainResult:
-    """Copy the best checkpoint's weights to ``<run>/best.safetensors``, log and register it in MLflow."""
+def _copy_weights(checkpoint, uri: str, options: storage.StorageOptions) -> bytes:
+    """Write a Ray checkpoint's ``model.safetensors`` to ``uri``; returns its bytes."""
+    with checkpoint.as_directory() as directory:
+        weights = Path(directory, "model.safetensors").read_bytes()
+    storage.write_bytes(uri, weights, options)
+    return weights
+
+
+def _export_weights(result, run_dir: str, cfg: TrainConfig, options: storage.StorageOptions,
+                    tracking_uri: str | None, run_id: str | None) -> TrainResult:
+    """Copy the best and the last checkpoint's weights to ``<run>/{best,last}.safetensors``; log and register the best
+    in MLflow. On a small validation set the best epoch is a noisy pick, and the last one is where training ended."""
     ranked = [(m, c) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_auc", float("nan")))]
     if not ranked and result.checkpoint is not None:
         ranked = [(result.metrics or {}, result.checkpoint)]
@@ -498,9 +508,10 @@ def _export_best(result, run_dir: str, cfg: TrainConfig, options: storage.Storag
         return TrainResult(run_dir, None, {}, run_id, tracking_uri)
     best_metrics, best = max(ranked, key=lambda mc: mc[0].get("val_auc", -1.0))
     best_uri = storage.join(run_dir, "best.safetensors")
-    with best.as_directory() as directory:
-        weights = Path(directory, "model.safetensors").read_bytes()
-    storage.write_bytes(best_uri, weights, options)
+    weights = _copy_weights(best, best_uri, options)
+    last_uri = storage.join(run_dir, "last.safetensors") if result.checkpoint is not None else None
+    if last_uri:
+        _copy_weights(result.checkpoint, last_uri, options)
     if run_id:
         version = tracking.log_weights(tracking_uri, run_id, weights, "best.safetensors", cfg.registered_model)
         if version:
@@ -508,7 +519,7 @@ def _export_best(result, run_dir: str, cfg: TrainConfig, options: storage.Storag
         tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
                                                     if k.startswith("val_")}, step=int(best_metrics["epoch"]))
         tracking.finish_run(tracking_uri, run_id)
-    return TrainResult(run_dir, best_uri, dict(best_metrics), run_id, tracking_uri)
+    return TrainResult(run_dir, best_uri, dict(best_metrics), run_id, tracking_uri, last_uri)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -524,6 +535,8 @@ def main(args: argparse.Namespace) -> int:
     if result.best_checkpoint:
         print(f"[spai train] best checkpoint (epoch {int(result.best_metrics['epoch'])}, val AUC "
               f"{result.best_metrics.get('val_auc', float('nan')):.4f}): {result.best_checkpoint}")
+    if result.last_checkpoint:
+        print(f"[spai train] last epoch's weights: {result.last_checkpoint}")
     if result.tracking_uri:
         print(tracking.ui_hint(result.tracking_uri))
     return 0

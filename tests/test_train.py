@@ -24,7 +24,7 @@ from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixture
 from polling import wait_for
 from pipelines.manifest import read_manifest, write_manifest
 from pipelines.train import CONFIG_DIR, epoch_metrics, failure_summary
-from spai_core.checkpoint import CheckpointError, convert
+from spai_core.checkpoint import CheckpointError, convert, read_checkpoint
 from spai_core.detector import Detector
 from spai_core.metrics import binary_metrics
 
@@ -82,31 +82,34 @@ def test_train_end_to_end(learning_corpus, tmp_path):
     done = spai_train(train_command(learning_corpus, tmp_path / "runs", "e2e", f"epochs={epochs}", "patience=null",
                                     mlflow_uri=uri), tmp_path, timeout=900)
     assert done.returncode == 0, done.stdout[-6000:]
-    best = tmp_path / "runs" / "e2e" / "best.safetensors"
-    assert best.is_file()
-    detector = Detector.from_pretrained(best, device="cpu", precision="fp32")
+    best, last = (tmp_path / "runs" / "e2e" / f"{which}.safetensors" for which in ("best", "last"))
+    assert read_checkpoint(last).metadata["epoch"] == epochs - 1
 
-    # It learned: it separates its own training images, and photos it never saw above chance. Broken learning
-    # leaves both near 0.5 (0.38-0.56 measured before the tiny recipe was fixed; chance's standard deviation is 0.06
-    # on 84 train and 0.08 on 54 test images). Working runs measured train 0.80-0.99 and test 0.62-0.85: the best
-    # checkpoint is picked on 24 validation images, and sometimes that is an early epoch.
+    # It learned: the last epoch's weights separate their own training images, and photos they never saw, well above
+    # chance. Broken learning leaves both near 0.5 (0.38-0.56 measured before the tiny recipe was fixed; chance's
+    # standard deviation is 0.06 on 84 train and 0.08 on 54 test images). Seeds 0-5 measured train 0.80-0.92 and
+    # test 0.76-0.88. The best epoch by val AUC is a noisy pick on 24 validation images (often an early one, at train
+    # 0.69-0.93 and test 0.66-0.83), so for it only the pick is checked.
+    detector = Detector.from_pretrained(last, device="cpu", precision="fp32")
     train_auc = auc(*split_logits(detector, learning_corpus, "train"))
-    test_logits, test_labels = split_logits(detector, learning_corpus, "test")
-    test_auc = auc(test_logits, test_labels)
+    test_auc = auc(*split_logits(detector, learning_corpus, "test"))
     print(f"AUC after {epochs} epochs: train {train_auc:.3f}, held-out test {test_auc:.3f}")
-    assert train_auc >= 0.75 and test_auc >= 0.6, (train_auc, test_auc)
+    assert train_auc >= 0.75 and test_auc >= 0.7, (train_auc, test_auc)
+
+    val_auc = assert_mlflow_run(uri, "e2e", epochs)
+    assert val_auc[read_checkpoint(best).metadata["epoch"]] == max(val_auc)
 
     # The exported checkpoint reloads to identical scores; its standardised descriptors have no official layout.
-    again, _ = split_logits(Detector.from_pretrained(best, device="cpu", precision="fp32"), learning_corpus, "test")
-    np.testing.assert_array_equal(test_logits, again)
+    scored = [split_logits(Detector.from_pretrained(best, device="cpu", precision="fp32"), learning_corpus, "test")[0]
+              for _ in range(2)]
+    np.testing.assert_array_equal(*scored)
     with pytest.raises(CheckpointError, match="descriptor_norm"):
         convert(best, tmp_path / "official.pth")
 
-    assert_mlflow_run(uri, "e2e", epochs)
 
-
-def assert_mlflow_run(uri: str, name: str, epochs: int) -> None:
-    """Per-epoch val_auc for every epoch, the best checkpoint as an artifact, and a registered model version."""
+def assert_mlflow_run(uri: str, name: str, epochs: int) -> list[float]:
+    """Per-epoch val_auc for every epoch, the best checkpoint as an artifact, and a registered model version; returns
+    the val_auc of each epoch."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -120,6 +123,7 @@ def assert_mlflow_run(uri: str, name: str, epochs: int) -> None:
     assert "model/best.safetensors" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]
     versions = client.search_model_versions("name = 'spai'")
     assert run.info.run_id in [v.run_id for v in versions]
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
 def train_workers() -> list[int]:
