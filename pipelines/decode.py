@@ -54,6 +54,9 @@ class DecodeError(Exception):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self):  # pickle with the constructor's arguments (see StorageError.__reduce__)
+        return type(self), (self.reason, self.message)
+
 
 def sniff_image_format(head: bytes) -> str | None:
     """The image format named by a file's first :data:`SNIFF_BYTES` bytes, or None when it is not an image."""

@@ -39,6 +39,11 @@ class StorageError(OSError):
         self.reason = reason
         self.uri = uri
 
+    def __reduce__(self):
+        # Exceptions pickle as ``cls(*args)`` by default, which misses two arguments: Ray, which pickles an error
+        # raised in a task to re-raise it in the caller, then showed "Failed to deserialize exception" instead.
+        return type(self), (self.reason, self.uri, str(self))
+
 
 @dataclasses.dataclass(frozen=True)
 class StorageOptions:

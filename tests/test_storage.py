@@ -1,12 +1,14 @@
 """Local and S3 (moto server) file access, and errors that tell the user what is wrong and what to do."""
 from __future__ import annotations
 
+import pickle
 import time
 
 import pyarrow.fs as pafs
 import pytest
 
 from pipelines import storage
+from pipelines.decode import DecodeError
 from pipelines.storage import StorageError, StorageOptions
 from s3server import free_port, running_moto, s3_server, upload_folder  # noqa: F401 - pytest fixture
 
@@ -100,3 +102,13 @@ def test_s3_wrong_credentials_say_check_them(monkeypatch):
         with pytest.raises(StorageError, match="denied.*check the credentials") as caught:
             storage.read_bytes("s3://bucket/key.jpg", options)
     assert caught.value.reason == "access_denied"
+
+
+def test_errors_survive_pickling_with_their_fields():
+    """Ray pickles an error raised in a task; before ``__reduce__`` these arrived as "Failed to deserialize"."""
+    error = pickle.loads(pickle.dumps(StorageError("missing_bucket", "s3://b/k", "bucket 'b' does not exist")))
+    assert (type(error), error.reason, error.uri, str(error)) == (StorageError, "missing_bucket", "s3://b/k",
+                                                                   "bucket 'b' does not exist")
+    decode = pickle.loads(pickle.dumps(DecodeError("truncated", "image file is truncated")))
+    assert (decode.reason, decode.message, str(decode)) == ("truncated", "image file is truncated",
+                                                            "truncated: image file is truncated")
