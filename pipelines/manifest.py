@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from pipelines.decode import SNIFF_BYTES, sniff_image_format
 from pipelines.storage import Files, StorageError, StorageOptions, basename, is_s3, join, parent, relative_to
+from spai_core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ _GENIMAGE_SPLITS = {"train": "train", "val": "test"}  # GenImage's val set is th
 _GENIMAGE_CLASSES = {"ai": 1, "nature": 0}
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A manifest, CSV or dataset layout that cannot be used; the message names the problem and the fix."""
 
 

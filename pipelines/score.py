@@ -62,6 +62,7 @@ from pipelines.transforms import ScoreTransformConfig, make_score_transform
 from spai_core.checkpoint import CheckpointError
 from spai_core.config import ConfigError, to_dict
 from spai_core.detector import PRECISIONS, Detector, resolve_precision
+from spai_core.errors import UserError
 
 RESULT_COLUMNS = ("row_id", "score", "logit", "tiles", "error", "model_id", "precision", "options")
 PART_SCHEMA = pa.schema([("row_id", pa.string()), ("logit", pa.float32()), ("tiles", pa.int32()),
@@ -71,7 +72,7 @@ PART_SECONDS = 60.0  # a part file is written at least this often, so a kill los
 GPU_ACTOR_THREADS = 2  # a GPU actor only pads and tiles on the CPU
 
 
-class ScoreError(RuntimeError):
+class ScoreError(UserError, RuntimeError):
     """A scoring job that cannot start or finish; the message says what to do."""
 
 

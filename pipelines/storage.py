@@ -19,6 +19,8 @@ import botocore.config
 import botocore.exceptions
 import pyarrow.fs as pafs
 
+from spai_core.errors import UserError
+
 T = TypeVar("T")
 
 S3_PREFIX = "s3://"
@@ -27,7 +29,7 @@ _DENIED_CODES = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "Signatu
 _MISSING_BUCKET_CODES = frozenset({"404", "NoSuchBucket"})
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A file or bucket that cannot be used, with a message that says what to do.
 
     ``reason`` is one of ``not_found``, ``missing_bucket``, ``access_denied``, ``no_credentials``, ``unreachable``,

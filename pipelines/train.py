@@ -33,6 +33,7 @@ from pipelines.manifest import CORE_COLUMNS, read_manifest
 from pipelines.transforms import AugmentConfig, ScoreTransformConfig, make_score_transform, make_train_transform
 from spai_core.checkpoint import load_backbone, load_state_strict, read_checkpoint, save_checkpoint
 from spai_core.config import ConfigError, apply_overrides, from_dict, to_dict
+from spai_core.errors import UserError
 from spai_core.metrics import binary_metrics
 from spai_core.spai import SPAI, ModelConfig, build_model, get_model_config
 from spai_core.svd import apply_svd, merge_svd
@@ -409,7 +410,7 @@ def report_epoch(model: SPAI, optimizer, metrics: dict[str, float], cfg: TrainCo
 # ----------------------------------------------------------------------------------------------- driver
 
 
-class TrainingDataError(RuntimeError):
+class TrainingDataError(UserError, RuntimeError):
     """Every training image of an epoch failed, so the run has nothing worth exporting or registering."""
 
 

@@ -10,6 +10,8 @@ import importlib
 import sys
 from typing import Sequence
 
+from spai_core.errors import UserError
+
 EPILOG = """Environment:
   RAY_ADDRESS          connect to a running Ray cluster instead of starting a local one
   MLFLOW_TRACKING_URI  where runs are tracked (default: a local store, ./mlruns)
@@ -203,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
         return 130
+    except (UserError, FileExistsError, FileNotFoundError) as exc:  # the message says what to do; a traceback buries it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import from_dict
+from .errors import UserError
 from .filters import frequency_mask
 from .spai import SPAI, ModelConfig, build_model, get_model_config
 
@@ -39,7 +40,7 @@ _OFFICIAL_UNUSED = ("mfvit.vit.cls_pos_embed", "mfvit.vit.actual_cls_token", "mf
 _MASK_KEY = "mfvit.frequencies_mask"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A weights file that is missing, corrupt, unsafe, or does not fit the model."""
 
 
@@ -157,11 +158,13 @@ def _strip_encoder(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and isinstance(v, torch.Tensor)}
 
 
-def _from_official(path: Path, state: Mapping[str, Any], cfg: ModelConfig, wrapper: Mapping[str, Any]) -> LoadedCheckpoint:
+def _from_official(path: Path, state: Mapping[str, Any], cfg: ModelConfig,
+                   wrapper: Mapping[str, Any]) -> LoadedCheckpoint:
     state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
     if _MASK_KEY in state:
         cfg = dataclasses.replace(cfg, mask_radius=_radius_of_mask(path, state[_MASK_KEY], cfg.img_size))
-    ours = {official_to_ours_key(k): v for k, v in state.items() if k != _MASK_KEY and not k.startswith(_OFFICIAL_UNUSED)}
+    ours = {official_to_ours_key(k): v for k, v in state.items()
+            if k != _MASK_KEY and not k.startswith(_OFFICIAL_UNUSED)}
     meta = {"source": str(path)}
     if "epoch" in wrapper:
         meta["epoch"] = int(wrapper["epoch"])

@@ -13,10 +13,12 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not fit the dataclass it is meant for."""
 
 

@@ -170,8 +170,9 @@ def test_resume_continues_and_a_taken_name_is_refused(small_corpus, tmp_path):
     assert printed_epochs(first.stdout) == [0, 1]
 
     taken = spai_train(train_command(small_corpus, runs, "r", "epochs=2", *LEARN), tmp_path, timeout=120)
-    assert taken.returncode != 0
-    assert "already holds a run; pass --resume" in taken.stdout
+    assert taken.returncode == 2
+    assert "error: " in taken.stdout and "already holds a run; pass --resume" in taken.stdout
+    assert "Traceback" not in taken.stdout
 
     resumed = spai_train(train_command(small_corpus, runs, "r", "epochs=3", *LEARN, resume=True), tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-6000:]
@@ -191,7 +192,7 @@ def test_a_seeded_run_is_reproducible(small_corpus, tmp_path):
 
 
 def test_a_run_without_one_decodable_training_image_fails_and_says_why(small_corpus, tmp_path):
-    """Images moved after the manifest was built: stop after the first epoch instead of registering an untrained model."""
+    """Images moved after the manifest was built: stop after epoch 0 instead of registering an untrained model."""
     from mlflow.tracking import MlflowClient
 
     table = read_manifest(small_corpus)
@@ -202,8 +203,8 @@ def test_a_run_without_one_decodable_training_image_fails_and_says_why(small_cor
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = spai_train(train_command(manifest, tmp_path / "runs", "moved", "epochs=3", *LEARN, mlflow_uri=uri),
                       tmp_path)
-    assert done.returncode != 0
-    assert re.search(r"TrainingDataError: epoch 0: none of the \d+ training images could be decoded, e.g. "
+    assert done.returncode == 2
+    assert re.search(r"error: epoch 0: none of the \d+ training images could be decoded, e.g. "
                      r"\S+/moved/\S+ \(missing", done.stdout), done.stdout[-6000:]
     assert printed_epochs(done.stdout) == [0]
     assert not (tmp_path / "runs" / "moved" / "best.safetensors").exists()
@@ -216,12 +217,13 @@ def test_epoch_line_counts_failed_images_and_shows_one():
     def rank(seen: int, failed: int, failure: str | None, val_failed: int, val_failure: str | None) -> dict:
         val = {"label": [0, 1], "generator": ["real", "gan"], "logit": [-1.0, 1.0], "failed": val_failed,
                "failure": val_failure}
-        return {"seen": seen, "loss": 0.5 * seen, "failed": failed, "failure": failure, "val": val, "grad_norm_max": 1.0}
+        return {"seen": seen, "loss": 0.5 * seen, "failed": failed, "failure": failure, "val": val,
+                "grad_norm_max": 1.0}
 
     clean = epoch_metrics([rank(4, 0, None, 0, None)] * 2, 0, 1.0, 1e-3)
     assert failure_summary(clean) == "" and "decode_failure_example" not in clean
-    metrics = epoch_metrics([rank(4, 0, None, 1, "/v.jpg (missing: gone)"), rank(2, 2, "/t.jpg (truncated: x)", 0, None)],
-                            0, 1.0, 1e-3)
+    ranks = [rank(4, 0, None, 1, "/v.jpg (missing: gone)"), rank(2, 2, "/t.jpg (truncated: x)", 0, None)]
+    metrics = epoch_metrics(ranks, 0, 1.0, 1e-3)
     assert (metrics["train_images"], metrics["train_decode_failures"], metrics["val_decode_failures"]) == (6, 2, 1)
     assert failure_summary(metrics) == ("; 2 train / 1 val images failed, e.g. /v.jpg (missing: gone) "
                                         "(spai validate lists every reject)")

@@ -1,0 +1,17 @@
+"""The ``spai`` CLI's own behaviour: user errors end in one ``error:`` line and exit code 2, never a traceback."""
+from __future__ import annotations
+
+import pytest
+
+from spai_cli.main import main as spai
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "{tmp}/nope.pth", "{tmp}/out.safetensors"], "nope.pth"),  # CheckpointError, from spai_core
+    (["tune", "--manifest", "{tmp}/m", "--resume"], "--resume needs the --name"),  # ConfigError, before any work
+    (["train", "--manifest", "{tmp}/m", "--output", "{tmp}/runs", "--name", "gone", "--resume"], "nothing to resume"),
+])
+def test_user_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    assert spai([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
