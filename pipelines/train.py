@@ -77,6 +77,7 @@ class TrainConfig:
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     registered_model: str | None = "spai"  # MLflow registered model for the best checkpoint (null: none)
+    progress_every_s: float = 60.0  # rank 0 prints a progress line within an epoch at most this often (0: every step)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -255,6 +256,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         started, seen, loss_sum, failed, failure, grad_norm_max = time.time(), 0, 0.0, 0, None, 0.0
+        last_progress = started
         shard = epoch_shard(train_rows, epoch, cfg.seed, rank, world, equal=True)
         batches = iter_image_batches(shard, train_transform, cfg.seed + epoch, per_worker, options, drop_last=True)
         for step_in_epoch, batch in enumerate(batches):
@@ -282,6 +284,11 @@ def train_loop(loop: dict[str, Any]) -> None:
                 optimizer.zero_grad(set_to_none=True)
             seen += int(ok.sum())
             loss_sum += float(loss.detach()) * cfg.optim.accumulation_steps * int(ok.sum())
+            done = step_in_epoch + 1
+            if rank == 0 and done < steps_per_epoch and time.time() - last_progress >= cfg.progress_every_s:
+                print(progress_line(epoch, done, steps_per_epoch, loss_sum / max(seen, 1),
+                                    done * per_worker * world, time.time() - started), flush=True)
+                last_progress = time.time()
         train_time = time.time() - started
 
         val = validate(core, val_rows, cfg, rank, world, device, dtype, val_transform, options)
@@ -367,6 +374,14 @@ def epoch_metrics(gathered: list[dict[str, Any]], epoch: int, train_time: float,
         metrics[f"val_auc_{gen}"] = float(gen_metrics["auc"])
         metrics[f"val_accuracy_{gen}"] = float(gen_metrics["accuracy"])
     return metrics
+
+
+def progress_line(epoch: int, step: int, steps: int, loss: float, images: int, elapsed: float) -> str:
+    """Rank 0's line within an epoch: how far it is, the mean loss so far, the rate and the time left."""
+    left = round(elapsed / step * (steps - step))
+    return (f"[spai train] epoch {epoch} step {step}/{steps} ({step / steps:.0%}): loss {loss:.4f}, "
+            f"{images / max(elapsed, 1e-9):.1f} img/s, epoch ends in "
+            f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
 
 
 def first_failure(batch: dict[str, np.ndarray]) -> str | None:

@@ -35,6 +35,8 @@ SPAI = str(Path(sys.executable).with_name("spai"))
 LEARN = ["batch_size=2", "optim.lr=3e-3", "optim.warmup_epochs=0.25", "patience=null"]
 EPOCH_LINE = re.compile(r"\[spai train\] epoch (\d+):")
 HEADER_LINE = re.compile(r"\[spai train\] \d+ train / \d+ val images")
+PROGRESS_LINE = re.compile(r"\[spai train\] epoch (\d+) step (\d+)/(\d+) \(\d+%\): loss [\d.]+, [\d.]+ img/s, "
+                           r"epoch ends in \d+:\d\d:\d\d")
 
 
 def train_command(manifest: str, output: Path, name: str, *overrides: str, mlflow_uri: str | None = None,
@@ -165,9 +167,15 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(small_corpus, tmp_path):
 
 def test_resume_continues_and_a_taken_name_is_refused(small_corpus, tmp_path):
     runs = tmp_path / "runs"
-    first = spai_train(train_command(small_corpus, runs, "r", "epochs=2", *LEARN), tmp_path)
+    first = spai_train(train_command(small_corpus, runs, "r", "epochs=2", "progress_every_s=0", *LEARN), tmp_path)
     assert first.returncode == 0, first.stdout[-6000:]
     assert printed_epochs(first.stdout) == [0, 1]
+    # progress within each epoch: every step but the last, whose numbers the epoch line gives (Ray may echo a worker
+    # line twice, not always next to each other, hence the de-duplication)
+    lines = log_lines(first.stdout, PROGRESS_LINE)
+    progress = list(dict.fromkeys(PROGRESS_LINE.search(line).groups() for line in lines))
+    steps = int(progress[0][2])
+    assert progress == [(str(e), str(s), str(steps)) for e in (0, 1) for s in range(1, steps)], progress
 
     taken = spai_train(train_command(small_corpus, runs, "r", "epochs=2", *LEARN), tmp_path, timeout=120)
     assert taken.returncode == 2
