@@ -299,21 +299,19 @@ def train_loop(loop: dict[str, Any]) -> None:
             gathered = [None] * world
             dist.all_gather_object(gathered, local)
         metrics = epoch_metrics(gathered, epoch, train_time, optimizer.param_groups[0]["lr"])
-        if metrics["train_images"] == 0:  # nothing to learn from: no checkpoint, and the driver fails the run
-            if rank == 0:
-                if loop.get("mlflow_run_id"):
-                    tracking.log_metrics(loop["tracking_uri"], loop["mlflow_run_id"], metrics, step=epoch)
-                message = no_training_data_message(metrics, loop["manifest"])
-                print(f"[spai train] {message}", flush=True)
-                # Train V2 hands the driver only checkpointed metrics, and a raise would be retried max_failures times
-                storage.write_bytes(loop["data_error_uri"], message.encode(), options)
-            break
         improved = metrics["val_auc"] > best_auc or (math.isnan(best_auc) and not math.isnan(metrics["val_auc"]))
         best_auc, stale = (metrics["val_auc"], 0) if improved else (best_auc, stale + 1)
         metrics.update(best_val_auc=best_auc, stale_epochs=stale, **counts)
         stop = cfg.patience is not None and stale > cfg.patience
         if rank == 0 and loop.get("mlflow_run_id"):
             tracking.log_metrics(loop["tracking_uri"], loop["mlflow_run_id"], metrics, step=epoch)
+        if metrics["train_images"] == 0:  # nothing to learn from: no checkpoint, and the driver fails the run
+            if rank == 0:
+                message = no_training_data_message(metrics, loop["manifest"])
+                print(f"[spai train] {message}", flush=True)
+                # Train V2 hands the driver only checkpointed metrics, and a raise would be retried max_failures times
+                storage.write_bytes(loop["data_error_uri"], message.encode(), options)
+            break
         report_epoch(core, optimizer, metrics, cfg, epoch, best_auc, stale, rank, loop.get("run_name", ""))
         if rank == 0:
             print(f"[spai train] epoch {epoch}: loss {metrics['train_loss']:.4f} val_auc {metrics['val_auc']:.4f} "
