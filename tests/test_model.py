@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from spai_core.detector import Detector
+from spai_core.images import PACK_CHUNK_BYTES, to_rgb_array
 from spai_core.spai import _mean_std, build_model, get_model_config
 from spai_core.tiling import five_crop_offsets, pad_to_min_size, spread_indices, tile_offsets
 from spai_core.vit import _onednn_dtype, attention, linear
@@ -89,6 +90,31 @@ def test_modes_are_converted_like_pil_convert_rgb(detector, mode, photos):
     converted = img.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 200)
     reference = converted.convert("RGB")
     np.testing.assert_array_equal(detector.logits([converted]), detector.logits([reference]))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA", "CMYK", "1"])
+@pytest.mark.parametrize("size", [(1, 1), (97, 61), (PACK_CHUNK_BYTES // 3 + 5, 3)])  # the last: a row > one chunk
+def test_to_rgb_array_equals_pil_convert_and_fills_out(mode, size):
+    img = Image.fromarray(_rand_image(size[1], size[0], 3)).convert(mode)
+    expected = np.asarray(img.convert("RGB"))
+    np.testing.assert_array_equal(to_rgb_array(img), expected)
+    batch = np.zeros((2, size[1], size[0], 3), np.uint8)
+    assert np.shares_memory(to_rgb_array(img, out=batch[1]), batch)
+    np.testing.assert_array_equal(batch[1], expected)
+    assert not batch[0].any()
+
+
+def test_to_rgb_array_out_must_fit():
+    img = Image.fromarray(_rand_image(8, 6))
+    wrong_shape, wrong_type, strided = np.zeros((6, 8, 3), np.uint8), np.zeros((8, 6, 3), np.float32), np.zeros(
+        (8, 12, 3), np.uint8)[:, ::2]
+    for bad in (wrong_shape, wrong_type, strided):
+        with pytest.raises(ValueError, match="out must be"):
+            to_rgb_array(img, out=bad)
+    gray = _rand_image(8, 6)[:, :, 0]
+    out = np.zeros((8, 6, 3), np.uint8)
+    assert to_rgb_array(gray, out=out) is out
+    np.testing.assert_array_equal(out, np.repeat(gray[:, :, None], 3, axis=2))
 
 
 def test_rgba_alpha_is_dropped_not_composited(detector):
@@ -237,6 +263,7 @@ def test_detector_keeps_freed_memory_for_reuse():
     script = """
 import resource, sys, torch
 from spai_core.detector import Detector
+from spai_core.images import PACK_CHUNK_BYTES, to_rgb_array
 from spai_core.spai import build_model
 if sys.argv[1] == "detector":
     Detector(build_model("spai_tiny"), device="cpu")
