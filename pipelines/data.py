@@ -109,11 +109,11 @@ def block_bounds(table: pa.Table, num_blocks: int | None = None) -> list[int]:
 class ImageColumnBuilder:
     """Builds a Ray tensor column of per-row images, copying each into one preallocated array while shapes agree.
 
-    Decoded images are copied into their block as they arrive, so a batch is never held twice (per-row arrays and
-    their stack) and a worker reuses its freed memory instead of faulting in fresh pages for every image, which costs
-    as much as a JPEG decode on small VMs. Same-shaped rows give a fixed-shape tensor column, differing shapes a
-    variable-shaped one. Failed rows (None) become empty arrays of the same rank rather than nulls, because Ray cannot
-    join an all-null block with typed ones.
+    Decoded images go into their block as they arrive (:meth:`slot` lets the decoder write them there directly), so
+    a batch is never held twice (per-row arrays and their stack) and a worker reuses its freed memory instead of
+    faulting in fresh pages for every image, which costs as much as a JPEG decode on small VMs. Same-shaped rows give
+    a fixed-shape tensor column, differing shapes a variable-shaped one. Failed rows (None) become empty arrays of the
+    same rank rather than nulls, because Ray cannot join an all-null block with typed ones.
     """
 
     def __init__(self, capacity: int, max_bytes: int = DEFAULT_OUTPUT_BYTES):
@@ -130,13 +130,28 @@ class ImageColumnBuilder:
             return self.rows == len(self._stack)
         return self.nbytes >= self._max_bytes
 
+    def slot(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Where to write the next row's image of ``shape`` before :meth:`append`-ing it: its row of the stack while
+        shapes agree (appending it then costs no copy), else a new array."""
+        if self._ragged is None:
+            if self._stack is None:
+                rows = max(1, min(self._capacity, self._max_bytes // max(math.prod(shape), 1)))
+                # From Arrow's memory pool, which hands freed blocks out again: a numpy array this big is a fresh
+                # mmap each time, and the kernel zeroing its pages cost ~12% of decoding 512-px JPEGs.
+                memory = pa.allocate_buffer(rows * math.prod(shape))
+                self._stack = np.frombuffer(memory, np.uint8).reshape(rows, *shape)
+            if shape == self._stack.shape[1:]:
+                return self._stack[self.rows]
+        return np.empty(shape, np.uint8)
+
     def append(self, image: np.ndarray | None) -> None:
         if self._ragged is None:
             if self._stack is None and image is not None:
-                rows = max(1, min(self._capacity, self._max_bytes // max(image.nbytes, 1)))
-                self._stack = np.empty((rows, *image.shape), np.uint8)
+                self.slot(image.shape)
             if image is not None and image.shape == self._stack.shape[1:]:
-                self._stack[self.rows] = image
+                row = self._stack[self.rows]
+                if image.ctypes.data != row.ctypes.data:  # not already written there through slot()
+                    row[...] = image
                 self.rows += 1
                 self.nbytes += image.nbytes
                 return
@@ -153,11 +168,12 @@ class ImageColumnBuilder:
         return ArrowVariableShapedTensorArray.from_numpy([empty if im is None else im for im in self._ragged])
 
 
-def _decode_one(uri: str, files: Files, transform: Transform | None, seed: int, max_pixels: int
-                ) -> tuple[np.ndarray | None, dict | None, str | None]:
-    """(image, info, error) of one row; every failure is returned, never raised."""
+def _decode_one(uri: str, files: Files, transform: Transform | None, seed: int, max_pixels: int,
+                images: ImageColumnBuilder) -> tuple[np.ndarray | None, dict | None, str | None]:
+    """(image, info, error) of one row, the untransformed image decoded straight into ``images``' next slot; every
+    failure is returned, never raised."""
     try:
-        array, info = decode_image(read_image_bytes(uri, files), max_pixels)
+        array, info = decode_image(read_image_bytes(uri, files), max_pixels, images.slot if transform is None else None)
     except DecodeError as exc:
         return None, None, str(exc)
     if transform is None:
@@ -184,7 +200,7 @@ def decode_block(batch: pa.Table, transform: Transform | None, seed: int, option
         images = ImageColumnBuilder(len(uris) - start, max_bytes)
         heights, widths, errors = [], [], []
         while start + images.rows < len(uris) and not images.full():
-            image, info, error = _decode_one(uris[start + images.rows], files, transform, seed, max_pixels)
+            image, info, error = _decode_one(uris[start + images.rows], files, transform, seed, max_pixels, images)
             images.append(image)
             heights.append(info and info["height"])
             widths.append(info and info["width"])

@@ -7,6 +7,7 @@ one of :data:`REASONS`, so a pipeline can keep the row and record why it failed 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -95,12 +96,14 @@ def _open(data: bytes) -> Image.Image:
                           f"Pillow could not read the header: {exc}") from exc
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, dict]:
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 allocate: Callable[[tuple[int, int, int]], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     """Decode image bytes into an ``H x W x 3`` uint8 RGB array plus ``info`` (width, height, format, mode, bytes).
 
     The size limit is checked on the header before any pixel is decoded, per call, so nothing global (like
     ``PIL.Image.MAX_IMAGE_PIXELS``) changes. Truncated files are errors, never silently padded with grey.
-    Raises :class:`DecodeError` for every kind of bad input.
+    Raises :class:`DecodeError` for every kind of bad input. ``allocate(shape)``, when given, returns the array to
+    write the pixels into (e.g. the next row of a block being filled); it is called once the image has decoded.
     """
     if not data:
         raise DecodeError("zero_byte", "the file is empty (0 bytes); re-download or re-export it")
@@ -112,7 +115,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.
         info = {"width": width, "height": height, "format": img.format, "mode": img.mode, "bytes": len(data)}
         try:
             img.load()
-            array = to_rgb_array(img)
+            array = to_rgb_array(img, None if allocate is None else allocate((height, width, 3)))
         except (OSError, EOFError) as exc:
             kind = "truncated" if isinstance(exc, EOFError) or "truncated" in str(exc).lower() else "unreadable"
             raise DecodeError(kind, f"{info['format']} data is incomplete or corrupt ({exc}); re-download or "

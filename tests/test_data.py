@@ -83,7 +83,7 @@ def test_decode_matches_pillow_and_keeps_failed_rows(manifest_uri, corpus):
             continue
         assert row["error"] is None
         with Image.open(uri) as img:
-            expected = to_rgb_array(img)
+            expected = np.asarray(img.convert("RGB"))
         np.testing.assert_array_equal(row["image"], expected)
         assert (row["height"], row["width"]) == expected.shape[:2]
         assert row["label"] in (0, 1) and row["split"] in m.SPLITS and row["group"]
@@ -158,6 +158,26 @@ def test_image_column_stacks_same_shapes_and_keeps_ragged_rows():
     assert [a.shape for a in ragged.to_numpy(zero_copy_only=False)] == [(2, 3, 3), (4, 1, 3), (0, 0, 3)]
     failed_first, _ = _column([None, np.ones((1, 2, 4, 3), np.uint8)])
     assert [a.shape for a in failed_first.to_numpy(zero_copy_only=False)] == [(0, 0, 0, 3), (1, 2, 4, 3)]
+
+
+def test_image_column_slots_are_its_rows_until_shapes_differ():
+    """Images written into slots are the column's own memory (no copy); an image of a new shape gets its own array."""
+    stacked = ImageColumnBuilder(2, max_bytes=1 << 20)
+    slots = []
+    for value in (4, 5):
+        slots.append(stacked.slot((2, 3, 3)))
+        slots[-1][...] = value
+        stacked.append(slots[-1])
+    column = stacked.finish().to_numpy()
+    assert stacked.full() and column[:, 0, 0, 0].tolist() == [4, 5]
+    assert all(np.shares_memory(column, slot) for slot in slots)
+    ragged = ImageColumnBuilder(4, max_bytes=1 << 20)
+    for value, shape in ((1, (2, 3, 3)), (2, (4, 1, 3))):
+        slot = ragged.slot(shape)
+        slot[...] = value
+        ragged.append(slot)
+    assert [(a.shape, a.max()) for a in ragged.finish().to_numpy(zero_copy_only=False)] == [((2, 3, 3), 1),
+                                                                                          ((4, 1, 3), 2)]
 
 
 def test_image_column_is_full_at_its_byte_budget():
