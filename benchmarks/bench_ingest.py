@@ -11,8 +11,8 @@ autoscaling coordinator asynchronously and refreshes them once a second, so for 
 limits are zero and only its liveness rule launches tasks. The table therefore shows the whole-job rate and the
 steady rate (images that arrive in the second half of the job over that half), which is what a long job runs at.
 
-    python benchmarks/bench_ingest.py                       # 12288 JPEGs of 512 px, 768 of 2048 px: ~6 min
-    python benchmarks/bench_ingest.py --corpus-mb 2304      # a quick look; too few blocks for a steady rate
+    python benchmarks/bench_ingest.py                       # 12288 JPEGs of 512 px, 768 of 2048 px, 3 rounds: ~14 min
+    python benchmarks/bench_ingest.py --corpus-mb 2304 --rounds 1  # a quick look; too few blocks for a steady rate
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import logging
 import multiprocessing
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -139,47 +140,59 @@ def write_corpus_manifest(paths: list[Path], size: int, folder: Path) -> str:
     return write_manifest(rows_to_table(rows), str(folder / "manifest"), {"builder": "bench_ingest"})
 
 
-def run(corpus_mb: int, sizes: list[int], cpus: list[int], workdir: Path) -> dict:
+def run(corpus_mb: int, sizes: list[int], cpus: list[int], rounds: int, workdir: Path) -> dict:
+    """Results per (kind, CPUs, size), one per round. Each Ray job runs right after the plain loops it is compared with
+    (this machine's speed drifts by tens of percent over minutes with its neighbours' load)."""
     counts = {s: max(1, corpus_mb * MB // (s * s * 3)) for s in sizes}
     corpora = {s: make_corpus(workdir / str(s), s, counts[s]) for s in sizes}
     manifests = {s: write_corpus_manifest(paths, s, workdir / str(s)) for s, paths in corpora.items()}
-    results = {("plain", n, s): plain_loop(paths, n) for s, paths in corpora.items() for n in sorted({1, *cpus})}
+    results: dict = {"counts": counts}
     for n in cpus:
         ray.init(num_cpus=n, include_dashboard=False, logging_level=logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             pipeline(manifests[sizes[0]], counts[sizes[0]])  # warm-up: start (and import into) every worker first
-            for s in sizes:
-                results[("ray", n, s)] = pipeline(manifests[s], counts[s])
+            for _ in range(rounds):
+                for s in sizes:
+                    one = plain_loop(corpora[s])
+                    results.setdefault(("plain 1", n, s), []).append(one)
+                    results.setdefault(("plain", n, s), []).append(one if n == 1 else plain_loop(corpora[s], n))
+                    results.setdefault(("ray", n, s), []).append(pipeline(manifests[s], counts[s]))
         finally:
             ray.shutdown()
-    return {"counts": counts, **results}
+    return results
+
+
+def round_columns(one: Result, plain: Result, r: Result, n: int) -> dict[str, float]:
+    """The table's figures for one round of one size on ``n`` CPUs."""
+    return {"plain 1 img/s": one.images_per_s, "plain N img/s": plain.images_per_s, "ray img/s": r.images_per_s,
+            "steady": r.steady_images_per_s, "/core": r.steady_images_per_s / n / one.images_per_s,
+            "vs plain N": r.steady_images_per_s / plain.images_per_s, "img/CPU-s": r.images_per_cpu_s,
+            "eff": r.images_per_cpu_s / one.images_per_cpu_s, "startup s": r.startup_s,
+            "peak MB": r.peak_object_store_mb}
 
 
 def format_table(results: dict, sizes: list[int], cpus: list[int]) -> str:
-    header = f"{'size':>5} {'images':>6} {'plain 1 img/s':>13} {'img/CPU-s':>9}"
-    for n in cpus:
-        header += (f" | {f'{n} CPU: plain img/s':>18} {'ray img/s':>9} {'steady':>6} {'/core':>6} {'vs plain':>8}"
-                   f" {'img/CPU-s':>9} {'eff':>5} {'startup s':>9} {'peak MB':>7}")
+    percent = {"/core", "vs plain N", "eff"}
+    names = list(round_columns(*[Result(1, 1)] * 3, 1))
+    header = f"{'size':>5} {'CPUs':>4} {'images':>6} " + " ".join(f"{name:>{max(len(name), 6)}}" for name in names)
+    header += f" {'/core per round':>16}"
     lines = [header, "-" * len(header)]
     for s in sizes:
-        one = results[("plain", 1, s)]
-        line = f"{s:>5} {results['counts'][s]:>6} {one.images_per_s:>13.1f} {one.images_per_cpu_s:>9.1f}"
         for n in cpus:
-            plain, r = results[("plain", n, s)], results[("ray", n, s)]
-            line += (f" | {plain.images_per_s:>18.1f} {r.images_per_s:>9.1f} {r.steady_images_per_s:>6.1f}"
-                     f" {r.steady_images_per_s / n / one.images_per_s:>6.0%}"
-                     f" {r.steady_images_per_s / plain.images_per_s:>8.0%}"
-                     f" {r.images_per_cpu_s:>9.1f} {r.images_per_cpu_s / one.images_per_cpu_s:>5.0%}"
-                     f" {r.startup_s:>9.2f} {r.peak_object_store_mb:>7.0f}")
-        lines.append(line)
-    notes = ("img/s: all images / wall clock (Ray: from the job's start, ramp-up included); steady: Ray images in the "
+            per_round = [round_columns(one, plain, r, n) for one, plain, r in
+                         zip(results[("plain 1", n, s)], results[("plain", n, s)], results[("ray", n, s)])]
+            medians = {name: statistics.median(row[name] for row in per_round) for name in names}
+            cells = [f"{medians[name]:>{max(len(name), 6)}{'.0%' if name in percent else '.1f'}}" for name in names]
+            spread = " ".join(f"{row['/core']:.0%}" for row in per_round)
+            lines.append(f"{s:>5} {n:>4} {results['counts'][s]:>6} " + " ".join(cells) + f" {spread:>16}")
+    notes = ("Medians over rounds; in each round the plain loops run right before the Ray job they are compared with. "
+             "img/s: all images / wall clock (Ray: from the job's start, ramp-up included); steady: Ray images in the "
              "second half of the job / its duration; plain N: the plain loop split over N processes; /core: (steady / "
-             "N) / plain-1 img/s; vs plain: steady / plain-N img/s, "
-             "both on N cores; img/CPU-s and eff: images per CPU-second of decoding work (Ray: all its tasks) and its "
-             "ratio to the one-process plain loop, which other load on the machine does not distort; startup s: time "
-             "to the first batch, once per job; peak MB: Ray Data's peak object-store use (the corpus is the same "
-             "decoded MB per size).")
+             "N) / plain-1 img/s; vs plain N: steady / plain-N img/s, both on N cores; img/CPU-s and eff: images per "
+             "CPU-second of decoding work (Ray: all its tasks) and its ratio to the one-process plain loop, which "
+             "other load on the machine does not distort; startup s: time to the first batch, once per job; peak MB: "
+             "Ray Data's peak object-store use (the corpus is the same decoded MB per size).")
     return "\n".join(lines + ["", notes])
 
 
@@ -190,11 +203,12 @@ def main() -> None:
                         "each, so the second half of a job is a steady rate; 2304 gives 3 blocks)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="Ray CPU counts to compare")
+    parser.add_argument("--rounds", type=int, default=3, help="measurements per figure; the table shows medians")
     parser.add_argument("--workdir", default=None, help="keep the generated JPEGs here (default: a temp dir)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.workdir or tmp)
-        results = run(args.corpus_mb, args.sizes, args.cpus, workdir)
+        results = run(args.corpus_mb, args.sizes, args.cpus, args.rounds, workdir)
     print(format_table(results, args.sizes, args.cpus))
 
 
