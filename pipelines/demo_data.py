@@ -438,18 +438,10 @@ def main(args: argparse.Namespace) -> int:
 
     overrides = [f"seed={args.seed}"] if getattr(args, "seed", None) is not None else []
     overrides += list(getattr(args, "overrides", None) or [])
-    try:
-        cfg = load_config(DemoCorpusConfig, getattr(args, "config", None), overrides)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(DemoCorpusConfig, getattr(args, "config", None), overrides)
     started = time.perf_counter()
-    try:
-        uri = build_demo_corpus(args.output, cfg, progress=not getattr(args, "quiet", False),
-                                rebuild=bool(getattr(args, "rebuild", False)))
-    except (gens.GeneratorUnavailable, ConfigError, FileExistsError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    uri = build_demo_corpus(args.output, cfg, progress=not getattr(args, "quiet", False),
+                            rebuild=bool(getattr(args, "rebuild", False)))
     table = read_manifest(uri)
     sidecar = read_sidecar(uri) or {}
     build = sidecar.get("build", {})

@@ -20,7 +20,6 @@ import io
 import json
 import math
 import re
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 
@@ -30,7 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from pipelines.storage import Files, StorageError, StorageOptions, basename, join
+from pipelines.storage import Files, StorageOptions, basename, join
 from spai_core.errors import UserError
 from spai_core.metrics import binary_metrics, roc_points
 
@@ -278,12 +277,7 @@ def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None)
 
 def main(args: argparse.Namespace) -> int:
     """``spai evaluate``: print the table; write report files and log to MLflow when asked."""
-    try:
-        tables = {uri: read_scores(uri) for uri in args.scores}
-        report = evaluate(tables, threshold=args.threshold, seen=args.seen)
-    except (EvaluateError, StorageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    report = evaluate({uri: read_scores(uri) for uri in args.scores}, threshold=args.threshold, seen=args.seen)
     print(report.markdown())
     if args.output:
         written = write_report(report, args.output)

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -620,12 +619,8 @@ def main(args: argparse.Namespace) -> int:
     """``spai manifest LAYOUT ...``: build, write and summarise a manifest."""
     options = StorageOptions.from_env()
     arguments = {k: v for k, v in vars(args).items() if k not in ("command", "layout", "output")}
-    try:
-        table = build_from_args(args, options)
-        uri = write_manifest(table, args.output, {"builder": args.layout, "arguments": arguments}, options)
-    except (ManifestError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    table = build_from_args(args, options)
+    uri = write_manifest(table, args.output, {"builder": args.layout, "arguments": arguments}, options)
     print(f"wrote {table.num_rows} rows to {uri}\n{format_summary(table)}")
     print(f"next: spai validate {uri}")
     return 0

@@ -55,11 +55,10 @@ from tqdm.auto import tqdm
 
 from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS
-from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, ManifestError, parquet_bytes, resolve_input
+from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input
 from pipelines.runtime import init_ray
-from pipelines.storage import Files, StorageError, StorageOptions, basename, filesystem, is_s3, join
+from pipelines.storage import Files, StorageOptions, basename, filesystem, is_s3, join
 from pipelines.transforms import ScoreTransformConfig, make_score_transform
-from spai_core.checkpoint import CheckpointError
 from spai_core.config import ConfigError, to_dict
 from spai_core.detector import PRECISIONS, Detector, resolve_precision
 from spai_core.errors import UserError
@@ -565,11 +564,6 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``spai score``: score, print a summary; user errors become one line on stderr and exit code 2."""
-    try:
-        result = score(config_from_args(args))
-    except (ScoreError, ConfigError, ManifestError, StorageError, CheckpointError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(result.summary())
+    """``spai score``: score and print a summary."""
+    print(score(config_from_args(args)).summary())
     return 0

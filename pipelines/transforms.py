@@ -21,17 +21,19 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from spai_core.config import ConfigError
+
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 def _check_probability(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        raise ConfigError(f"{name} must be a probability in [0, 1], got {value}")
 
 
 def _check_range(name: str, bounds: tuple[float, float], low: float, high: float) -> None:
     if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] <= high:
-        raise ValueError(f"{name} must be two values (min, max) with {low} <= min <= max <= {high}, got {bounds}")
+        raise ConfigError(f"{name} must be two values (min, max) with {low} <= min <= max <= {high}, got {bounds}")
 
 
 @dataclasses.dataclass
@@ -60,19 +62,19 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         if self.views < 1 or self.size < 1:
-            raise ValueError(f"views and size must be >= 1, got views={self.views}, size={self.size}")
+            raise ConfigError(f"views and size must be >= 1, got views={self.views}, size={self.size}")
         for name in ("hflip_p", "vflip_p", "rotate_p", "blur_p", "noise_p", "jpeg_p"):
             _check_probability(name, getattr(self, name))
         _check_range("crop_scale", self.crop_scale, 1e-6, 1.0)
         _check_range("crop_ratio", self.crop_ratio, 1e-6, math.inf)
         _check_range("blur_kernel", self.blur_kernel, 1, math.inf)
         if (self.blur_kernel[0] | 1) > self.blur_kernel[1]:
-            raise ValueError(f"blur_kernel {self.blur_kernel} contains no odd kernel size; widen it, e.g. (3, 9)")
+            raise ConfigError(f"blur_kernel {self.blur_kernel} contains no odd kernel size; widen it, e.g. (3, 9)")
         _check_range("blur_sigma", self.blur_sigma, 1e-6, math.inf)
         _check_range("noise_var", self.noise_var, 0.0, math.inf)
         _check_range("jpeg_quality", self.jpeg_quality, 1, 100)
         if not 0.0 <= self.rotate_limit <= 180.0:
-            raise ValueError(f"rotate_limit must be in [0, 180] degrees, got {self.rotate_limit}")
+            raise ConfigError(f"rotate_limit must be in [0, 180] degrees, got {self.rotate_limit}")
 
 
 @dataclasses.dataclass
@@ -92,13 +94,13 @@ class ScoreTransformConfig:
 
     def __post_init__(self) -> None:
         if self.resize_to is not None and self.resize_to < 1:
-            raise ValueError(f"resize_to must be a positive number of pixels or null, got {self.resize_to}")
+            raise ConfigError(f"resize_to must be a positive number of pixels or null, got {self.resize_to}")
         if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in 1..100 or null, got {self.jpeg_quality}")
+            raise ConfigError(f"jpeg_quality must be in 1..100 or null, got {self.jpeg_quality}")
         for name in ("blur_sigma", "noise_sigma", "scale"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 or null (off), got {value}")
+                raise ConfigError(f"{name} must be > 0 or null (off), got {value}")
 
 
 def _check_image(image: np.ndarray) -> None:

@@ -10,8 +10,15 @@ from spai_cli.main import main as spai
     (["convert", "{tmp}/nope.pth", "{tmp}/out.safetensors"], "nope.pth"),  # CheckpointError, from spai_core
     (["tune", "--manifest", "{tmp}/m", "--resume"], "--resume needs the --name"),  # ConfigError, before any work
     (["train", "--manifest", "{tmp}/m", "--output", "{tmp}/runs", "--name", "gone", "--resume"], "nothing to resume"),
+    (["score", "--weights", "{tmp}/w", "--input", "{tmp}", "--output", "{tmp}/s.parquet", "--jpeg-quality", "0"],
+     "jpeg_quality must be in 1..100"),  # a transform setting, checked before Ray starts
+    (["validate", "{tmp}/nope"], "does not exist"),  # ManifestError
+    (["evaluate", "{tmp}/nope.parquet"], "{tmp}/nope.parquet does not exist"),  # StorageError
+    (["manifest", "folders", "--real", "{tmp}/none", "--fake", "gan={tmp}/f", "--output", "{tmp}/m"],
+     "{tmp}/none does not exist"),
+    (["demo-data", "--output", "{tmp}/d", "not_a_key=1"], "not_a_key"),  # ConfigError
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert spai([arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err

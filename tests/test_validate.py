@@ -1,7 +1,6 @@
 """``spai validate`` as a Ray Data job: planted bad files get the right reason, good rows all survive, leakage shows."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import shutil
@@ -15,7 +14,8 @@ import ray
 
 from pipelines import manifest as m
 from pipelines.decode import DecodeError, decode_image
-from pipelines.validate import main, validate_manifest
+from pipelines.validate import validate_manifest
+from spai_cli.main import main as spai
 from test_manifest import make_photos
 
 MAX_PIXELS = 100_000  # the 400x300 photo (120k pixels) is over it, the 64x48 ones are far below
@@ -131,11 +131,10 @@ def test_leakage_across_splits_is_reported(report, corpus):
 
 
 def test_cli_prints_summary(manifest_uri, tmp_path, capsys):
-    args = argparse.Namespace(manifest=manifest_uri, output=str(tmp_path / "v"), max_pixels=MAX_PIXELS)
-    assert main(args) == 0
+    assert spai(["validate", manifest_uri, "--output", str(tmp_path / "v"), "--max-pixels", str(MAX_PIXELS)]) == 0
     out = capsys.readouterr().out
     assert "decompression_bomb" in out and "leakage: 1" in out
-    assert main(argparse.Namespace(manifest=str(tmp_path / "nope"), output=None, max_pixels=None)) == 2
+    assert spai(["validate", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
