@@ -130,8 +130,16 @@ def _arrays(table: pa.Table, run: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     if missing:
         raise EvaluateError(f"score table {run!r} lacks column(s) {missing}; evaluate the output of `spai score` "
                             "(without --official-csv) on a labelled input (a manifest or an official CSV)")
-    labels = table.column("label").cast(pa.float64()).to_numpy(zero_copy_only=False)
-    scores = table.column("score").cast(pa.float64()).to_numpy(zero_copy_only=False)
+    try:
+        labels, scores = (table.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
+                          for name in ("label", "score"))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise EvaluateError(f"score table {run!r}: label and score must be numbers ({exc})") from exc
+    odd = np.unique(labels[~np.isnan(labels) & (labels != 0) & (labels != 1)])
+    if odd.size or np.isinf(scores).any():
+        raise EvaluateError(f"score table {run!r}: labels must be 0 (real), 1 (AI-generated) or null, and scores "
+                            f"finite; found labels {odd[:5].tolist()} and {int(np.isinf(scores).sum())} infinite "
+                            "score(s)")
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
     failed = np.array([bool(e) for e in errors], dtype=bool) | np.isnan(scores)
     unlabelled = np.isnan(labels) & ~failed

@@ -1,6 +1,8 @@
 """The ``spai`` CLI's own behaviour: user errors end in one ``error:`` line and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from spai_cli.main import main as spai
@@ -14,11 +16,13 @@ from spai_cli.main import main as spai
      "jpeg_quality must be in 1..100"),  # a transform setting, checked before Ray starts
     (["validate", "{tmp}/nope"], "does not exist"),  # ManifestError
     (["evaluate", "{tmp}/nope.parquet"], "{tmp}/nope.parquet does not exist"),  # StorageError
+    (["evaluate", "{tmp}/odd.parquet"], "found labels [2.0]"),  # EvaluateError
     (["manifest", "folders", "--real", "{tmp}/none", "--fake", "gan={tmp}/f", "--output", "{tmp}/m"],
      "{tmp}/none does not exist"),
     (["demo-data", "--output", "{tmp}/d", "not_a_key=1"], "not_a_key"),  # ConfigError
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    pq.write_table(pa.table({"label": [0, 2], "generator": ["real", "x"], "score": [0.1, 0.9]}), tmp_path / "odd.parquet")
     assert spai([arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
