@@ -22,7 +22,8 @@ from spai_cli.main import main as spai
     (["demo-data", "--output", "{tmp}/d", "not_a_key=1"], "not_a_key"),  # ConfigError
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
-    pq.write_table(pa.table({"label": [0, 2], "generator": ["real", "x"], "score": [0.1, 0.9]}), tmp_path / "odd.parquet")
+    odd_labels = pa.table({"label": [0, 2], "generator": ["real", "x"], "score": [0.1, 0.9]})
+    pq.write_table(odd_labels, tmp_path / "odd.parquet")
     assert spai([arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
