@@ -7,6 +7,9 @@ timed per precision in each case's own process, right after the case.
 
     python benchmarks/bench_core.py                          # ViT-B, 224/512/1024/2048x1536, 2 images each
     python benchmarks/bench_core.py --model spai_tiny --images 4 --sizes 224 512
+    python benchmarks/bench_core.py --device cuda --images 16  # on a GPU: "of peak" is then the MFU
+
+On a GPU, timings synchronise the device, and memory is the device's peak allocation instead of the process RSS.
 """
 from __future__ import annotations
 
@@ -40,25 +43,33 @@ def tile_gflop(cfg: ModelConfig) -> float:
     return 2 * 3 * (cfg.depth * (block + projector) + embed) / 1e9
 
 
-def matmul_peak(precision: str, size: int = PEAK_SIZE, repeats: int = 5) -> float:
-    """GFLOP/s of a square matmul in this precision: the best of ``repeats`` runs of each GEMM library PyTorch has on
-    CPU (MKL through ``a @ b``, and oneDNN, whose linear the model runs), so that "of peak" is not flattered by the
-    slower one."""
+def matmul_peak(precision: str, device: torch.device, size: int = PEAK_SIZE, repeats: int = 5) -> float:
+    """GFLOP/s of a square matmul in this precision: the best of ``repeats`` runs of each GEMM library PyTorch has
+    (on CPU MKL through ``a @ b`` and oneDNN, whose linear the model runs), so that "of peak" is not flattered by the
+    slower one. On a GPU the matmul is 4x bigger, since a 2048^3 one is over before the clocks rise."""
+    size = size * 4 if device.type == "cuda" else size
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     kernels = [lambda: a @ b]
-    if torch.backends.mkldnn.is_available():
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
         kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
     best = float("inf")
     for kernel in kernels:
         kernel()
-        best = min(best, *(_timed(kernel) for _ in range(repeats)))
+        best = min(best, *(_timed(kernel, device) for _ in range(repeats)))
     return 2 * size ** 3 / best / 1e9
 
 
-def _timed(fn) -> float:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    _synchronize(device)
     start = time.perf_counter()
     fn()
+    _synchronize(device)
     return time.perf_counter() - start
 
 
@@ -67,12 +78,12 @@ def test_images(size: tuple[int, int], count: int) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB").resize(size[::-1], Image.LANCZOS)) for p in photos]
 
 
-def naive_logits(model, images: list[np.ndarray]) -> np.ndarray:
+def naive_logits(model, images: list[np.ndarray], device: torch.device) -> np.ndarray:
     """Batch 1, fp32, every tile encoded: the official per-image path."""
     out = []
     with torch.inference_mode():
         for image in images:
-            padded, offsets = model.plan_tiles(image_to_tensor(image))
+            padded, offsets = model.plan_tiles(image_to_tensor(image, device))
             size = model.cfg.img_size
             tiles = torch.stack([padded[:, r:r + size, c:c + size] for r, c in offsets])
             out.append(float(model.pool(model.describe(tiles)[None])[0][0]))
@@ -83,28 +94,37 @@ def run_case(args: argparse.Namespace) -> dict:
     """One measurement in this process: returns throughput, tiles, FLOP rate and peak RSS."""
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     model = build_model(args.model).eval()
     images = test_images(SIZES[args.size], args.images)
-    detector = Detector(model, "cpu", args.precision, feature_batch=args.feature_batch)
+    detector = Detector(model, device, args.precision, feature_batch=args.feature_batch)  # moves the model there
     def run(batch: list[np.ndarray]) -> np.ndarray:
-        return naive_logits(model, batch) if args.method == "naive" else detector.logits(batch)
+        return naive_logits(model, batch, device) if args.method == "naive" else detector.logits(batch)
 
-    run(images[:1])  # warm-up: first-call allocations are not what a long job sees
+    run(images[:1])  # warm-up: first-call allocations (and CUDA kernel selection) are not what a long job sees
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _synchronize(device)
     start = time.perf_counter()
     logits = run(images)
+    _synchronize(device)
     seconds = time.perf_counter() - start
     encoded = sum(len(model.plan_tiles(image_to_tensor(i))[1]) for i in images)
     unique = sum(len(set(model.plan_tiles(image_to_tensor(i))[1])) for i in images)
     tiles = encoded if args.method == "naive" else unique
     gflop = tiles * tile_gflop(model.cfg)
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # before the matmul's own buffers
+    if device.type == "cuda":
+        peak_memory = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    else:
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # before the matmul's buffers
     return {"images_per_s": len(images) / seconds, "tiles_per_s": tiles / seconds, "gflop_per_s": gflop / seconds,
-            "peak_rss_gib": peak_rss, "logits": logits.tolist(), "matmul_peak": matmul_peak(args.precision)}
+            "peak_memory_gib": peak_memory, "logits": logits.tolist(),
+            "matmul_peak": matmul_peak(args.precision, device)}
 
 
 def subprocess_case(args: argparse.Namespace, method: str, size: str, precision: str, images: int) -> dict:
     cmd = [sys.executable, __file__, "--case", "--model", args.model, "--threads", str(args.threads), "--method",
-           method, "--size", size, "--precision", precision, "--images", str(images)]
+           method, "--size", size, "--precision", precision, "--images", str(images), "--device", args.device]
     cmd += ["--feature-batch", str(args.feature_batch)] if args.feature_batch else []
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -119,6 +139,8 @@ def main() -> None:
     parser.add_argument("--feature-batch", type=int, default=None,
                         help="tiles encoded at once by our detector (default: the Detector's CPU default)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                        help="where the model runs (default: cuda when there is one)")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="224", help=argparse.SUPPRESS)
@@ -127,10 +149,12 @@ def main() -> None:
     if args.case:
         print(json.dumps(run_case(args)))
         return
-    print(f"model {args.model}, {args.threads} threads; 'of peak' divides by a {PEAK_SIZE}^3 matmul in the case's "
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} CPU threads"
+    print(f"model {args.model} on {where}; 'of peak' divides by a {PEAK_SIZE}^3 matmul in the case's "
           "precision timed in the case's own process right after it, since this machine's clock drifts by 10-20% "
           "over minutes")
-    header = ["size", "method", "prec", "img/s", "tiles/s", "GFLOP/s", "matmul GFLOP/s", "of peak", "peak RSS GiB",
+    memory = "peak GPU GiB" if args.device == "cuda" else "peak RSS GiB"
+    header = ["size", "method", "prec", "img/s", "tiles/s", "GFLOP/s", "matmul GFLOP/s", "of peak", memory,
               "vs naive", "max|dlogit|"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for size in args.sizes:
@@ -141,7 +165,7 @@ def main() -> None:
             delta = np.abs(np.array(r["logits"]) - np.array(naive["logits"])).max()
             print(f"| {size} | {method} | {precision} | {r['images_per_s']:.3f} | {r['tiles_per_s']:.2f} | "
                   f"{r['gflop_per_s']:.0f} | {r['matmul_peak']:.0f} | {r['gflop_per_s'] / r['matmul_peak']:.2f} | "
-                  f"{r['peak_rss_gib']:.2f} | "
+                  f"{r['peak_memory_gib']:.2f} | "
                   f"{r['images_per_s'] / naive['images_per_s']:.2f}x | {delta:.2e} |", flush=True)
     if "bf16" in args.precisions:
         report_bf16_auc(args)
@@ -152,8 +176,8 @@ def report_bf16_auc(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = build_model(args.model).eval()
     images = test_images(SIZES["512"], 8)
-    fp32 = Detector(model, "cpu", "fp32", feature_batch=args.feature_batch).logits(images)
-    bf16 = Detector(model, "cpu", "bf16", feature_batch=args.feature_batch).logits(images)
+    fp32 = Detector(model, args.device, "fp32", feature_batch=args.feature_batch).logits(images)
+    bf16 = Detector(model, args.device, "bf16", feature_batch=args.feature_batch).logits(images)
     labels = (fp32 > np.median(fp32)).astype(int)  # random weights: compare rankings, not accuracy
     print(f"bf16 vs fp32 on 8 real photos: max |dlogit| {np.abs(bf16 - fp32).max():.3e}; AUC of bf16 scores against "
           f"the fp32 split at the median: {binary_metrics(labels, bf16)['auc']:.3f} (1.0 = same ranking)")
