@@ -135,19 +135,22 @@ class ImageColumnBuilder:
         shapes agree (appending it then costs no copy), else a new array."""
         if self._ragged is None:
             if self._stack is None:
-                rows = max(1, min(self._capacity, self._max_bytes // max(math.prod(shape), 1)))
-                # From Arrow's memory pool, which hands freed blocks out again: a numpy array this big is a fresh
-                # mmap each time, and the kernel zeroing its pages cost ~12% of decoding 512-px JPEGs.
-                memory = pa.allocate_buffer(rows * math.prod(shape))
-                self._stack = np.frombuffer(memory, np.uint8).reshape(rows, *shape)
+                self._stack = self._new_stack(shape)
             if shape == self._stack.shape[1:]:
                 return self._stack[self.rows]
         return np.empty(shape, np.uint8)
 
+    def _new_stack(self, shape: tuple[int, ...]) -> np.ndarray:
+        """Room for the batch's rows of ``shape``, within the byte budget. From Arrow's memory pool, which hands freed
+        blocks out again: a numpy array this big is a fresh mmap each time, and the kernel zeroing its pages cost ~12%
+        of decoding 512-px JPEGs."""
+        rows = max(1, min(self._capacity, self._max_bytes // max(math.prod(shape), 1)))
+        return np.frombuffer(pa.allocate_buffer(rows * math.prod(shape)), np.uint8).reshape(rows, *shape)
+
     def append(self, image: np.ndarray | None) -> None:
         if self._ragged is None:
             if self._stack is None and image is not None:
-                self.slot(image.shape)
+                self._stack = self._new_stack(image.shape)
             if image is not None and image.shape == self._stack.shape[1:]:
                 row = self._stack[self.rows]
                 if image.ctypes.data != row.ctypes.data:  # not already written there through slot()
