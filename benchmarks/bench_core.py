@@ -19,7 +19,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from spai_core.spai import ModelConfig, build_model
 
 PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "photos"
 PEAK_SIZE = 2048
+T = TypeVar("T")
 SIZES = {"224": (224, 224), "512": (512, 512), "1024": (1024, 1024), "2048x1536": (1536, 2048)}
 
 
@@ -56,7 +59,7 @@ def matmul_peak(precision: str, device: torch.device, size: int = PEAK_SIZE, rep
     best = float("inf")
     for kernel in kernels:
         kernel()
-        best = min(best, *(_timed(kernel, device) for _ in range(repeats)))
+        best = min(best, *(_timed(kernel, device)[0] for _ in range(repeats)))
     return 2 * size ** 3 / best / 1e9
 
 
@@ -65,12 +68,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
+def _timed(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """(seconds, result) of ``fn()``, with the device's queued work finished at both ends."""
     _synchronize(device)
     start = time.perf_counter()
-    fn()
+    result = fn()
     _synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, result
 
 
 def test_images(size: tuple[int, int], count: int) -> list[np.ndarray]:
@@ -104,11 +108,7 @@ def run_case(args: argparse.Namespace) -> dict:
     run(images[:1])  # warm-up: first-call allocations (and CUDA kernel selection) are not what a long job sees
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _synchronize(device)
-    start = time.perf_counter()
-    logits = run(images)
-    _synchronize(device)
-    seconds = time.perf_counter() - start
+    seconds, logits = _timed(lambda: run(images), device)
     encoded = sum(len(model.plan_tiles(image_to_tensor(i))[1]) for i in images)
     unique = sum(len(set(model.plan_tiles(image_to_tensor(i))[1])) for i in images)
     tiles = encoded if args.method == "naive" else unique
