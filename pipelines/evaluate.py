@@ -136,10 +136,10 @@ def _arrays(table: pa.Table, run: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise EvaluateError(f"score table {run!r}: label and score must be numbers ({exc})") from exc
     odd = np.unique(labels[~np.isnan(labels) & (labels != 0) & (labels != 1)])
-    if odd.size or np.isinf(scores).any():
+    infinite = int(np.isinf(scores).sum())
+    if odd.size or infinite:
         raise EvaluateError(f"score table {run!r}: labels must be 0 (real), 1 (AI-generated) or null, and scores "
-                            f"finite; found labels {odd[:5].tolist()} and {int(np.isinf(scores).sum())} infinite "
-                            "score(s)")
+                            f"finite; found labels {odd[:5].tolist()} and {infinite} infinite score(s)")
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
     failed = np.array([bool(e) for e in errors], dtype=bool) | np.isnan(scores)
     unlabelled = np.isnan(labels) & ~failed
