@@ -10,7 +10,13 @@ from typing import Any, Mapping
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from spai_core.errors import UserError
+
 DEFAULT_STORE = "mlruns"
+
+
+class TrackingError(UserError, LookupError):
+    """A run that should be in the tracking store is not there."""
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -65,6 +71,15 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: Mapping
     run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
     log_params(client, run.info.run_id, {**flatten(params), **system_info()})
     return run.info.run_id
+
+
+def require_run(tracking_uri: str, run_id: str, what: str) -> None:
+    """Fail early, saying where to look, when ``run_id`` is not in the store at ``tracking_uri``."""
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise TrackingError(f"{what}, which the MLflow store {tracking_uri} does not hold ({exc.message}); pass the "
+                            "store it was tracked in with --mlflow-uri") from exc
 
 
 def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:

@@ -303,7 +303,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         best_auc, stale = (metrics["val_auc"], 0) if improved else (best_auc, stale + 1)
         metrics.update(best_val_auc=best_auc, stale_epochs=stale, **counts)
         stop = cfg.patience is not None and stale > cfg.patience
-        if rank == 0 and loop.get("mlflow_run_id"):
+        if rank == 0:
             tracking.log_metrics(loop["tracking_uri"], loop["mlflow_run_id"], metrics, step=epoch)
         if metrics["train_images"] == 0:  # nothing to learn from: no checkpoint, and the driver fails the run
             if rank == 0:
@@ -432,15 +432,15 @@ class TrainResult:
     run_dir: str
     best_checkpoint: str | None  # our .safetensors of the best epoch by val AUC
     best_metrics: dict[str, Any]
-    mlflow_run_id: str | None
-    tracking_uri: str | None
+    mlflow_run_id: str
+    tracking_uri: str
     last_checkpoint: str | None = None  # our .safetensors of the last epoch trained
 
 
 def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: str | None = None,
                  resume: bool = False, init: str | None = None, backbone: str | None = None,
                  mlflow_uri: str | None = None, experiment: str = "spai-train", callbacks: list | None = None,
-                 parent_run_id: str | None = None, track: bool = True) -> TrainResult:
+                 parent_run_id: str | None = None) -> TrainResult:
     """Run ``TorchTrainer.fit`` for ``cfg`` and export the best checkpoint; the library entry of ``spai train``."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -458,16 +458,19 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
     read_manifest(manifest, options)  # fail fast on a missing manifest or a wrong schema, before starting workers
 
-    tracking_uri = tracking.resolve_tracking_uri(mlflow_uri) if track else None
-    run_id = None
     if resume:
-        run_id = json.loads(storage.read_bytes(marker, options))["mlflow_run_id"]
-    elif track:
+        recorded = json.loads(storage.read_bytes(marker, options))
+        # The run continues in the store it started in (unless told otherwise): resolved afresh, the default store is
+        # ./mlruns of the current folder, which does not hold the run when resuming from anywhere else.
+        tracking_uri = tracking.resolve_tracking_uri(mlflow_uri or recorded.get("tracking_uri"))
+        run_id = recorded["mlflow_run_id"]
+        tracking.require_run(tracking_uri, run_id, f"{run_dir} was tracked as MLflow run {run_id}")
+    else:
+        tracking_uri = tracking.resolve_tracking_uri(mlflow_uri)
         run_id = tracking.start_run(tracking_uri, experiment, name, to_dict(cfg),
                                     {"manifest": manifest, "output": run_dir}, parent_run_id)
-    if not resume:
-        storage.write_bytes(marker, json.dumps({"mlflow_run_id": run_id, "manifest": manifest,
-                                                "config": to_dict(cfg)}).encode(), options)
+        storage.write_bytes(marker, json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                                                "manifest": manifest, "config": to_dict(cfg)}).encode(), options)
         storage.write_bytes(storage.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg)).encode(), options)
 
     data_error_uri = storage.join(run_dir, "data_error.txt")  # written by rank 0 when an epoch had nothing to train
@@ -497,8 +500,7 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         if storage.exists(data_error_uri, options):
             raise TrainingDataError(storage.read_bytes(data_error_uri, options).decode())
     except BaseException:
-        if run_id:
-            tracking.finish_run(tracking_uri, run_id, "FAILED")
+        tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise
     return _export_weights(result, run_dir, cfg, options, tracking_uri, run_id)
 
@@ -512,7 +514,7 @@ def _copy_weights(checkpoint, uri: str, options: storage.StorageOptions) -> byte
 
 
 def _export_weights(result, run_dir: str, cfg: TrainConfig, options: storage.StorageOptions,
-                    tracking_uri: str | None, run_id: str | None) -> TrainResult:
+                    tracking_uri: str, run_id: str) -> TrainResult:
     """Copy the best and the last checkpoint's weights to ``<run>/{best,last}.safetensors``; log and register the best
     in MLflow. On a small validation set the best epoch is a noisy pick, and the last one is where training ended."""
     ranked = [(m, c) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_auc", float("nan")))]
@@ -526,13 +528,12 @@ def _export_weights(result, run_dir: str, cfg: TrainConfig, options: storage.Sto
     last_uri = storage.join(run_dir, "last.safetensors") if result.checkpoint is not None else None
     if last_uri:
         _copy_weights(result.checkpoint, last_uri, options)
-    if run_id:
-        version = tracking.log_weights(tracking_uri, run_id, weights, "best.safetensors", cfg.registered_model)
-        if version:
-            print(f"[spai train] registered {cfg.registered_model} version {version}")
-        tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
-                                                    if k.startswith("val_")}, step=int(best_metrics["epoch"]))
-        tracking.finish_run(tracking_uri, run_id)
+    version = tracking.log_weights(tracking_uri, run_id, weights, "best.safetensors", cfg.registered_model)
+    if version:
+        print(f"[spai train] registered {cfg.registered_model} version {version}")
+    tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
+                                                if k.startswith("val_")}, step=int(best_metrics["epoch"]))
+    tracking.finish_run(tracking_uri, run_id)
     return TrainResult(run_dir, best_uri, dict(best_metrics), run_id, tracking_uri, last_uri)
 
 
@@ -551,6 +552,5 @@ def main(args: argparse.Namespace) -> int:
               f"{result.best_metrics.get('val_auc', float('nan')):.4f}): {result.best_checkpoint}")
     if result.last_checkpoint:
         print(f"[spai train] last epoch's weights: {result.last_checkpoint}")
-    if result.tracking_uri:
-        print(tracking.ui_hint(result.tracking_uri))
+    print(tracking.ui_hint(result.tracking_uri))
     return 0

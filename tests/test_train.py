@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load, load_file
 
 from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 SPAI = str(Path(sys.executable).with_name("spai"))
 # Small batches give several steps per epoch on the small corpus; patience off so every requested epoch runs.
 LEARN = ["batch_size=2", "optim.lr=3e-3", "optim.warmup_epochs=0.25", "patience=null"]
+TWO_EPOCHS = ("epochs=2", "progress_every_s=0", *LEARN)  # the run the resume and reproducibility tests share
 EPOCH_LINE = re.compile(r"\[spai train\] epoch (\d+):")
 HEADER_LINE = re.compile(r"\[spai train\] \d+ train / \d+ val images")
 PROGRESS_LINE = re.compile(r"\[spai train\] epoch (\d+) step (\d+)/(\d+) \(\d+%\): loss [\d.]+, [\d.]+ img/s, "
@@ -165,14 +166,25 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(small_corpus, tmp_path):
     assert sorted(set(epochs_seen)) == list(range(epochs))
 
 
-def test_resume_continues_and_a_taken_name_is_refused(small_corpus, tmp_path):
-    runs = tmp_path / "runs"
-    first = spai_train(train_command(small_corpus, runs, "r", "epochs=2", "progress_every_s=0", *LEARN), tmp_path)
-    assert first.returncode == 0, first.stdout[-6000:]
-    assert printed_epochs(first.stdout) == [0, 1]
+@pytest.fixture(scope="module")
+def two_epoch_run(small_corpus, tmp_path_factory) -> tuple[Path, str, dict[str, torch.Tensor]]:
+    """One 2-epoch run shared by the resume and reproducibility tests: (runs folder, its output, its best weights).
+
+    The weights are read into memory at once (``load_file`` maps the file), because the resume test later continues
+    this run in place.
+    """
+    runs = tmp_path_factory.mktemp("two_epochs") / "runs"
+    done = spai_train(train_command(small_corpus, runs, "r", *TWO_EPOCHS), runs.parent)
+    assert done.returncode == 0, done.stdout[-6000:]
+    return runs, done.stdout, load((runs / "r" / "best.safetensors").read_bytes())
+
+
+def test_resume_continues_and_a_taken_name_is_refused(small_corpus, two_epoch_run, tmp_path):
+    runs, output, _ = two_epoch_run
+    assert printed_epochs(output) == [0, 1]
     # progress within each epoch: every step but the last, whose numbers the epoch line gives (Ray may echo a worker
     # line twice, not always next to each other, hence the de-duplication)
-    lines = log_lines(first.stdout, PROGRESS_LINE)
+    lines = log_lines(output, PROGRESS_LINE)
     progress = list(dict.fromkeys(PROGRESS_LINE.search(line).groups() for line in lines))
     steps = int(progress[0][2])
     assert progress == [(str(e), str(s), str(steps)) for e in (0, 1) for s in range(1, steps)], progress
@@ -182,21 +194,27 @@ def test_resume_continues_and_a_taken_name_is_refused(small_corpus, tmp_path):
     assert "error: " in taken.stdout and "already holds a run; pass --resume" in taken.stdout
     assert "Traceback" not in taken.stdout
 
+    # The first run's MLflow store is the default ./mlruns of the folder it ran in; resuming from another folder (as
+    # here) continues in that store, unless another one is named, which must hold the run.
+    elsewhere = spai_train(train_command(small_corpus, runs, "r", "epochs=3", *LEARN, resume=True,
+                                         mlflow_uri=f"sqlite:///{tmp_path}/other.db"), tmp_path, timeout=120)
+    assert elsewhere.returncode == 2, elsewhere.stdout[-6000:]
+    assert "which the MLflow store" in elsewhere.stdout and "Traceback" not in elsewhere.stdout
     resumed = spai_train(train_command(small_corpus, runs, "r", "epochs=3", *LEARN, resume=True), tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-6000:]
     assert printed_epochs(resumed.stdout) == [2]
+    assert_mlflow_run(f"sqlite:///{runs.parent}/mlruns/mlflow.db", "r", 3)
 
 
-def test_a_seeded_run_is_reproducible(small_corpus, tmp_path):
+def test_a_seeded_run_is_reproducible(small_corpus, two_epoch_run, tmp_path):
     """Same seed, same manifest -> the same weights, bit for bit (Ray Data once reordered batches between runs)."""
-    weights = []
-    for name in ("once", "again"):
-        done = spai_train(train_command(small_corpus, tmp_path / "runs", name, "epochs=2", *LEARN), tmp_path)
-        assert done.returncode == 0, done.stdout[-6000:]
-        weights.append(load_file(tmp_path / "runs" / name / "best.safetensors"))
-    assert weights[0].keys() == weights[1].keys()
-    for key, tensor in weights[0].items():
-        assert torch.equal(tensor, weights[1][key]), key
+    first = two_epoch_run[2]
+    done = spai_train(train_command(small_corpus, tmp_path / "runs", "again", *TWO_EPOCHS), tmp_path)
+    assert done.returncode == 0, done.stdout[-6000:]
+    again = load_file(tmp_path / "runs" / "again" / "best.safetensors")
+    assert first.keys() == again.keys()
+    for key, tensor in first.items():
+        assert torch.equal(tensor, again[key]), key
 
 
 def test_a_run_without_one_decodable_training_image_fails_and_says_why(small_corpus, tmp_path):
