@@ -32,7 +32,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.decode import SNIFF_BYTES, sniff_image_format
-from pipelines.storage import Files, StorageError, StorageOptions, basename, is_s3, join, parent, relative_to
+from pipelines.storage import (Files, StorageError, StorageOptions, absolute, basename, is_s3, join, parent,
+                               relative_to)
 from spai_core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def write_manifest(table_or_rows: pa.Table | Sequence[Mapping[str, Any]], uri: s
     table = conform(table.replace_schema_metadata(None))
     check_values(table)
     table = table.sort_by([("split", "ascending"), ("generator", "ascending"), ("uri", "ascending")])
-    uri = uri if is_s3(uri) else os.path.abspath(uri)
+    uri = absolute(uri)
     files = Files(options)
     previous = _previous_files(uri, files)
     entries = []

@@ -57,7 +57,7 @@ from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS
 from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input
 from pipelines.runtime import init_ray
-from pipelines.storage import Files, StorageOptions, basename, filesystem, is_s3, join
+from pipelines.storage import Files, StorageOptions, absolute, basename, filesystem, is_s3, join
 from pipelines.transforms import ScoreTransformConfig, make_score_transform
 from spai_core.config import ConfigError, to_dict
 from spai_core.detector import PRECISIONS, Detector, resolve_precision
@@ -412,7 +412,8 @@ def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
                                                            max_tasks_in_flight_per_actor=plan.batches_in_flight),
                         num_cpus=plan.num_cpus,
                         num_gpus=plan.num_gpus or None,
-                        fn_constructor_kwargs={"weights": cfg.weights, "model_id": model_id, "plan": plan,
+                        # absolute: actors on a running cluster (RAY_ADDRESS) work in another folder than the driver
+                        fn_constructor_kwargs={"weights": absolute(cfg.weights), "model_id": model_id, "plan": plan,
                                                "max_tiles": cfg.max_tiles, "feature_batch": cfg.feature_batch,
                                                "options": options})
     buffer, first = PartBuffer(work, cfg.part_rows), None

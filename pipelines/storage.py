@@ -72,6 +72,12 @@ def is_s3(uri: str) -> bool:
     return uri.startswith(S3_PREFIX)
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (``~`` expanded), an ``s3://`` URI as it is: for paths that other processes (Ray
+    workers, a resumed run) read from another working directory."""
+    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(uri: str, *parts: str) -> str:
     """Join path parts onto a local path or an ``s3://`` URI (always with ``/`` on S3)."""
     if is_s3(uri):

@@ -448,7 +448,9 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
     from pipelines.runtime import init_ray
 
     options = storage.StorageOptions.from_env()
-    output = output if storage.is_s3(output) else str(Path(output).resolve())
+    # Workers of a running cluster (RAY_ADDRESS) work in another folder than this driver, and a resume may run elsewhere
+    output, manifest = storage.absolute(output), storage.absolute(manifest)
+    init, backbone = (storage.absolute(path) if path else None for path in (init, backbone))
     name = name or time.strftime("spai-%Y%m%d-%H%M%S")
     run_dir = storage.join(output, name)
     marker = storage.join(run_dir, "spai_run.json")

@@ -30,7 +30,11 @@ def test_options_from_env_prefer_s3_specific_endpoint():
     assert StorageOptions.from_env({}) == StorageOptions()
 
 
-def test_paths():
+def test_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert storage.absolute("runs/a") == f"{tmp_path}/runs/a" and storage.absolute("~/w.pth") == "/home/someone/w.pth"
+    assert storage.absolute("s3://b/runs") == "s3://b/runs"
     assert storage.is_s3("s3://b/k") and not storage.is_s3("/tmp/x")
     assert storage.join("s3://b/p/", "q", "r.png") == "s3://b/p/q/r.png"
     assert storage.join("/tmp/a", "b") == "/tmp/a/b"

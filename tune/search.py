@@ -179,17 +179,12 @@ def _trainable(plan: SearchPlan):
 # ----------------------------------------------------------------------------------------------- entry points
 
 
-def _absolute(uri: str) -> str:
-    """Local paths made absolute: Tune runs each trial in its own working directory."""
-    return uri if storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-
 def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int, max_concurrent: int | None = None,
                gpus_per_trial: float = 0.0, workers_per_trial: int = 1, output: str = DEFAULT_OUTPUT,
                name: str | None = None, mlflow_uri: str | None = None, experiment: str = "spai-tune") -> SearchResult:
     """Start a search of ``trials`` samples of ``space`` around ``base``; the library entry of ``spai tune``."""
     options = storage.StorageOptions.from_env()
-    search_dir = storage.join(_absolute(output), name or time.strftime("tune-%Y%m%d-%H%M%S"))
+    search_dir = storage.join(storage.absolute(output), name or time.strftime("tune-%Y%m%d-%H%M%S"))
     marker = storage.join(search_dir, SEARCH_MARKER)
     if storage.exists(marker, options):
         raise FileExistsError(f"{search_dir} already holds a search; pass --resume to continue it or choose another "
@@ -203,7 +198,7 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
                  "gpus_per_worker": gpus_per_trial / workers_per_trial}
     trial_config(base_dict, {})  # the base itself must be valid with the per-trial resources
     check_space(space, base_dict)
-    manifest = _absolute(manifest)
+    manifest = storage.absolute(manifest)
     read_manifest(manifest, options)  # fail fast on a missing manifest, before starting Ray and MLflow runs
 
     if max_concurrent is None:
@@ -232,12 +227,12 @@ def resume_search(output: str, name: str, manifest: str | None = None) -> Search
     rungs start empty: trials are compared only with results reported after the resume.
     """
     options = storage.StorageOptions.from_env()
-    search_dir = storage.join(_absolute(output), name)
+    search_dir = storage.join(storage.absolute(output), name)
     marker = storage.join(search_dir, SEARCH_MARKER)
     if not storage.exists(marker, options):
         raise FileNotFoundError(f"nothing to resume at {search_dir}; check --output and --name")
     plan = from_dict(SearchPlan, json.loads(storage.read_bytes(marker, options)), where=marker)
-    if manifest is not None and _absolute(manifest) != plan.setup.manifest:
+    if manifest is not None and storage.absolute(manifest) != plan.setup.manifest:
         raise ConfigError(f"search {name} runs on {plan.setup.manifest}; resume it with that --manifest")
     init_ray(reserved_cpus=plan.max_concurrent * per_trial_cpus(plan.setup.base))
     fs, path = storage.filesystem(search_dir, options)
