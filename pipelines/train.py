@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -299,8 +300,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             gathered = [None] * world
             dist.all_gather_object(gathered, local)
         metrics = epoch_metrics(gathered, epoch, train_time, optimizer.param_groups[0]["lr"])
-        improved = metrics["val_auc"] > best_auc or (math.isnan(best_auc) and not math.isnan(metrics["val_auc"]))
-        best_auc, stale = (metrics["val_auc"], 0) if improved else (best_auc, stale + 1)
+        best_auc, stale = track_best(metrics["val_auc"], best_auc, stale)
         metrics.update(best_val_auc=best_auc, stale_epochs=stale, **counts)
         stop = cfg.patience is not None and stale > cfg.patience
         if rank == 0:
@@ -382,6 +382,14 @@ def progress_line(epoch: int, step: int, steps: int, loss: float, images: int, e
             f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}")
 
 
+def track_best(val_auc: float, best_auc: float, stale: int) -> tuple[float, int]:
+    """(best val AUC so far, epochs since it improved) after an epoch. An undefined AUC (a val split without both
+    classes) is no evidence either way, so it neither improves nor makes the run stale."""
+    if math.isnan(val_auc):
+        return best_auc, stale
+    return (val_auc, 0) if val_auc > best_auc or math.isnan(best_auc) else (best_auc, stale + 1)
+
+
 def first_failure(batch: dict[str, np.ndarray]) -> str | None:
     """``uri (reason)`` of the first row of a batch that failed to decode or transform, else None."""
     return next((f"{uri} ({error})" for uri, error in zip(batch["uri"], batch["error"]) if error is not None), None)
@@ -437,6 +445,29 @@ class TrainResult:
     last_checkpoint: str | None = None  # our .safetensors of the last epoch trained
 
 
+def check_splits(manifest: pa.Table, cfg: TrainConfig) -> list[str]:
+    """Refuse a manifest whose train split cannot make one batch of both classes; warn when val AUC is undefined."""
+    def labels(split: str) -> tuple[int, set[int]]:
+        rows = manifest.filter(pc.equal(manifest.column("split"), split))
+        return rows.num_rows, set(rows.column("label").drop_null().to_pylist())
+
+    (train, train_labels), (val, val_labels) = labels("train"), labels("val")
+    per_worker = train // cfg.workers
+    if per_worker < cfg.batch_size // cfg.workers:  # each worker drops its last incomplete batch
+        fix = (f"lower batch_size, e.g. batch_size={per_worker * cfg.workers}, or add training images" if per_worker
+               else "add training images or use fewer workers")
+        raise ConfigError(f"the manifest's train split has {train} image(s), less than one batch of batch_size="
+                          f"{cfg.batch_size} over {cfg.workers} worker(s); {fix}")
+    if train_labels != {0, 1}:
+        raise ConfigError(f"the manifest's train split has labels {sorted(train_labels)}; a detector learns from "
+                          "both real (0) and AI-generated (1) images: rebuild the manifest with both")
+    if val_labels != {0, 1}:
+        return [f"the val split has {val} image(s) with labels {sorted(val_labels)}, so val AUC is undefined: "
+                "patience never stops the run early, and the last epoch is exported as the best; rebuild the "
+                "manifest with real and AI-generated images in val to select epochs by val AUC"]
+    return []
+
+
 def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: str | None = None,
                  resume: bool = False, init: str | None = None, backbone: str | None = None,
                  mlflow_uri: str | None = None, experiment: str = "spai-train", callbacks: list | None = None,
@@ -458,7 +489,9 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         raise FileNotFoundError(f"nothing to resume at {run_dir}; check --output and --name")
     if not resume and storage.exists(marker, options):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --name")
-    read_manifest(manifest, options)  # fail fast on a missing manifest or a wrong schema, before starting workers
+    # fail fast on a missing manifest, a wrong schema or splits this config cannot train on, before starting workers
+    for warning in check_splits(read_manifest(manifest, options), cfg):
+        print(f"[spai train] warning: {warning}", file=sys.stderr, flush=True)
 
     if resume:
         recorded = json.loads(storage.read_bytes(marker, options))

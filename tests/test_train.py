@@ -23,8 +23,9 @@ from safetensors.torch import load, load_file
 from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
 from pipelines.manifest import read_manifest, write_manifest
-from pipelines.train import CONFIG_DIR, epoch_metrics, failure_summary
+from pipelines.train import CONFIG_DIR, TrainConfig, check_splits, epoch_metrics, failure_summary, track_best
 from spai_core.checkpoint import CheckpointError, convert, read_checkpoint
+from spai_core.config import ConfigError
 from spai_core.detector import Detector
 from spai_core.metrics import binary_metrics
 
@@ -237,6 +238,32 @@ def test_a_run_without_one_decodable_training_image_fails_and_says_why(small_cor
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("spai-train").experiment_id])
     assert run.info.status == "FAILED" and not client.search_model_versions("name = 'spai'")
+
+
+def test_splits_that_cannot_train_are_refused_before_ray_starts():
+    def manifest(train: list[int], val: list[int]) -> pa.Table:
+        return pa.table({"split": ["train"] * len(train) + ["val"] * len(val), "label": train + val})
+
+    cfg = TrainConfig(batch_size=4, workers=2)
+    assert check_splits(manifest([0, 1, 0, 1], [0, 1]), cfg) == []
+    with pytest.raises(ConfigError, match=r"train split has 3 image\(s\), less than one batch of batch_size=4 over 2 "
+                                          r"worker\(s\); lower batch_size, e.g. batch_size=2,"):
+        check_splits(manifest([0, 1, 0], [0, 1]), cfg)
+    with pytest.raises(ConfigError, match="train split has 1 image.*add training images or use fewer workers"):
+        check_splits(manifest([0], [0, 1]), cfg)
+    with pytest.raises(ConfigError, match=r"train split has labels \[1\]"):
+        check_splits(manifest([1, 1, 1, 1], [0, 1]), cfg)
+    (warning,) = check_splits(manifest([0, 1, 0, 1], [1, 1]), cfg)
+    assert "val split has 2 image(s) with labels [1], so val AUC is undefined" in warning
+    assert "with labels []" in check_splits(manifest([0, 1, 0, 1], []), cfg)[0]
+
+
+def test_an_undefined_val_auc_neither_improves_nor_stales_a_run():
+    assert track_best(0.7, -1.0, 0) == (0.7, 0)
+    assert track_best(0.6, 0.7, 0) == (0.7, 1)
+    assert track_best(float("nan"), 0.7, 1) == (0.7, 1)  # patience counts only epochs that could have improved
+    assert track_best(float("nan"), -1.0, 0) == (-1.0, 0)
+    assert track_best(0.8, 0.7, 1) == (0.8, 0)
 
 
 def test_epoch_line_counts_failed_images_and_shows_one():
