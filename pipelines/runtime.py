@@ -3,8 +3,30 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 
 import ray
+
+from spai_core.errors import UserError
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+class ClusterError(UserError, ConnectionError):
+    """``RAY_ADDRESS`` names a cluster this machine cannot reach."""
+
+
+def check_reachable(address: str) -> None:
+    """Fail fast on an unreachable ``host:port`` (``ray://`` too): ``ray.init`` would retry for minutes, logging only
+    low-level GCS time-outs. ``auto`` and addresses without a port are left to Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): {exc}; check the address and "
+                           "that its head node is up, or unset RAY_ADDRESS to run on a local Ray") from exc
 
 
 def init_ray(reserved_cpus: float = 0) -> None:
@@ -18,6 +40,7 @@ def init_ray(reserved_cpus: float = 0) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:  # "auto" joins a cluster started on this machine with `ray start`
+        check_reachable(address)
         ray.init(address=address, log_to_driver=True)
     else:  # always a fresh local Ray: silently joining some other job's cluster would mix resources and logs
         cpus = max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2)

@@ -1,11 +1,23 @@
 """The ``spai`` CLI's own behaviour: user errors end in one ``error:`` line and exit code 2, never a traceback."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
+from s3server import free_port
 from spai_cli.main import main as spai
+from spai_core.checkpoint import save_checkpoint
+from spai_core.spai import build_model
+
+PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "photos"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -27,3 +39,16 @@ def test_user_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert spai([arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_unreachable_cluster_is_an_error_not_a_hang(tmp_path):
+    """RAY_ADDRESS naming a port nobody listens on: ``ray.init`` alone would retry for minutes."""
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "tiny.safetensors", build_model("spai_tiny"))
+    (tmp_path / "photos").mkdir()
+    shutil.copy(next(PHOTOS.glob("*.jpg")), tmp_path / "photos")
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    done = subprocess.run([sys.executable, "-m", "spai_cli.main", "score", "-w", str(tmp_path / "tiny.safetensors"),
+                           "-i", str(tmp_path / "photos"), "-o", str(tmp_path / "s.csv")], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "error: cannot reach the Ray cluster at 127.0.0.1:" in done.stderr, done.stderr
