@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
 
 import boto3
@@ -258,19 +258,39 @@ class Files:
             return [uri]
         if info.type == pafs.FileType.NotFound:
             raise self.missing(uri)
-        entries = self.call(uri, "list", lambda fs, path: fs.get_file_info(pafs.FileSelector(path,
-                                                                                               recursive=recursive)))
         base = self.resolve(uri)[1].rstrip("/")
+        if is_s3(uri):
+            entries = self.call(uri, "list", lambda fs, path: fs.get_file_info(pafs.FileSelector(path,
+                                                                                                   recursive=recursive)))
+            paths = [entry.path for entry in entries if entry.type == pafs.FileType.File]
+        else:
+            paths = self.call(uri, "list", lambda fs, path: list(_local_files(path, recursive)))
         wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
         found = []
-        for entry in entries:
-            relative = entry.path[len(base):].lstrip("/")
-            if entry.type != pafs.FileType.File or any(p.startswith(".") for p in relative.split("/")):
+        for path in paths:
+            relative = path[len(base):].lstrip("/")
+            if any(p.startswith(".") for p in relative.split("/")):
                 continue
-            if wanted is not None and not entry.path.lower().endswith(wanted):
+            if wanted is not None and not path.lower().endswith(wanted):
                 continue
-            found.append(S3_PREFIX + entry.path if is_s3(uri) else entry.path)
+            found.append(S3_PREFIX + path if is_s3(uri) else path)
         return sorted(found)
+
+
+def _local_files(folder: str, recursive: bool) -> Iterator[str]:
+    """Files under a local folder (symlinked folders followed), broken symlinks included: pyarrow's listing leaves
+    those out, so their rows would vanish without a trace; listed, they fail later as ``missing``."""
+    def fail(exc: OSError) -> None:  # os.walk skips unreadable folders silently by default
+        raise exc
+
+    for directory, folders, names in os.walk(folder, onerror=fail, followlinks=True):
+        folders[:] = [f for f in folders if not f.startswith(".")]  # hidden: skipped by the caller anyway
+        for name in names:
+            path = os.path.join(directory, name)
+            if os.path.isfile(path) or not os.path.exists(path):  # not sockets or FIFOs
+                yield path
+        if not recursive:
+            break
 
 
 def _read(fs: pafs.FileSystem, path: str, size: int | None) -> bytes:
