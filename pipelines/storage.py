@@ -260,8 +260,8 @@ class Files:
             raise self.missing(uri)
         base = self.resolve(uri)[1].rstrip("/")
         if is_s3(uri):
-            entries = self.call(uri, "list", lambda fs, path: fs.get_file_info(pafs.FileSelector(path,
-                                                                                                   recursive=recursive)))
+            entries = self.call(uri, "list", lambda fs, path: fs.get_file_info(
+                pafs.FileSelector(path, recursive=recursive)))
             paths = [entry.path for entry in entries if entry.type == pafs.FileType.File]
         else:
             paths = self.call(uri, "list", lambda fs, path: list(_local_files(path, recursive)))

@@ -56,7 +56,8 @@ def system_info() -> dict[str, str]:
     import ray
     import torch
 
-    return {"sys.python": platform.python_version(), "sys.platform": platform.platform(), "sys.torch": torch.__version__,
+    return {"sys.python": platform.python_version(), "sys.platform": platform.platform(),
+            "sys.torch": torch.__version__,
             "sys.ray": ray.__version__, "sys.cuda": str(torch.cuda.is_available()), "sys.cpus": str(os.cpu_count())}
 
 

@@ -125,7 +125,7 @@ def _reachable(address: str) -> bool:
 
 
 def actors(class_name: str, state: str | None = None) -> list[dict]:
-    """Actors whose class name contains ``class_name``, finished ones included, from the GCS of the connected cluster."""
+    """Actors whose class name contains ``class_name``, finished ones included, from the connected cluster's GCS."""
     return [a for a in ray._private.state.actors().values()
             if class_name in a["ActorClassName"] and (state is None or a["State"] == state)]
 

@@ -50,7 +50,7 @@ def test_local_roundtrip_listing_and_missing(tree, tmp_path):
     assert storage.read_bytes(str(target)) == b"\x00data"
     (tree / "a" / "gone.png").symlink_to(tmp_path / "moved.png")  # a broken link is listed, to fail as missing
     (tree / "linked").symlink_to(tree / "a" / "b")  # a linked folder is followed
-    images = [str(tree / "a/b/two.png"), str(tree / "a/gone.png"), str(tree / "a/one.JPG"), str(tree / "linked/two.png")]
+    images = [str(tree / name) for name in ("a/b/two.png", "a/gone.png", "a/one.JPG", "linked/two.png")]
     assert storage.list_files(str(tree)) == images + [str(tree / "three.txt")]  # hidden files and folders skipped
     assert storage.list_files(str(tree), recursive=False) == [str(tree / "three.txt")]
     assert storage.list_files(str(tree), suffixes=(".jpg", ".png")) == images
