@@ -4,7 +4,11 @@ Protocol: each fake generator is evaluated as its fakes against ALL real rows (s
 generator, as in the paper), with :func:`spai_core.metrics.binary_metrics`; ``overall`` is all fakes against all reals
 and ``real`` the reals alone (its accuracy is the true-negative rate). Generators seen in training (``seen``) are listed
 apart from unseen ones, each group with its mean. Rows that failed to score (``error`` set) or have no label are left
-out and counted.
+out and counted. Scores are probabilities (the sigmoid ``score`` column, not ``logit``), so values outside [0, 1] are
+refused, as are a threshold outside (0, 1) and ``seen`` names that match no generator in the data.
+
+A scored manifest holds several splits; their rows are pooled unless ``split`` (``--split``) picks one, and the report
+notes any pooling, since train rows make every metric look better than held-out performance.
 
 Several tables (e.g. one per degradation: ``spai score --jpeg-quality 75``) are compared side by side; each is labelled
 from the ``options`` column ``spai score`` writes (``jpeg_quality=75``, ``clean`` when nothing was degraded).
@@ -22,9 +26,11 @@ import math
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
@@ -55,6 +61,7 @@ class EvalReport:
     curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]  # (run, generator) -> (fpr, tpr)
     excluded: dict[str, dict[str, int]]  # run -> {"errors": n, "unlabelled": n}
     threshold: float
+    pooled: dict[str, list[str]]  # run -> the splits its metrics pool, for runs that pool several
 
     @property
     def runs(self) -> list[str]:
@@ -77,6 +84,8 @@ class EvalReport:
             lines += [_md_row([g, *(_cell(auc.get((run, g), math.nan)) for run in self.runs)]) for g in generators]
         notes = [f"{run}: left out {n['errors']} row(s) that failed to score and {n['unlabelled']} without a label"
                  for run, n in self.excluded.items() if n["errors"] or n["unlabelled"]]
+        notes += [f"{run}: the metrics pool splits {', '.join(splits)}; `--split test` restricts them to the test rows"
+                  for run, splits in self.pooled.items()]
         return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -124,8 +133,28 @@ def label_runs(score_tables: Mapping[str, pa.Table] | Sequence[pa.Table] | pa.Ta
             for name, label in labels.items()}
 
 
-def _arrays(table: pa.Table, run: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-    """(labels, generators, scores) of the usable rows, and counts of the rows left out."""
+class UsableRows(NamedTuple):
+    """The rows of one score table that can be evaluated, and counts of the rows left out."""
+
+    labels: np.ndarray  # 0 real, 1 AI-generated
+    generators: np.ndarray
+    scores: np.ndarray
+    excluded: dict[str, int]  # {"errors": n, "unlabelled": n}
+
+
+def _select_split(table: pa.Table, run: str, split: str | None) -> tuple[pa.Table, list[str]]:
+    """The rows of ``split`` (all rows when None), and the splits the returned rows pool when there are several."""
+    present = sorted(set(table.column("split").to_pylist()) - {None}) if "split" in table.column_names else []
+    if split is None:
+        return table, present if len(present) > 1 else []
+    if split not in present:
+        where = f"its splits are {', '.join(present)}" if present else "it has no split column, so drop --split"
+        raise EvaluateError(f"score table {run!r} has no rows of split {split!r}; {where}")
+    return table.filter(pc.equal(table.column("split"), split)), []
+
+
+def _arrays(table: pa.Table, run: str) -> UsableRows:
+    """The usable rows of a score table; raises on values that are not labels or probabilities, or no usable row."""
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise EvaluateError(f"score table {run!r} lacks column(s) {missing}; evaluate the output of `spai score` "
@@ -136,17 +165,27 @@ def _arrays(table: pa.Table, run: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise EvaluateError(f"score table {run!r}: label and score must be numbers ({exc})") from exc
     odd = np.unique(labels[~np.isnan(labels) & (labels != 0) & (labels != 1)])
-    infinite = int(np.isinf(scores).sum())
-    if odd.size or infinite:
-        raise EvaluateError(f"score table {run!r}: labels must be 0 (real), 1 (AI-generated) or null, and scores "
-                            f"finite; found labels {odd[:5].tolist()} and {infinite} infinite score(s)")
+    # Out-of-range scores (a logit, a percentage, inf) still rank, so AUC would look fine while calibration and the
+    # threshold are meaningless: refuse them rather than report half-valid metrics.
+    outside = scores[~np.isnan(scores) & ((scores < 0) | (scores > 1))]
+    problems = []
+    if odd.size:
+        problems.append(f"labels must be 0 (real), 1 (AI-generated) or null; found labels {odd[:5].tolist()}")
+    if outside.size:
+        problems.append(f"scores must be probabilities in [0, 1] but {outside.size} row(s) are not, e.g. "
+                        f"{outside[0]:g}; give the sigmoid probability (`score` of `spai score`), not a logit")
+    if problems:
+        raise EvaluateError(f"score table {run!r}: " + "; ".join(problems))
     errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * table.num_rows
     failed = np.array([bool(e) for e in errors], dtype=bool) | np.isnan(scores)
     unlabelled = np.isnan(labels) & ~failed
     keep = ~failed & ~unlabelled
     generators = np.array([g if g is not None else "unknown" for g in table.column("generator").to_pylist()], object)
+    if not keep.any():
+        raise EvaluateError(f"score table {run!r} has no labelled rows that scored; evaluation needs labels "
+                            "(score a manifest or an official CSV, not a bare folder)")
     counts = {"errors": int(failed.sum()), "unlabelled": int(unlabelled.sum())}
-    return labels[keep].astype(np.int64), generators[keep], scores[keep], counts
+    return UsableRows(labels[keep].astype(np.int64), generators[keep], scores[keep], counts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,11 +209,32 @@ def _mean_row(run: str, name: str, group: str, rows: list[dict]) -> dict:
             "n_fake": sum(r["n_fake"] for r in rows), "n_real": rows[0]["n_real"]}
 
 
-def _evaluate_run(run: str, table: pa.Table, threshold: float, seen: set[str] | None
-                  ) -> tuple[list[dict], dict[tuple[str, str], tuple[np.ndarray, np.ndarray]], dict[str, int]]:
-    labels, generators, scores, excluded = _arrays(table, run)
+def _check_threshold(threshold: float) -> None:
+    """Refuse a threshold that cannot separate probabilities."""
+    # A fake is predicted iff score > threshold, so at 0, 1 or beyond nearly every row gets the same prediction and
+    # accuracy only measures the class balance: the open interval keeps out such mistakes (e.g. a percentage).
+    if not 0 < threshold < 1:
+        raise EvaluateError(f"threshold must be strictly between 0 and 1 (scores are probabilities), got {threshold}")
+
+
+def _fake_generators(usable: UsableRows) -> set[str]:
+    return set(usable.generators[usable.labels == 1])
+
+
+def _check_seen(seen: Sequence[str] | None, runs: Mapping[str, UsableRows]) -> None:
+    """Refuse seen generators absent from every table: a typo would silently file all generators as unseen."""
+    present = set().union(*map(_fake_generators, runs.values()))
+    unknown = sorted(set(seen or ()) - present)
+    if unknown:
+        raise EvaluateError(f"seen generator(s) {unknown} have no scored AI-generated rows; the generators present "
+                            f"are {', '.join(sorted(present)) or 'none'}")
+
+
+def _evaluate_run(run: str, usable: UsableRows, threshold: float, seen: set[str] | None
+                  ) -> tuple[list[dict], dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]]:
+    labels, generators, scores, _ = usable
     real = labels == 0
-    fake_generators = sorted(set(generators[labels == 1]))
+    fake_generators = sorted(_fake_generators(usable))
     groups = [("", fake_generators)] if seen is None else [
         ("seen", [g for g in fake_generators if g in seen]), ("unseen", [g for g in fake_generators if g not in seen])]
     rows, curves = [], {}
@@ -194,26 +254,32 @@ def _evaluate_run(run: str, table: pa.Table, threshold: float, seen: set[str] | 
         rows.append(_metrics_row(run, OVERALL, "", labels, scores, threshold))
         if real.any() and not real.all():
             curves[(run, OVERALL)] = roc_points(labels, scores)[:2]
-    return rows, curves, excluded
+    return rows, curves
 
 
 def evaluate(score_tables: Mapping[str, pa.Table] | Sequence[pa.Table] | pa.Table, threshold: float = 0.5,
-             seen: Sequence[str] | None = None) -> EvalReport:
+             seen: Sequence[str] | None = None, split: str | None = None) -> EvalReport:
     """Metrics per fake generator (its fakes against all reals), per real set and overall, for each score table.
 
     ``score_tables``: one table, a list, or ``{name: table}`` (names break ties between tables with the same options).
     ``seen``: generators seen in training, reported as their own group.
+    ``split``: evaluate only the rows of this split; by default all rows, pooling splits (noted in the report).
     """
-    rows, curves, excluded = [], {}, {}
-    seen_set = None if seen is None else set(seen)
+    _check_threshold(threshold)
+    runs, pooled = {}, {}
     for run, table in label_runs(score_tables).items():
-        run_rows, run_curves, excluded[run] = _evaluate_run(run, table, threshold, seen_set)
-        if not run_rows:
-            raise EvaluateError(f"score table {run!r} has no labelled rows that scored; evaluation needs labels "
-                                "(score a manifest or an official CSV, not a bare folder)")
+        table, splits = _select_split(table, run, split)
+        runs[run] = _arrays(table, run)
+        if splits:
+            pooled[run] = splits
+    _check_seen(seen, runs)
+    rows, curves = [], {}
+    seen_set = None if seen is None else set(seen)
+    for run, usable in runs.items():
+        run_rows, run_curves = _evaluate_run(run, usable, threshold, seen_set)
         rows += run_rows
         curves.update(run_curves)
-    return EvalReport(rows, curves, excluded, threshold)
+    return EvalReport(rows, curves, {run: usable.excluded for run, usable in runs.items()}, threshold, pooled)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,7 +351,8 @@ def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None)
 
 def main(args: argparse.Namespace) -> int:
     """``spai evaluate``: print the table; write report files and log to MLflow when asked."""
-    report = evaluate({uri: read_scores(uri) for uri in args.scores}, threshold=args.threshold, seen=args.seen)
+    report = evaluate({uri: read_scores(uri) for uri in args.scores}, threshold=args.threshold, seen=args.seen,
+                      split=args.split)
     print(report.markdown())
     if args.output:
         written = write_report(report, args.output)

@@ -96,6 +96,9 @@ def load_train_config(path: str | Path | None = None, overrides: tuple[str, ...]
     data = to_dict(TrainConfig())
     loaded: dict[str, Any] = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config {path} does not exist; check --config ({CONFIG_DIR} holds spai.yaml, the "
+                              "official recipe, and tiny.yaml)")
         loaded = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")

@@ -4,10 +4,14 @@ Each row is read and decoded the way training will decode it; the job records wi
 the SHA-256 of the file content, and sorts rows into a validated manifest (the good ones, with those columns added)
 and a rejects table (with a reason from :data:`pipelines.decode.REASONS` and a message). No row is dropped:
 accepted + rejected = input. The same content appearing in more than one split is leakage (a test image that was
-also trained on inflates every metric), so it is reported with the URIs and splits involved.
+also trained on inflates every metric), so it is reported with the URIs and splits involved; content carrying both
+labels (e.g. a copy of a real photo among the fakes) is a label conflict, reported alike, since the model is told both
+answers for the same pixels. A validated manifest can be validated again: every row is checked afresh and its check
+columns are replaced.
 
 Outputs, under the output directory (default ``<manifest>.validated``): the validated manifest itself,
-``rejects.parquet`` and ``leakage.parquet``.
+``rejects.parquet``, ``leakage.parquet`` and ``duplicates.parquet`` (every content hash on more than one row, with its
+URIs, splits and labels).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import pyarrow.compute as pc
 from pipelines.data import read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
 from pipelines.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, read_manifest, write_manifest
+from pipelines.runtime import init_ray
 from pipelines.storage import Files, StorageOptions, join
 
 # Rows per validation batch: each decodes a full-resolution image, so keep worker memory small.
@@ -33,6 +38,10 @@ REJECTS_FILE = "rejects.parquet"
 LEAKAGE_FILE = "leakage.parquet"
 LEAKAGE_SCHEMA = pa.schema([("sha256", pa.string()), ("uris", pa.list_(pa.string())),
                             ("splits", pa.list_(pa.string()))])
+DUPLICATES_FILE = "duplicates.parquet"
+DUPLICATES_SCHEMA = LEAKAGE_SCHEMA.append(pa.field("labels", pa.list_(pa.int8())))  # distinct non-null labels
+# Hashes listed in the summary per finding; the Parquet files hold them all.
+EXAMPLES = 10
 
 
 @dataclasses.dataclass
@@ -43,12 +52,15 @@ class ValidationReport:
     output_uri: str
     rejects_uri: str
     leakage_uri: str
+    duplicates_uri: str
     total: int
     accepted: int
     rejected: int
     reasons: dict[str, int]
     leakage: pa.Table  # sha256, uris, splits: content found in more than one split
     duplicates: int  # extra copies of the same content within one split (wasteful, not leakage)
+    conflicts: pa.Table  # sha256, uris, splits, labels: content labelled both real (0) and AI-generated (1)
+    duplicated: int  # content hashes on more than one row, all listed in duplicates_uri
 
     def summary(self) -> str:
         """A human-readable table of the outcome."""
@@ -56,13 +68,25 @@ class ValidationReport:
                  f"{self.rejected} rejected", f"{'reason':<22}{'rows':>8}"]
         lines += [f"{reason:<22}{count:>8}" for reason, count in sorted(self.reasons.items())] or [f"{'(none)':<22}"]
         lines.append(f"leakage: {self.leakage.num_rows} content hash(es) in more than one split")
-        for row in self.leakage.slice(0, 10).to_pylist():
-            more = f" (+{len(row['uris']) - 3} more)" if len(row["uris"]) > 3 else ""
-            lines.append(f"  {row['sha256'][:12]}  {','.join(row['splits'])}  {', '.join(row['uris'][:3])}{more}")
-        lines.append(f"duplicate copies within a split: {self.duplicates}")
+        lines += _examples(self.leakage, "splits")
+        lines.append(f"label conflicts: {self.conflicts.num_rows} content hash(es) labelled both 0 (real) and 1 "
+                     "(AI-generated)")
+        lines += _examples(self.conflicts, "labels")
+        lines.append(f"duplicates: {self.duplicated} content hash(es) on more than one row, "
+                     f"{self.duplicates} extra copies within a split")
         lines.append(f"validated manifest: {self.output_uri}")
-        lines.append(f"rejects: {self.rejects_uri}   leakage: {self.leakage_uri}")
+        lines.append(f"rejects: {self.rejects_uri}   leakage: {self.leakage_uri}   duplicates: {self.duplicates_uri}")
         return "\n".join(lines)
+
+
+def _examples(findings: pa.Table, column: str) -> list[str]:
+    """Summary lines for the first hashes of a finding: short hash, its ``column`` values, up to three URIs."""
+    lines = []
+    for row in findings.slice(0, EXAMPLES).to_pylist():
+        more = f" (+{len(row['uris']) - 3} more)" if len(row["uris"]) > 3 else ""
+        values = ",".join(str(v) for v in row[column])
+        lines.append(f"  {row['sha256'][:12]}  {values}  {', '.join(row['uris'][:3])}{more}")
+    return lines
 
 
 def _check_one(uri: str, files: Files, max_pixels: int) -> dict:
@@ -86,18 +110,26 @@ def _check_batch(batch: pa.Table, options: StorageOptions, max_pixels: int) -> p
     return batch
 
 
-def find_leakage(table: pa.Table) -> tuple[pa.Table, int]:
-    """(content hashes present in more than one split with their uris and splits, extra copies within a split)."""
+def find_duplicates(table: pa.Table) -> tuple[pa.Table, int]:
+    """(content hashes on more than one row with their uris, splits and labels, extra copies within a split)."""
     if table.num_rows == 0:
-        return LEAKAGE_SCHEMA.empty_table(), 0
-    grouped = table.group_by("sha256").aggregate([("uri", "list"), ("split", "distinct"), ("uri", "count")])
+        return DUPLICATES_SCHEMA.empty_table(), 0
+    grouped = table.group_by("sha256").aggregate([("uri", "list"), ("split", "distinct"), ("label", "distinct"),
+                                                  ("uri", "count")])
     per_split = table.group_by(["sha256", "split"]).aggregate([("uri", "count")])
-    duplicates = pc.sum(pc.subtract(per_split.column("uri_count"), 1)).as_py() or 0
-    leaked = grouped.filter(pc.greater(pc.list_value_length(grouped.column("split_distinct")), 1))
-    splits = [sorted(s) for s in leaked.column("split_distinct").to_pylist()]
-    leakage = pa.table({"sha256": leaked.column("sha256"), "uris": leaked.column("uri_list"), "splits": splits},
-                       schema=LEAKAGE_SCHEMA)
-    return leakage.sort_by("sha256"), duplicates
+    copies = pc.sum(pc.subtract(per_split.column("uri_count"), 1)).as_py() or 0
+    repeated = grouped.filter(pc.greater(grouped.column("uri_count"), 1))
+    duplicates = pa.table({
+        "sha256": repeated.column("sha256"), "uris": repeated.column("uri_list"),
+        "splits": [sorted(s) for s in repeated.column("split_distinct").to_pylist()],
+        "labels": [sorted(labels) for labels in repeated.column("label_distinct").to_pylist()]},
+        schema=DUPLICATES_SCHEMA)
+    return duplicates.sort_by("sha256"), copies
+
+
+def with_several(duplicates: pa.Table, column: str) -> pa.Table:
+    """The duplicated hashes whose ``column`` (``splits``: leakage, ``labels``: label conflict) has several values."""
+    return duplicates.filter(pc.greater(pc.list_value_length(duplicates.column(column)), 1))
 
 
 def default_output(uri: str) -> str:
@@ -108,10 +140,14 @@ def default_output(uri: str) -> str:
 
 def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                       options: StorageOptions | None = None) -> ValidationReport:
-    """Decode every image of a manifest with Ray Data; write the validated manifest, rejects and leakage tables."""
+    """Decode every image of a manifest with Ray Data; write the validated manifest, rejects, leakage and duplicates
+    tables."""
     options = options or StorageOptions.from_env()
     output_uri = output_uri or default_output(uri)
     manifest = read_manifest(uri, options)
+    # A validated manifest already has the check columns: drop them so every row is checked afresh, not trusted.
+    manifest = manifest.drop_columns([name for name in CHECK_SCHEMA.names if name in manifest.column_names])
+    init_ray()
     checked = read_manifest_dataset(manifest).map_batches(
         _check_batch, batch_format="pyarrow", batch_size=BATCH_SIZE,
         fn_kwargs={"options": options, "max_pixels": max_pixels})
@@ -127,17 +163,23 @@ def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int =
     accepted = table.filter(pc.invert(failed)).drop_columns(["reason", "message"])
     rejects = table.filter(failed)
     rejects = rejects.select(list(CORE_COLUMNS) + [c for c in rejects.column_names if c not in CORE_COLUMNS])
-    leakage, duplicates = find_leakage(accepted)
+    duplicated, copies = find_duplicates(accepted)
+    leakage = with_several(duplicated, "splits").select(LEAKAGE_SCHEMA.names)
+    conflicts = with_several(duplicated, "labels")
     reasons = dict(collections.Counter(rejects.column("reason").to_pylist()))
     write_manifest(accepted, output_uri, {"builder": "validate", "arguments": {
         "manifest": uri, "max_pixels": max_pixels}, "notes": {
-        "rejected": reasons, "leakage_hashes": leakage.num_rows, "duplicates_within_split": duplicates}}, options)
+        "rejected": reasons, "leakage_hashes": leakage.num_rows, "duplicates_within_split": copies,
+        "label_conflict_hashes": conflicts.num_rows, "duplicated_hashes": duplicated.num_rows}}, options)
     files = Files(options)
-    rejects_uri, leakage_uri = join(output_uri, REJECTS_FILE), join(output_uri, LEAKAGE_FILE)
-    files.write(rejects_uri, parquet_bytes(rejects))
-    files.write(leakage_uri, parquet_bytes(leakage))
-    return ValidationReport(uri, output_uri, rejects_uri, leakage_uri, table.num_rows,
-                            accepted.num_rows, rejects.num_rows, reasons, leakage, duplicates)
+    rejects_uri, leakage_uri, duplicates_uri = (join(output_uri, name)
+                                                for name in (REJECTS_FILE, LEAKAGE_FILE, DUPLICATES_FILE))
+    for target, findings in ((rejects_uri, rejects), (leakage_uri, leakage), (duplicates_uri, duplicated)):
+        files.write(target, parquet_bytes(findings))
+    return ValidationReport(
+        manifest_uri=uri, output_uri=output_uri, rejects_uri=rejects_uri, leakage_uri=leakage_uri,
+        duplicates_uri=duplicates_uri, total=table.num_rows, accepted=accepted.num_rows, rejected=rejects.num_rows,
+        reasons=reasons, leakage=leakage, duplicates=copies, conflicts=conflicts, duplicated=duplicated.num_rows)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -20,6 +20,14 @@ EPILOG = """Environment:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """No option abbreviations: ``--prec`` working today would silently change meaning once ``--precompute`` exists."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "manifest",
@@ -31,7 +39,8 @@ def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
     gen = kinds.add_parser("genimage", help="<root>/<generator>/{train,val}/{ai,nature} (all 8 generators)")
     gen.add_argument("root", help="GenImage root directory or s3:// prefix")
-    gen.add_argument("--generators", nargs="*", default=None, help="generator folders to include (default: all)")
+    gen.add_argument("--generators", nargs="*", default=None,
+                     help="generator folders to include, by folder or short name (sdv5, glide...; default: all)")
     gen.add_argument("--val-fraction", type=float, default=0.0,
                      help="move this fraction of each generator's train groups to val (GenImage's val is used as test)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
@@ -46,7 +55,7 @@ def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
                       help="folder(s) of generated images; NAME=PATH names the generator (default: folder name)")
     fold.add_argument("--balance", action="store_true", help="subsample reals to the number of fakes")
     fold.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, split by group (seeded)")
-    fold.add_argument("--seed", type=int, default=0)
+    fold.add_argument("--seed", type=int, default=0, help="seed of the split (and of --balance)")
     fold.add_argument("--group-by", choices=["stem", "folder"], default="stem",
                       help="what never straddles splits: the file stem minus generator tags (beach_sdxl.png -> beach), "
                       "or the parent folder")
@@ -56,7 +65,7 @@ def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="spai",
         description="SPAI AI-generated image detection on Ray: build manifests, train, tune, score, evaluate.",
         epilog=EPILOG,
@@ -74,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="manifest path or s3:// URI")
     p.add_argument("--output", "-o", default=None,
                    help="where to write the validated manifest (default: <manifest>.validated)")
-    p.add_argument("--max-pixels", type=int, default=None, help="decompression-bomb limit in pixels")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="decompression-bomb limit in pixels (default: 134217728, 16384 x 8192)")
 
     p = sub.add_parser("train", help="train or fine-tune SPAI with Ray Train (DDP), tracked in MLflow",
                        description="Train SPAI on a manifest with Ray Train. The YAML config holds the recipe "
@@ -86,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU, gloo)")
     p.add_argument("--output", "-o", default=None, help="run directory or s3:// URI (default: runs/)")
     p.add_argument("--name", default=None, help="run name (default: generated)")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--experiment", default="spai-train", help="MLflow experiment name")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns; "
+                   "a --resume continues in the store the run started in)")
+    p.add_argument("--experiment", default="spai-train", help="MLflow experiment name (default: spai-train)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run with this --name/--output")
     p.add_argument("--init", default=None, help="start from weights: official spai.pth or our checkpoint")
     p.add_argument("--backbone", default=None, help="MFM ViT-B/16 backbone weights (mfm_pretrain_vit_base.pth)")
@@ -97,16 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Hyperparameter search over the training config with Ray Tune and ASHA. "
                        "configs/search_space.yaml is the default space (lr, mask radius, epochs as max_t).")
     p.add_argument("--config", "-c", default=None, help="base training config YAML")
-    p.add_argument("--manifest", "-m", required=True)
-    p.add_argument("--space", default=None, help="search space YAML (default: the shipped one)")
-    p.add_argument("--trials", type=int, default=8, help="number of trials to sample")
-    p.add_argument("--max-concurrent", type=int, default=None, help="trials running at once")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0)
-    p.add_argument("--workers-per-trial", type=int, default=1)
+    p.add_argument("--manifest", "-m", required=True, help="manifest path or s3:// URI with train and val rows")
+    p.add_argument("--space", default=None, help="search space YAML (default: configs/search_space.yaml)")
+    p.add_argument("--trials", type=int, default=8, help="number of trials to sample (default: 8)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials running at once (default: as many as the cluster's CPUs/GPUs hold)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, split over its workers "
+                   "(default: 0, CPU)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial "
+                   "(default: 1)")
     p.add_argument("--output", "-o", default=None, help="search directory or s3:// URI (default: runs/tune)")
-    p.add_argument("--name", default=None)
-    p.add_argument("--mlflow-uri", default=None)
-    p.add_argument("--experiment", default="spai-tune")
+    p.add_argument("--name", default=None, help="search name, its folder under --output (default: generated)")
+    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    p.add_argument("--experiment", default="spai-tune", help="MLflow experiment name (default: spai-tune)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted search without re-running trials")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base training config")
 
@@ -114,15 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Batch scoring: read -> decode on CPU workers -> score on an actor pool -> "
                        "write, streaming and resumable (re-run the same command to continue).")
     p.add_argument("--weights", "-w", required=True, help="official spai.pth or our checkpoint (.safetensors)")
-    p.add_argument("--input", "-i", required=True, help="folder, official CSV, manifest or s3:// prefix")
+    p.add_argument("--input", "-i", required=True, help="image, folder, official CSV, manifest or s3:// prefix")
+    p.add_argument("--recursive", "-r", action="store_true", help="score a folder's subfolders too (default: its "
+                   "top level, like the official tool)")
     p.add_argument("--output", "-o", required=True, help="PATH.parquet, PATH.csv or s3:// URI")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the model runs (auto: GPUs when the Ray cluster has them)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="fp32 reproduces the official scores; bf16 is faster on GPUs and bf16-capable CPUs "
                    "(auto: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=8, help="images per model call")
+    p.add_argument("--batch-size", type=int, default=8, help="images per model call (default: 8)")
     p.add_argument("--workers", type=int, default=None, help="scoring actors (default: GPUs, else 1)")
-    p.add_argument("--gpus", type=float, default=None, help="GPUs per scoring actor")
+    p.add_argument("--gpus", type=float, default=None, help="GPUs per scoring actor (default: 1 with --device cuda "
+                   "or auto on a GPU cluster)")
     p.add_argument("--cpus-per-worker", type=int, default=None,
                    help="torch threads of each CPU scoring actor (default: the node's CPUs split between the actors)")
     p.add_argument("--resize-to", type=int, default=None, help="resize so the SHORTER side is N (official behaviour)")
@@ -139,23 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the official CSV layout (input columns + --tag column) instead of ours")
     p.add_argument("--part-rows", type=int, default=1000,
                    help="finished rows per part file of the resumable work dir <output>.parts/ (a kill redoes at "
-                   "most this many rows, or one minute of work)")
+                   "most this many rows, or one minute of work; default: 1000)")
 
     p = sub.add_parser("evaluate", help="metrics per generator (and per degradation) from a scored table",
-                       description="AUC, AP, accuracy, TPR at 1%%/5%% FPR and ECE per generator, each fake "
+                       description="AUC, AP, accuracy, TPR at 1%/5% FPR and ECE per generator, each fake "
                        "generator paired with all real rows; writes a table and ROC plots.")
     p.add_argument("scores", nargs="+", help="scored table(s) written by `spai score`")
-    p.add_argument("--output", "-o", default=None, help="report directory (table CSV/Markdown + ROC PNG)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--output", "-o", default=None,
+                   help="report directory (table CSV/Markdown + ROC PNG; default: print the table only)")
+    p.add_argument("--threshold", type=float, default=0.5, help="score threshold for accuracy (default: 0.5)")
     p.add_argument("--seen", nargs="*", default=None, help="generators seen in training (listed apart)")
+    p.add_argument("--split", default=None, help="evaluate only the rows of this split, e.g. test (default: all rows; "
+                   "the report notes when they pool several splits)")
     p.add_argument("--mlflow-uri", default=None, help="log the report to this MLflow tracking URI")
     p.add_argument("--run-id", default=None, help="MLflow run to attach the report to")
 
     p = sub.add_parser("convert", help="convert weights between the official .pth layout and our .safetensors",
                        description="official spai.pth -> ours.safetensors, or ours -> official layout (.pth) "
                        "loadable by the official code. Direction is taken from the file suffixes.")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p.add_argument("src", help="weights to convert: official .pth or our .safetensors")
+    p.add_argument("dst", help="file to write: .safetensors (ours) or .pth (official layout)")
     p.add_argument("--config", default=None, help="model config name for an official file (default: spai_vit_b16)")
 
     p = sub.add_parser("demo", help="offline demo: build corpus -> train -> score -> evaluate on this machine",
@@ -163,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "generators, trains the tiny config with Ray Train, scores the held-out set with Ray Data "
                        "and prints a per-generator table with a ROC report.")
     p.add_argument("--output", "-o", default="demo_out", help="working directory for corpus, runs and report")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
     p.add_argument("--rebuild", action="store_true", help="rebuild the corpus even if it exists")
 
@@ -196,14 +217,38 @@ COMMANDS = {
 }
 
 
+# what to tell a user who pressed Ctrl-C, for commands that can continue where they stopped
+RESUME_HINTS = {
+    "score": "re-run the same command to continue where it stopped",
+    "train": "add --resume to the same command to continue from the last checkpoint",
+    "tune": "add --resume and the search's --name to the same command to continue it",
+}
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command given, so that an error about its options comes with its own usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return command_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:
+        parser.print_help()
+        return 2
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     module_name, func_name = COMMANDS[args.command].split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
-        print("interrupted; re-run the same command to continue where it stopped", file=sys.stderr)
+        hint = RESUME_HINTS.get(args.command)
+        print(f"interrupted; {hint}" if hint else "interrupted", file=sys.stderr)
         return 130
     except (UserError, FileExistsError, FileNotFoundError) as exc:  # the message says what to do; a traceback buries it
         print(f"error: {exc}", file=sys.stderr)

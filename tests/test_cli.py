@@ -32,6 +32,7 @@ PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "photos"
     (["manifest", "folders", "--real", "{tmp}/none", "--fake", "gan={tmp}/f", "--output", "{tmp}/m"],
      "{tmp}/none does not exist"),
     (["demo-data", "--output", "{tmp}/d", "not_a_key=1"], "not_a_key"),  # ConfigError
+    (["train", "-c", "{tmp}/nope.yaml", "-m", "{tmp}/m"], "config {tmp}/nope.yaml does not exist"),
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
     odd_labels = pa.table({"label": [0, 2], "generator": ["real", "x"], "score": [0.1, 0.9]})
@@ -39,6 +40,25 @@ def test_user_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert spai([arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, usage, message", [
+    (["score", "-w", "w", "-i", "i", "-o", "o.csv", "--batchsize", "3"], "spai score", "unrecognized arguments: "
+     "--batchsize 3"),
+    (["score", "-w", "w", "-i", "i", "-o", "o.csv", "--prec", "bf16"], "spai score", "--prec"),  # no abbreviations
+    (["manifest", "folders", "--real", "r", "--fake", "f", "-o", "m", "--bogus"], "spai manifest folders", "--bogus"),
+])
+def test_usage_errors_show_the_subcommands_usage(argv, usage, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        spai(argv)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and f"usage: {usage}" in err and message in err, err
+
+
+def test_bare_spai_prints_its_help(capsys):
+    assert spai([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: spai") and "RAY_ADDRESS" in out
 
 
 def test_an_unreachable_cluster_is_an_error_not_a_hang(tmp_path):

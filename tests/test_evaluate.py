@@ -1,5 +1,5 @@
 """``spai evaluate``: per-generator metrics against all reals, seen/unseen groups, excluded rows, degradation runs,
-report files and MLflow logging, on hand-made score tables with known AUCs."""
+splits, refused inputs, report files and MLflow logging, on hand-made score tables with known AUCs."""
 from __future__ import annotations
 
 import json
@@ -30,6 +30,11 @@ def score_table(fakes: dict[str, list[float]] = FAKES, jpeg_quality: int | None 
 
 def by_generator(report, run: str | None = None) -> dict[str, dict]:
     return {r["generator"]: r for r in report.rows if run is None or r["run"] == run}
+
+
+def with_splits(**tables: pa.Table) -> pa.Table:
+    """The tables' rows in one table with a ``split`` column naming each one's (a scored whole manifest)."""
+    return pa.concat_tables([t.append_column("split", pa.array([name] * t.num_rows)) for name, t in tables.items()])
 
 
 def test_each_generator_is_paired_with_all_reals():
@@ -70,6 +75,62 @@ def test_unusable_tables_say_what_to_do():
     unlabelled = pa.table({"label": pa.array([None], pa.int8()), "generator": ["x"], "score": [0.5]})
     with pytest.raises(EvaluateError, match="no labelled rows"):
         evaluate(unlabelled)
+
+
+def test_threshold_must_be_a_probability_strictly_inside_0_1():
+    for threshold in (2, 1, 0, -0.5, math.nan):
+        with pytest.raises(EvaluateError, match="threshold must be strictly between 0 and 1"):
+            evaluate(score_table(), threshold=threshold)
+    assert by_generator(evaluate(score_table(), threshold=0.3))["real"]["accuracy"] == 0.75  # only 0.4 is above
+
+
+def test_scores_outside_0_1_are_refused_as_not_probabilities():
+    outside = score_table({"sdxl": [1.5, 0.7, -0.2, 0.9]})
+    with pytest.raises(EvaluateError, match=r"2 row\(s\) are not, e\.g\. 1\.5; .*not a logit"):
+        evaluate(outside)
+    with pytest.raises(EvaluateError, match=r"1 row\(s\) are not, e\.g\. inf"):
+        evaluate(score_table({"sdxl": [math.inf]}))
+    assert by_generator(evaluate(score_table({"sdxl": [0.0, 1.0]})))["sdxl"]["n_fake"] == 2  # bounds are fine
+
+
+def test_seen_generators_must_be_in_the_data():
+    with pytest.raises(EvaluateError, match=r"\['dalle'\] have no scored .* present are flux, sdxl"):
+        evaluate(score_table(), seen=["sdxl", "dalle"])
+    # one table holding it is enough: tables of different test sets share one list of training generators
+    report = evaluate([score_table({"flux": FAKES["flux"]}), score_table(jpeg_quality=75)], seen=["sdxl"])
+    assert by_generator(report, "jpeg_quality=75")["sdxl"]["group"] == "seen"
+
+
+def test_splits_are_pooled_with_a_note_or_selected():
+    table = with_splits(test=score_table(), train=score_table({"flux": [0.95, 0.96]}))
+    pooled = evaluate(table)
+    assert pooled.pooled == {"clean": ["test", "train"]}
+    assert by_generator(pooled)["flux"]["n_fake"] == 6 and by_generator(pooled)["flux"]["auc"] != pytest.approx(6 / 16)
+    assert "clean: the metrics pool splits test, train; `--split test` restricts them" in pooled.markdown()
+    selected = evaluate(table, split="test")
+    assert by_generator(selected)["flux"]["auc"] == pytest.approx(6 / 16)
+    assert by_generator(selected)["real"]["n_real"] == 4
+    assert selected.pooled == {} and "pool" not in selected.markdown()
+    assert selected.excluded == {"clean": {"errors": 1, "unlabelled": 1}}
+    assert evaluate(with_splits(test=score_table())).pooled == {}  # one split: nothing pooled
+    with pytest.raises(EvaluateError, match="no rows of split 'val'; its splits are test, train"):
+        evaluate(table, split="val")
+    with pytest.raises(EvaluateError, match="no split column"):
+        evaluate(score_table(), split="test")
+
+
+def test_cli_refuses_bad_inputs_and_selects_a_split(tmp_path, capsys):
+    path = str(tmp_path / "scores.parquet")
+    pq.write_table(with_splits(test=score_table(), train=score_table({"flux": [0.95, 0.96]})), path)
+    for flags, message in ((["--threshold", "2"], "threshold must be strictly between 0 and 1"),
+                           (["--seen", "dalle"], "present are flux, sdxl"),
+                           (["--split", "val"], "its splits are test, train")):
+        assert cli(["evaluate", path, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+    assert cli(["evaluate", path]) == 0 and "`--split test` restricts them" in capsys.readouterr().out
+    assert cli(["evaluate", path, "--split", "test"]) == 0
+    assert "| clean | flux |  | 0.3750 |" in capsys.readouterr().out
 
 
 def test_report_files(tmp_path):

@@ -1,20 +1,23 @@
-"""``spai validate`` as a Ray Data job: planted bad files get the right reason, good rows all survive, leakage shows."""
+"""``spai validate`` as a Ray Data job: planted bad files get the right reason, good rows all survive, leakage, label
+conflicts and duplicates show, and a validated manifest validates again."""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import shutil
 import struct
 import zlib
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 
 from pipelines import manifest as m
 from pipelines.decode import DecodeError, decode_image
-from pipelines.validate import validate_manifest
+from pipelines.validate import DUPLICATES_SCHEMA, LEAKAGE_SCHEMA, ValidationReport, validate_manifest
 from spai_cli.main import main as spai
 from test_manifest import make_photos
 
@@ -126,8 +129,10 @@ def test_leakage_across_splits_is_reported(report, corpus):
     assert leak["splits"] == ["test", "train"]
     assert leak["sha256"] == hashlib.sha256((root / "good0.jpg").read_bytes()).hexdigest()
     assert pq.read_table(report.leakage_uri).num_rows == 1
+    assert pq.read_schema(report.leakage_uri).remove_metadata() == LEAKAGE_SCHEMA
     summary = report.summary()
     assert "14 rows -> 7 accepted, 7 rejected" in summary and "leakage: 1" in summary
+    assert "label conflicts: 0" in summary and report.duplicates_uri in summary
 
 
 def test_cli_prints_summary(manifest_uri, tmp_path, capsys):
@@ -136,6 +141,80 @@ def test_cli_prints_summary(manifest_uri, tmp_path, capsys):
     assert "decompression_bomb" in out and "leakage: 1" in out
     assert spai(["validate", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _by_hash(findings: pa.Table) -> dict[str, tuple[list[str], list[str], list[int]]]:
+    """{sha256: (sorted uris, splits, labels)}: Ray does not keep row order, so uris are compared sorted."""
+    return {row["sha256"]: (sorted(row["uris"]), row["splits"], row["labels"]) for row in findings.to_pylist()}
+
+
+@pytest.fixture(scope="module")
+def copies(corpus, tmp_path_factory) -> tuple[dict[str, Path], ValidationReport]:
+    """Byte copies under both labels and in one split; returns {name: path} and the validation report.
+
+    ``a`` is real in train and also a train fake (label conflict, one extra copy in train); ``b`` is real twice in
+    train (a plain duplicate); ``c`` is a real test photo and a val fake (conflict and leakage); ``d`` is unique.
+    """
+    root, _ = corpus
+    folder = tmp_path_factory.mktemp("copies")
+    sources = {"a": "good0.jpg", "a_fake": "good0.jpg", "b": "good1.png", "b_again": "good1.png", "c": "good2.jpg",
+               "c_fake": "good2.jpg", "d": "good3.png"}
+    paths = {name: Path(shutil.copy(root / source, folder / f"{name}{Path(source).suffix}"))
+             for name, source in sources.items()}
+    splits = {"c": "test", "c_fake": "val"}
+    rows = [{"uri": str(path), "label": int(name.endswith("_fake")), "split": splits.get(name, "train"),
+             "generator": "sdxl" if name.endswith("_fake") else "real", "source": "copies", "group": name}
+            for name, path in paths.items()]
+    manifest = m.write_manifest(rows, str(folder / "man"), {"builder": "test"})
+    return paths, validate_manifest(manifest, str(folder / "validated"))
+
+
+def test_label_conflicts_and_all_duplicates_are_listed(copies):
+    paths, report = copies
+    assert report.accepted == 7 and report.duplicates == 2 and report.duplicated == 3
+    expected = {_sha(paths[name]): (sorted([str(paths[name]), str(paths[copy])]), splits, labels)
+                for name, copy, splits, labels in (("a", "a_fake", ["train"], [0, 1]), ("b", "b_again", ["train"], [0]),
+                                                   ("c", "c_fake", ["test", "val"], [0, 1]))}
+    duplicates = pq.read_table(report.duplicates_uri)
+    assert duplicates.schema.remove_metadata() == DUPLICATES_SCHEMA
+    assert _by_hash(duplicates) == expected
+    assert _by_hash(report.conflicts) == {h: expected[h] for h in (_sha(paths["a"]), _sha(paths["c"]))}
+    assert [row["sha256"] for row in report.leakage.to_pylist()] == [_sha(paths["c"])]
+    notes = json.loads((Path(report.output_uri) / m.SIDECAR).read_text())["build"]["notes"]
+    assert notes == {"rejected": {}, "leakage_hashes": 1, "duplicates_within_split": 2, "label_conflict_hashes": 2,
+                     "duplicated_hashes": 3}
+    summary = report.summary()
+    assert "label conflicts: 2 content hash(es)" in summary
+    assert f"  {_sha(paths['a'])[:12]}  0,1  " in summary and f"  {_sha(paths['c'])[:12]}  0,1  " in summary
+    assert "duplicates: 3 content hash(es) on more than one row, 2 extra copies within a split" in summary
+
+
+def test_a_validated_manifest_validates_again_with_the_same_result(report, tmp_path):
+    again = validate_manifest(report.output_uri, str(tmp_path / "again"), max_pixels=MAX_PIXELS)
+    assert (again.total, again.accepted, again.rejected) == (report.accepted, report.accepted, 0)
+    assert again.leakage.equals(report.leakage) and again.duplicates == report.duplicates
+    first, second = m.read_manifest(report.output_uri), m.read_manifest(again.output_uri)
+    assert second.column_names == first.column_names  # check columns replaced, not appended
+    assert second.sort_by("uri").equals(first.sort_by("uri"))
+
+
+def test_revalidation_checks_each_file_afresh(corpus, tmp_path):
+    root, _ = corpus
+    kept, cut = (Path(shutil.copy(root / name, tmp_path / name)) for name in ("good0.jpg", "good2.jpg"))
+    rows = [{"uri": str(p), "label": 0, "split": "train", "generator": "real", "source": "s", "group": p.stem}
+            for p in (kept, cut)]
+    first = validate_manifest(m.write_manifest(rows, str(tmp_path / "man"), {"builder": "test"}))
+    data = cut.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])  # damaged after the first validation
+    again = validate_manifest(first.output_uri, str(tmp_path / "again"))
+    assert again.reasons == {"truncated": 1} and again.accepted == 1
+    rejected = pq.read_table(again.rejects_uri).to_pylist()[0]
+    assert rejected["uri"] == str(cut) and rejected["bytes"] == len(data) // 2 and rejected["sha256"] == _sha(cut)
+    assert m.read_manifest(again.output_uri).column("sha256").to_pylist() == [_sha(kept)]
 
 
 def test_default_pixel_limit_accepts_the_large_photo(manifest_uri, tmp_path):
