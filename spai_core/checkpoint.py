@@ -14,12 +14,13 @@ model: mask radius, sizes) and free-form provenance (training run, epoch, metric
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -76,6 +77,10 @@ _ALLOWED_GLOBALS = {
 _NUMPY_DTYPES = {"Float64DType", "Float32DType", "Int64DType", "Int32DType", "BoolDType"}
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle naming a global outside the allow-list: a file that would run code, not a damaged one."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Admits only plain data; the official yacs ``CfgNode`` becomes our dict stand-in."""
 
@@ -86,7 +91,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module == "numpy.dtypes" and name in _NUMPY_DTYPES or (module, name) in _ALLOWED_GLOBALS:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"the file names the global {module}.{name}, which is not plain data")
+        raise _RefusedGlobal(f"the file names the global {module}.{name}, which is not plain data")
 
 
 class _RestrictedPickleModule:
@@ -101,12 +106,15 @@ class _RestrictedPickleModule:
 
 
 def _read_torch_file(path: Path) -> Any:
-    """Unpickle a ``.pth`` file with the allow-list above, so no code in the file can run."""
+    """Unpickle a ``.pth`` file with the allow-list above, so no code in the file can run.
+
+    torch gets the open file, not the path, so the bytes decide how it is read: given a path ending in
+    ``.safetensors`` torch would hand it to safetensors, whose errors on non-safetensors bytes are not ours.
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
-    except pickle.UnpicklingError as exc:
-        if "plain data" not in str(exc):
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
+        with open(path, "rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=False, pickle_module=_RestrictedPickleModule)
+    except _RefusedGlobal as exc:
         raise CheckpointError(
             f"{path}: refused to load: {exc}. Only tensors, containers and the official yacs config are read, so "
             "no code in the file can run. If the file is trusted, load it with the code that wrote it and save "
@@ -114,14 +122,39 @@ def _read_torch_file(path: Path) -> Any:
         ) from None
     # Garbage bytes fail inside the unpickler in many ways: a frame or length field past the address space
     # (OverflowError, MemoryError), a memo or stack lookup (LookupError), a missing attribute.
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError, ArithmeticError,
-            MemoryError, LookupError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, TypeError,
+            ArithmeticError, MemoryError, LookupError, AttributeError) as exc:
+        raise _not_weights(path, exc) from None
 
 
-def _is_safetensors(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(9)
+def _not_weights(path: Path, exc: Exception) -> CheckpointError:
+    """One message for bytes neither reader accepts, whichever tried: the suffix says nothing about the bytes."""
+    # The reader's reason on one line (some span lines); a failed download often saves an error page under the name.
+    reason = " ".join(str(exc).split())
+    return CheckpointError(f"{path}: neither a readable safetensors file nor a PyTorch checkpoint ({reason}); it may "
+                           "be corrupt, truncated or not weights at all (e.g. an HTML error page saved by a failed "
+                           "download); download or export it again")
+
+
+def _read_head(path: Path) -> bytes:
+    """The first 9 bytes of a weights file; a folder, a missing, unreadable or empty file is named as such."""
+    try:
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a folder, not a weights file; give the file itself, e.g. "
+                                  f"{path / 'spai.pth'} or a .safetensors file")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such weights file; check the path")
+        with open(path, "rb") as fh:
+            head = fh.read(9)
+    except OSError as exc:  # permission denied, I/O error: the OS's reason is what the user needs
+        raise CheckpointError(f"{path}: cannot read the weights file: {exc.strerror or exc}") from None
+    if not head:
+        raise CheckpointError(f"{path}: the file is empty (interrupted download?); download or export it again")
+    return head
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A safetensors file starts with an 8-byte header length, then the JSON header's ``{``."""
     return len(head) == 9 and head[8:9] == b"{"
 
 
@@ -132,11 +165,7 @@ def read_checkpoint(path: str | Path, config: ModelConfig | str | None = None) -
     it defaults to ``spai_vit_b16``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such weights file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty (interrupted download?)")
-    if _is_safetensors(path):
+    if _is_safetensors(_read_head(path)):
         return _read_ours(path)
     obj = _read_torch_file(path)
     if not isinstance(obj, Mapping):
@@ -187,12 +216,16 @@ def _read_ours(path: Path) -> LoadedCheckpoint:
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {exc}") from None
+        raise _not_weights(path, exc) from None
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: a safetensors file without our metadata; convert official weights with "
                               "`spai convert spai.pth spai.safetensors`")
-    cfg = from_dict(ModelConfig, json.loads(meta["model_config"]), where=f"{path}:model_config")
-    return LoadedCheckpoint(_fp32(state), cfg, json.loads(meta.get("metadata", "{}")), FORMAT_NAME)
+    try:
+        config, provenance = json.loads(meta["model_config"]), json.loads(meta.get("metadata", "{}"))
+    except (KeyError, ValueError) as exc:  # only a hand-edited or foreign file gets here; ours always parses
+        raise CheckpointError(f"{path}: its {FORMAT_NAME} metadata is damaged ({exc!r}); export it again") from None
+    cfg = from_dict(ModelConfig, config, where=f"{path}:model_config")
+    return LoadedCheckpoint(_fp32(state), cfg, provenance, FORMAT_NAME)
 
 
 def load_state_strict(model: SPAI, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
@@ -243,14 +276,30 @@ def load_model(path: str | Path, config: ModelConfig | str | None = None) -> tup
     return model.eval(), ckpt
 
 
+@contextlib.contextmanager
+def _writing(path: str | Path) -> Iterator[Path]:
+    """Make the folder for a weights file about to be written; turn a failed write into a message, not a trace.
+
+    torch reports a failed write as RuntimeError and safetensors as SafetensorError, both with the OS's reason.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a folder; give the file to write, e.g. {path / 'spai.safetensors'}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield path
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        raise CheckpointError(f"{path}: cannot write the weights file: {exc}") from None
+
+
 def save_checkpoint(path: str | Path, model: SPAI, metadata: Mapping[str, Any] | None = None) -> None:
     """Write weights + model config + metadata as safetensors (loadable by ``load_model`` alone)."""
     state = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "model_config": json.dumps(dataclasses.asdict(model.cfg)),
             "metadata": json.dumps(dict(metadata or {}), default=str)}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
+    with _writing(path) as dst:
+        save_file(state, str(dst), metadata=meta)
 
 
 def save_official(path: str | Path, model: SPAI, epoch: int = 0) -> None:
@@ -264,7 +313,8 @@ def save_official(path: str | Path, model: SPAI, epoch: int = 0) -> None:
                               "official model has no layer for; keep it in our .safetensors format")
     state = {ours_to_official_key(k): v.detach().float().cpu() for k, v in model.state_dict().items()}
     state[_MASK_KEY] = model.mfvit.frequencies_mask.long().cpu()
-    torch.save({"model": state, "epoch": epoch}, str(path))
+    with _writing(path) as dst:
+        torch.save({"model": state, "epoch": epoch}, str(dst))
 
 
 def convert(src: str | Path, dst: str | Path, config: str | None = None) -> None:

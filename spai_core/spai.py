@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ConfigError
 from .filters import frequency_mask, split_frequencies
 from .tiling import Offset, pad_to_min_size, tile_offsets
 from .vit import VisionTransformer, linear
@@ -71,7 +72,8 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 def get_model_config(name: str, **overrides) -> ModelConfig:
     """A copy of a registered config (``spai_vit_b16``, ``spai_small``, ``spai_tiny``) with field overrides."""
     if name not in MODEL_CONFIGS:
-        raise KeyError(f"unknown model config {name!r}; registered: {sorted(MODEL_CONFIGS)}")
+        raise ConfigError(f"unknown model config {name!r}; use one of the registered configs: "
+                          f"{', '.join(sorted(MODEL_CONFIGS))}")
     return dataclasses.replace(MODEL_CONFIGS[name], **overrides)
 
 
@@ -217,7 +219,8 @@ class SpectralContextAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner_dim, dim, bias=False), nn.Dropout(dropout))
 
     def forward(self, desc: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``B x L x D`` descriptors (``valid``: ``B x L`` mask of real tiles) -> pooled ``B x D``, attention ``B x H x L``."""
+        """``B x L x D`` descriptors (``valid``: ``B x L`` mask of real tiles) -> pooled ``B x D`` and attention
+        ``B x H x L``."""
         batch, length, _ = desc.shape
         k, v = self.to_kv(desc).chunk(2, dim=-1)
         k, v = (t.reshape(batch, length, self.heads, -1).transpose(1, 2) for t in (k, v))

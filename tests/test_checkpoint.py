@@ -1,6 +1,8 @@
 """Checkpoint loading is strict and safe; conversions round-trip with identical scores."""
 from __future__ import annotations
 
+import builtins
+import errno
 import os
 import pickle
 import random
@@ -11,13 +13,17 @@ import types
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
+from spai_cli.main import main as spai
 from spai_core.checkpoint import (CheckpointError, convert, load_backbone, load_model, ours_to_official_key,
-                                  save_checkpoint, save_official)
+                                  read_checkpoint, save_checkpoint, save_official)
 from spai_core.detector import Detector
+from spai_core.errors import UserError
 from spai_core.spai import build_model, get_model_config
 
 IMAGES = [np.random.default_rng(i).integers(0, 256, (260, 300, 3), dtype=np.uint8) for i in range(2)]
+NOT_WEIGHTS = "neither a readable safetensors file nor a PyTorch checkpoint .*not weights at all.*download"
 
 
 @pytest.fixture()
@@ -108,28 +114,114 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
     assert not os.path.exists("/tmp/spai_pwned")
 
 
-def test_corrupt_truncated_and_empty_files(tiny, tmp_path):
+def test_corrupt_truncated_empty_and_missing_files(tiny, tmp_path):
     save_checkpoint(tmp_path / "good.safetensors", tiny)
     data = (tmp_path / "good.safetensors").read_bytes()
     (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=NOT_WEIGHTS):
         load_model(tmp_path / "trunc.safetensors")
     torch.save({"model": _official_state(tiny)}, tmp_path / "good.pth")
     data = (tmp_path / "good.pth").read_bytes()
     (tmp_path / "trunc.pth").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+    with pytest.raises(CheckpointError, match=NOT_WEIGHTS):
         load_model(tmp_path / "trunc.pth", "spai_tiny")
-    (tmp_path / "empty.pth").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="empty"):
-        load_model(tmp_path / "empty.pth")
+    for suffix in (".pth", ".safetensors"):
+        (tmp_path / f"empty{suffix}").write_bytes(b"")
+        with pytest.raises(CheckpointError, match="the file is empty"):
+            load_model(tmp_path / f"empty{suffix}")
+    with pytest.raises(CheckpointError, match="absent.pth: no such weights file"):
+        load_model(tmp_path / "absent.pth")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ".bin"])
+def test_bytes_that_are_not_weights_are_one_error_whatever_the_suffix(suffix, tmp_path):
+    """The suffix must not decide: given a ``.safetensors`` path, torch.load hands the file to safetensors."""
+    path = tmp_path / f"weights{suffix}"
+    pages = [b"<html><head><title>404 Not Found</title></head><body>Not Found</body></html>\n", b"x",
+             b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 8]  # error page, one byte, a JPEG
+    for page in pages:
+        path.write_bytes(page)
+        with pytest.raises(CheckpointError, match=NOT_WEIGHTS):
+            read_checkpoint(path)
     for seed in range(400):  # random bytes, half behind a pickle header: the unpickler fails in many different ways
         rng = random.Random(seed)
         noise = rng.randbytes(rng.choice([8, 64, 4096]))
-        (tmp_path / "noise.pth").write_bytes(bytes([0x80, rng.randint(2, 5)]) + noise if seed % 2 else noise)
-        with pytest.raises(CheckpointError, match="corrupt or truncated"):
-            load_model(tmp_path / "noise.pth")
-    with pytest.raises(CheckpointError, match="no such"):
-        load_model(tmp_path / "absent.pth")
+        path.write_bytes(bytes([0x80, rng.randint(2, 5)]) + noise if seed % 2 else noise)
+        with pytest.raises(CheckpointError, match=NOT_WEIGHTS):
+            read_checkpoint(path)
+
+
+def test_the_bytes_decide_the_format_not_the_suffix(tiny, tmp_path):
+    save_official(tmp_path / "official.safetensors", tiny)
+    save_checkpoint(tmp_path / "ours.pth", tiny)
+    assert read_checkpoint(tmp_path / "official.safetensors", "spai_tiny").kind == "official"
+    assert read_checkpoint(tmp_path / "ours.pth").kind == "spai-ray"
+
+
+def test_a_folder_is_named_as_a_folder(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: is a folder, not a weights file; .*{tmp_path}/spai.pth"):
+        read_checkpoint(tmp_path)
+
+
+def test_an_unreadable_file_says_why(tiny, tmp_path, monkeypatch):
+    locked = tmp_path / "locked.pth"
+    save_official(locked, tiny)
+    locked.chmod(0)
+    real_open = builtins.open
+
+    def denying_open(file, *args, **kwargs):  # root reads any file whatever its mode, so refuse it here too
+        if os.fspath(file) == str(locked):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(locked))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denying_open)
+    with pytest.raises(CheckpointError, match="locked.pth: cannot read the weights file: Permission denied"):
+        read_checkpoint(locked)
+
+
+def test_damaged_metadata_of_our_format(tiny, tmp_path):
+    for meta in ({"format": "spai-ray"}, {"format": "spai-ray", "model_config": "{cut"}):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "m.safetensors"), metadata=meta)
+        with pytest.raises(CheckpointError, match="its spai-ray metadata is damaged"):
+            read_checkpoint(tmp_path / "m.safetensors")
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_convert_creates_the_destination_folder(suffix, tiny, tmp_path):
+    save_checkpoint(tmp_path / "ours.safetensors", tiny)
+    convert(tmp_path / "ours.safetensors", tmp_path / "new" / "deeper" / f"out{suffix}")
+    assert load_model(tmp_path / "new" / "deeper" / f"out{suffix}", "spai_tiny")[0].cfg == tiny.cfg
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_unwritable_destinations_are_errors(suffix, tiny, tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="folder: is a folder; give the file to write"):
+        (save_official if suffix == ".pth" else save_checkpoint)(tmp_path / "folder", tiny)
+    for dst in (tmp_path / "file" / f"out{suffix}", tmp_path / f"{'x' * 300}{suffix}"):  # parent is a file; too long
+        with pytest.raises(CheckpointError, match="cannot write the weights file"):
+            (save_official if suffix == ".pth" else save_checkpoint)(dst, tiny)
+
+
+def test_an_unknown_model_config_lists_the_registered_ones(tiny, tmp_path):
+    save_official(tmp_path / "official.pth", tiny)
+    with pytest.raises(UserError, match="unknown model config 'bogus'; .*: spai_small, spai_tiny, spai_vit_b16$"):
+        convert(tmp_path / "official.pth", tmp_path / "out.safetensors", "bogus")
+
+
+@pytest.mark.parametrize("src, config, message", [
+    ("rand.safetensors", "spai_tiny", "rand.safetensors: neither a readable safetensors file nor a PyTorch"),
+    ("official.pth", "bogus", "unknown model config 'bogus'"),
+    ("folder", "spai_tiny", "folder: is a folder, not a weights file"),
+])
+def test_convert_cli_user_errors(src, config, message, tiny, tmp_path, capsys):
+    save_official(tmp_path / "official.pth", tiny)
+    (tmp_path / "rand.safetensors").write_bytes(random.Random(0).randbytes(4096))
+    (tmp_path / "folder").mkdir()
+    assert spai(["convert", str(tmp_path / src), str(tmp_path / "out.safetensors"), "--config", config]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_convert_both_ways_keeps_scores(tiny, tmp_path):
