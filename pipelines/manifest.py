@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -125,8 +126,17 @@ def check_values(table: pa.Table) -> None:
     messages = [f"column {name!r} must be {expected[name]} but {len(bad)} row(s) are not, e.g. "
                 + ", ".join(f"row {i} ({uris[i]!r}): {v!r}" for i, v in bad[:3])
                 for name, bad in problems.items() if bad]
+    if not problems["label"] and (both := _labelled_both(table)):
+        messages.append(f"{len(both)} file(s) are labelled both 0 (real) and 1 (AI-generated), e.g. "
+                        f"{', '.join(both[:3])}; a file is one or the other (do the real and fake folders overlap?)")
     if messages:
         raise ManifestError("; ".join(messages))
+
+
+def _labelled_both(table: pa.Table) -> list[str]:
+    """URIs listed with label 0 and with label 1."""
+    labels = table.select(["uri", "label"]).group_by("uri").aggregate([("label", "count_distinct")])
+    return sorted(labels.filter(pc.greater(labels.column("label_count_distinct"), 1)).column("uri").to_pylist())
 
 
 def _counts(values: Iterable) -> dict[str, int]:
@@ -391,7 +401,7 @@ def from_genimage(root: str, generators: Sequence[str] | None = None, val_fracti
     images, others = _list_images(root, files)
     wanted = None if generators is None else {g.lower() for g in generators} | {genimage_generator(g) for g in
                                                                                  generators}
-    rows, unmatched = [], list(others)
+    rows, unmatched, folders = [], list(others), set()
     for uri in images:
         parts = relative_to(uri, root).split("/")
         hit = next((i for i in range(1, len(parts) - 2)
@@ -400,12 +410,18 @@ def from_genimage(root: str, generators: Sequence[str] | None = None, val_fracti
             unmatched.append(uri)
             continue
         folder = parts[hit - 1]
+        folders.add(folder)
         if wanted is not None and folder.lower() not in wanted and genimage_generator(folder) not in wanted:
             continue
         label = _GENIMAGE_CLASSES[parts[hit + 1]]
         rows.append({"uri": uri, "label": label, "split": _GENIMAGE_SPLITS[parts[hit]],
                      "generator": genimage_generator(folder) if label else REAL,
                      "source": f"{source or 'genimage'}/{folder}", "group": genimage_group(folder, uri)})
+    unknown = [g for g in generators or () if not any(g.lower() in (f.lower(), genimage_generator(f)) or
+                                                     genimage_generator(g) == genimage_generator(f) for f in folders)]
+    if unknown:  # a typo would otherwise silently leave a generator out
+        raise ManifestError(f"--generators {' '.join(unknown)}: no such generator folder under {root}; it has "
+                            f"{', '.join(sorted(folders)) or 'none'}")
     if not rows:
         raise ManifestError(f"no GenImage images under {root} (expected <generator>/train|val/ai|nature/<file>"
                             + (f" for generators {sorted(generators)}" if generators else "") + ")")
@@ -433,34 +449,37 @@ def _resolve_path(image: str, root: str) -> str:
     return join(root, image) if is_s3(root) else os.path.normpath(os.path.join(os.path.abspath(root), image))
 
 
-def _parse_csv_row(line: int, row: Mapping[str, str], errors: list[str]) -> tuple[int, str] | None:
-    """(label, split) of an official CSV row, or None with a message appended to ``errors``."""
+def _parse_csv_row(line: int, row: Mapping[str, str], errors: list[str],
+                   labelled: bool) -> tuple[int | None, str] | None:
+    """(label, split) of an official CSV row, or None with a message appended to ``errors``. Unless ``labelled``, an
+    empty class is an unknown label and an empty split is ``test``."""
     text, split = (row.get("class") or "").strip(), (row.get("split") or "").strip()
     if not (row.get("image") or "").strip():
         errors.append(f"line {line}: empty image path")
-    elif text not in ("0", "1"):
+    elif text not in ("0", "1") and (labelled or text):
         errors.append(f"line {line}: class {text!r} is not 0 (real) or 1 (AI-generated)")
-    elif split not in SPLITS:
+    elif split not in SPLITS and (labelled or split):
         errors.append(f"line {line}: split {split!r} is not one of {'/'.join(SPLITS)}")
     else:
-        return int(text), split
+        return (int(text) if text else None), split or "test"
     return None
 
 
 def from_spai_csv(csv_uri: str, root: str | None = None, generator: str | None = None,
-                  options: StorageOptions | None = None, source: str | None = None) -> pa.Table:
+                  options: StorageOptions | None = None, source: str | None = None, labelled: bool = True) -> pa.Table:
     """Manifest rows for an official SPAI CSV (``image,class,split``; extra columns kept as strings).
 
     Relative image paths resolve against ``root`` (default: the CSV's folder), as the official code does. Real rows
     get generator ``real``; fake rows ``generator``, else a ``generator`` column, else ``unknown``. Source is
     ``source``, else a ``source`` column, else the CSV's name (``fake_dalle2``); group is a ``group`` column, else the
     file stem. The original ``image`` value is kept as an extra column so outputs can be written back in the
-    official layout.
+    official layout. Unless ``labelled`` (scoring needs no labels), only the ``image`` column is required: rows
+    without a class have an unknown label and generator, rows without a split are ``test``.
     """
     text = Files(options).read(csv_uri).decode("utf-8-sig")
     reader = csv.DictReader(io.StringIO(text))
     header = reader.fieldnames or []
-    missing = [c for c in ("image", "class", "split") if c not in header]
+    missing = [c for c in (("image", "class", "split") if labelled else ("image",)) if c not in header]
     if missing:
         raise ManifestError(f"{csv_uri} lacks column(s) {missing}; official SPAI CSVs have a header with image,class,"
                             f"split (found {header})")
@@ -470,7 +489,7 @@ def from_spai_csv(csv_uri: str, root: str | None = None, generator: str | None =
     extras = ["image"] + [c for c in header if c not in consumed and c != "image"]
     rows, errors = [], []
     for line, row in enumerate(reader, start=2):
-        parsed = _parse_csv_row(line, row, errors)
+        parsed = _parse_csv_row(line, row, errors, labelled)
         if parsed is None:
             continue
         label, split = parsed
@@ -478,7 +497,8 @@ def from_spai_csv(csv_uri: str, root: str | None = None, generator: str | None =
         rows.append({
             **{name: row.get(name) for name in extras},
             "uri": _resolve_path(image, root), "label": label, "split": split,
-            "generator": REAL if label == 0 else (generator or row.get("generator") or "unknown"),
+            "generator": REAL if label == 0 else (generator or row.get("generator") or
+                                                  ("unknown" if label == 1 else None)),
             "source": source or row.get("source") or dataset, "group": row.get("group") or _stem(image),
         })
     if errors:
@@ -535,11 +555,17 @@ def from_folders(real: Sequence[str], fake: Sequence[str] | Mapping[str, str], b
 
 
 def _image_folder(uri: str, files: Files, recursive: bool) -> pa.Table:
-    """Rows for every file under a folder whose first bytes say it is an image (label unknown, split test)."""
+    """Rows for every file under a folder named or sniffed as an image (label unknown, split test).
+
+    A file with an image suffix is a row whatever its content, so a zero-byte or corrupt ``x.jpg`` comes back as a
+    failed row with its reason; other files are rows only when their first bytes say they are images.
+    """
     candidates = files.list(uri, recursive=recursive)
     files.resolve(uri)  # build the file system once, before the threads share it
 
     def is_image(path: str) -> bool:
+        if path.lower().endswith(IMAGE_SUFFIXES):
+            return True
         try:
             return sniff_image_format(files.head(path, SNIFF_BYTES)) is not None
         except StorageError:  # unreadable here means unreadable later: keep it so scoring records the failure
@@ -550,32 +576,32 @@ def _image_folder(uri: str, files: Files, recursive: bool) -> pa.Table:
     images = [u for u, ok in zip(candidates, flags) if ok]
     others = [u for u, ok in zip(candidates, flags) if not ok]
     if not images:
-        raise ManifestError(f"no images in {uri} ({len(candidates)} file(s), none with image content); point "
-                            "--input at a folder of images, an official CSV or a manifest")
-    rows = [{"uri": u, "label": None, "split": "test", "generator": None, "source": basename(uri),
-             "group": _stem(u), "image": relative_to(u, uri)} for u in images]
-    return rows_to_table(rows, extras=["image"], notes=_skipped_note(others, "that are not images by content"))
+        raise ManifestError(f"no images in {uri} ({len(candidates)} file(s), none named or sniffed as an image); "
+                            f"point --input at images, a folder of images, an official CSV or a manifest ({SIDECAR})")
+    folder = parent(uri) if candidates == [uri] else uri  # one image file: a folder of one
+    rows = [{"uri": u, "label": None, "split": "test", "generator": None, "source": basename(folder),
+             "group": _stem(u), "image": relative_to(u, folder)} for u in images]
+    return rows_to_table(rows, extras=["image"], notes=_skipped_note(others, "that are not images by name or "
+                                                                             "content"))
 
 
 def resolve_input(uri: str, root: str | None = None, options: StorageOptions | None = None,
                   recursive: bool = False) -> pa.Table:
     """Rows for anything a user may point a scoring job at: an official CSV (paths against ``root``), a manifest
-    (directory or .parquet), or a folder / S3 prefix of images found by content (magic bytes), not by extension.
+    (directory or .parquet), a folder / S3 prefix of images, or one image file. Images are files with an image
+    suffix (a bad one becomes a failed row) or other files whose first bytes say they are images.
 
     Folder input matches the official directory mode: not recursive unless asked, label unknown, split ``test``,
     generator unknown, and an ``image`` column with the path relative to the folder.
     """
     files = Files(options)
     if uri.lower().endswith(".csv"):
-        return from_spai_csv(uri, root=root, options=options)
+        return from_spai_csv(uri, root=root, options=options, labelled=False)
     info = files.info(uri)
     if info.type == pafs.FileType.NotFound:
         raise files.missing(uri)
     if uri.lower().endswith(".parquet") or read_sidecar(uri, options) is not None:
         return read_manifest(uri, options)
-    if info.type == pafs.FileType.File:
-        raise ManifestError(f"{uri} is not a folder, an official CSV (.csv) or a manifest (.parquet or a folder with "
-                            f"{SIDECAR}); to score one image, point --input at its folder")
     return _image_folder(uri, files, recursive)
 
 

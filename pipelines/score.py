@@ -80,7 +80,8 @@ class ScoreConfig:
     """Options of one scoring job (``spai score`` flags); saved next to the output and checked on resume."""
 
     weights: str = ""  # official spai.pth (spai_vit_b16) or our .safetensors; local path or s3://
-    input: str = ""  # folder, official CSV, manifest or s3:// prefix
+    input: str = ""  # image, folder, official CSV, manifest or s3:// prefix
+    recursive: bool = False  # a folder's subfolders too
     output: str = ""  # PATH.parquet or PATH.csv, local or s3://
     device: str = "auto"  # auto: cuda when the Ray cluster has GPUs, else cpu
     precision: str = "auto"  # auto: bf16 on GPU, fp32 (exact official scores) on CPU
@@ -159,8 +160,9 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
     ``cpus_per_worker`` fixes each CPU actor's torch threads instead (e.g. to measure scaling at a fixed size).
     """
     gpus_total = float(resources.get("GPU", 0.0))
-    if cfg.device == "cuda" and gpus_total == 0:
-        raise ScoreError("--device cuda was asked for but the Ray cluster has no GPU; use --device cpu or auto")
+    if (cfg.device == "cuda" or cfg.gpus) and gpus_total == 0:
+        asked = "--device cuda" if cfg.device == "cuda" else f"--gpus {cfg.gpus:g}"
+        raise ScoreError(f"{asked} was asked for but the Ray cluster has no GPU; drop it to score on CPU")
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus_total > 0) else "cpu"
     precision = resolve_precision(cfg.precision, torch.device(device))
     if device == "cuda":
@@ -203,8 +205,8 @@ def input_columns(table: pa.Table) -> pa.Table:
 
 def input_table(cfg: ScoreConfig, options: StorageOptions) -> tuple[pa.Table, dict[str, Any]]:
     """Manifest rows of the input (one split if asked), clashing names prefixed, plus a ``row_id`` column; and what
-    the listing skipped (a folder's files that are not images by content), so the summary can say so."""
-    table = resolve_input(cfg.input, root=cfg.root, options=options)
+    the listing skipped (a folder's files that are not images by name or content), so the summary can say so."""
+    table = resolve_input(cfg.input, root=cfg.root, options=options, recursive=cfg.recursive)
     skipped = json.loads((table.schema.metadata or {}).get(NOTES_KEY, b"{}")).get("skipped", {})
     if cfg.split is not None:
         present = sorted(set(table.column("split").to_pylist()) - {None})
@@ -215,17 +217,20 @@ def input_table(cfg: ScoreConfig, options: StorageOptions) -> tuple[pa.Table, di
     return input_columns(table).append_column("row_id", ids), skipped
 
 
-def weights_id(uri: str, options: StorageOptions) -> str:
-    """The checkpoint hash :class:`Detector` reports (first 16 hex of sha256), streamed from local disk or S3."""
-    files = Files(options)
-    if files.info(uri).type != pafs.FileType.File:
-        raise files.missing(uri)
-    fs, path = files.resolve(uri)
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+def check_weights(uri: str, options: StorageOptions) -> str:
+    """Load the weights once on the driver, the way every actor will, and return their hash (``Detector.model_id``).
+
+    A wrong, corrupt or incompatible file then stops the job with its own message before Ray starts, instead of
+    killing each actor with a traceback after the job (and its resumable work folder) has begun.
+    """
+    kind = Files(options).info(uri).type
+    if kind == pafs.FileType.Directory:
+        raise ScoreError(f"--weights {uri} is a folder; give the weights file in it (an official spai.pth or our "
+                         ".safetensors)")
+    if kind != pafs.FileType.File:
+        raise Files(options).missing(uri)
+    with local_weights(uri, options) as path:
+        return Detector.from_pretrained(path, "cpu", "fp32").model_id
 
 
 @contextlib.contextmanager
@@ -532,7 +537,7 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     if not work.exists() and files.info(cfg.output).type != pafs.FileType.NotFound:
         raise ScoreError(f"{cfg.output} already exists (a finished run); delete it or choose another --output")
     table, skipped = input_table(cfg, options)
-    model_id = weights_id(cfg.weights, options)
+    model_id = check_weights(cfg.weights, options)
     init_ray()
     node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     plan = plan_actors(cfg, ray.cluster_resources(), node_cpus)
@@ -561,7 +566,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        precision=args.precision, batch_size=args.batch_size, workers=args.workers, gpus=args.gpus,
                        cpus_per_worker=args.cpus_per_worker, feature_batch=args.feature_batch,
                        max_tiles=args.max_tiles, transform=transform, root=args.root, split=args.split, tag=args.tag,
-                       official_csv=args.official_csv, part_rows=args.part_rows)
+                       official_csv=args.official_csv, part_rows=args.part_rows, recursive=args.recursive)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -85,6 +85,8 @@ def test_genimage_all_eight_generators(genimage):
 def test_genimage_generator_filter_and_val_fraction(genimage):
     table = m.from_genimage(str(genimage), generators=["imagenet_glide", "midjourney"])
     assert set(table.column("source").to_pylist()) == {"genimage/imagenet_glide", "genimage/imagenet_midjourney"}
+    with pytest.raises(m.ManifestError, match="--generators midjourny: no such generator folder.*imagenet_glide"):
+        m.from_genimage(str(genimage), generators=["imagenet_glide", "midjourny"])
     carved = m.from_genimage(str(genimage), val_fraction=0.5, seed=3).to_pylist()
     assert {r["split"] for r in carved} == {"train", "val", "test"}
     assert not [r for r in carved if "/val/" in r["uri"] and r["split"] != "test"]
@@ -185,6 +187,12 @@ def test_folders_balance_and_group_split(folders):
     assert {r["group"] for r in by_folder if r["label"] == 0} == {"a", "b"}
 
 
+def test_a_file_labelled_both_real_and_fake_is_refused(folders, tmp_path):
+    overlapping = m.from_folders([str(folders)], [str(folders / "waifu2x")])  # the fakes sit inside the real root
+    with pytest.raises(m.ManifestError, match=r"3 file\(s\) are labelled both 0 \(real\) and 1 .*waifu2x.*overlap"):
+        m.write_manifest(overlapping, str(tmp_path / "m"), {"builder": "test"})
+
+
 def test_assign_splits_keeps_groups_whole_and_tracks_fractions():
     groups = [f"g{i // 3}" for i in range(300)]
     splits = m.assign_splits(groups, (0.8, 0.1, 0.1), seed=7)
@@ -201,15 +209,30 @@ def test_resolve_input_finds_images_by_content(folders, tmp_path, photos):
     (folder / "notes.jpg").write_text("text pretending to be a JPEG")
     (folder / "sub").mkdir()
     make_photos(photos, [folder / "sub" / "deeper.png"])
+    (folder / "notes.txt").write_text("neither named nor sniffed as an image")
     table = m.resolve_input(str(folder))
-    assert table.column("image").to_pylist() == ["a.jpg", "no_extension"]  # not recursive, as the official code
-    assert table.column("label").null_count == 2 and set(table.column("split").to_pylist()) == {"test"}
-    assert m.resolve_input(str(folder), recursive=True).num_rows == 3
+    # named or sniffed as images (a bad one is a row, to fail with its reason); not recursive, as the official code
+    assert table.column("image").to_pylist() == ["a.jpg", "no_extension", "notes.jpg"]
+    assert table.column("label").null_count == 3 and set(table.column("split").to_pylist()) == {"test"}
+    assert m.resolve_input(str(folder), recursive=True).num_rows == 4
+    one = m.resolve_input(str(folder / "a.jpg"))  # one image: a folder of one
+    assert (one.column("uri").to_pylist(), one.column("image").to_pylist()) == ([str(folder / "a.jpg")], ["a.jpg"])
+    with pytest.raises(m.ManifestError, match="none named or sniffed as an image"):
+        m.resolve_input(str(folder / "notes.txt"))
     csv_path = folders / "one.csv"
     csv_path.write_text("image,class,split\nreal/a/photo1.jpg,0,test\n")
     assert m.resolve_input(str(csv_path)).column("uri").to_pylist() == [str(folders / "real/a/photo1.jpg")]
+    images_only = folders / "images_only.csv"  # scoring needs no labels
+    images_only.write_text("image\nreal/a/photo1.jpg\n")
+    row = m.resolve_input(str(images_only)).to_pylist()[0]
+    assert (row["label"], row["split"], row["generator"]) == (None, "test", None)
+    with pytest.raises(m.ManifestError, match="lacks column"):
+        m.from_spai_csv(str(images_only))  # a training manifest does
+    images_only.write_text("image,class\nreal/a/photo1.jpg,2\n")
+    with pytest.raises(m.ManifestError, match="class '2' is not 0"):
+        m.resolve_input(str(images_only))
     man = m.write_manifest(m.resolve_input(str(folder)), str(tmp_path / "man"), {"builder": "dir"})
-    assert m.resolve_input(man).num_rows == 2
+    assert m.resolve_input(man).num_rows == 3
     with pytest.raises(StorageError, match="does not exist"):
         m.resolve_input(str(tmp_path / "missing"))
 

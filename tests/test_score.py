@@ -29,6 +29,7 @@ from pipelines.storage import Files, StorageOptions, read_bytes
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.checkpoint import save_checkpoint
 from spai_core.detector import Detector
+from spai_core.errors import UserError
 from spai_core.images import to_rgb_array
 from spai_core.spai import build_model
 
@@ -107,15 +108,19 @@ def test_folder_input_matches_detector_and_truncated_file_is_an_error(weights, c
     for f in corpus.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
     bad_files(folder, corpus / "img0.jpg")
+    (folder / "notes.txt").write_text("not an image, by name or content")
+    (folder / "gone.jpg").symlink_to(tmp_path / "moved.jpg")  # a broken link
     result = score(ScoreConfig(weights=str(weights), input=str(folder), output=str(tmp_path / "scores.parquet")),
                    progress=False)
     out = read_table(str(tmp_path / "scores.parquet"))
     check_logits(out, expected)
-    assert "not in the output: 2 input file(s) that are not images by content" in result.summary()
+    assert "not in the output: 1 input file(s) that are not images by name or content" in result.summary()
     errors = dict(zip([Path(u).name for u in out.column("uri").to_pylist()], out.column("error").to_pylist()))
-    # Folder input lists images by content like the official tool: the zero-byte and text files are not images.
-    assert set(errors) == set(expected) | {"cut.jpg"}
-    assert errors["cut.jpg"].startswith("truncated:") and out.column("logit").null_count == 1
+    # A file named as an image is a row whatever its content: each bad one fails with its reason.
+    assert set(errors) == set(expected) | {"cut.jpg", "zero.jpg", "text.jpg", "gone.jpg"}
+    assert [errors[name].split(":")[0] for name in ("cut.jpg", "zero.jpg", "text.jpg", "gone.jpg")] == [
+        "truncated", "zero_byte", "not_an_image", "missing"]
+    assert out.column("logit").null_count == 4
     assert set(out.column("precision").to_pylist()) == {"fp32"}
     assert json.loads(out.column("options")[0].as_py())["jpeg_quality"] is None
     tiles = dict(zip([Path(u).name for u in out.column("uri").to_pylist()], out.column("tiles").to_pylist()))
@@ -242,6 +247,20 @@ def test_resume_refuses_other_options_and_finished_output(weights, corpus, tmp_p
         score(ScoreConfig(weights=str(weights), input=str(corpus), output=str(tmp_path / "done.parquet")))
 
 
+@pytest.mark.parametrize("bad", ["corrupt", "folder"])
+def test_bad_weights_stop_the_job_before_it_starts(bad, corpus, tmp_path):
+    """Found by the driver, not by each actor after the job (and its work folder, which would refuse the corrected
+    weights as 'other weights') has begun."""
+    weights = tmp_path / "weights.safetensors"
+    if bad == "folder":
+        weights.mkdir()
+    else:
+        weights.write_bytes(b"<html>404 Not Found</html>")
+    with pytest.raises(UserError, match="is a folder" if bad == "folder" else "weights.safetensors"):
+        score(ScoreConfig(weights=str(weights), input=str(corpus), output=str(tmp_path / "scores.parquet")))
+    assert not (tmp_path / "scores.parquet.parts").exists()
+
+
 def test_summary_reports_start_up_apart_from_the_rate():
     table = pa.table({"error": [None] * 9 + ["truncated: cut.jpg"]})
     summary = ScoreResult("out.parquet", table, 10, 20.0, {}, first=(8.0, 1)).summary()
@@ -267,8 +286,10 @@ def test_actor_plan_follows_the_cluster():
     # Fixed actor size: one thread each, and a CPU still left for decoding.
     fixed = plan_actors(ScoreConfig(workers=1, cpus_per_worker=1), {"CPU": 2})
     assert (fixed.threads, fixed.num_cpus) == (1, 1.0)
-    with pytest.raises(ScoreError, match="no GPU"):
+    with pytest.raises(ScoreError, match="--device cuda was asked for but the Ray cluster has no GPU"):
         plan_actors(ScoreConfig(device="cuda"), {"CPU": 8})
+    with pytest.raises(ScoreError, match="--gpus 0.5 was asked for but the Ray cluster has no GPU"):
+        plan_actors(ScoreConfig(gpus=0.5), {"CPU": 8})
 
 
 def test_parity_images_reproduce_official_logits(tmp_path):
