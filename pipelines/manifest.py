@@ -164,6 +164,10 @@ def format_summary(table: pa.Table) -> str:
         row = [labels.get("0", 0), labels.get("1", 0), labels.get("null", 0)]
         lines.append(f"{split:<8}" + "".join(f"{n:>10}" for n in row) + f"{sum(row):>10}")
     lines.append("generators: " + ", ".join(f"{k}={v}" for k, v in summary["generator"].items()))
+    one_class = [split for split, labels in summary["split_label"].items()
+                 if split in ("train", "val") and not {"0", "1"} <= set(labels)]
+    lines += [f"warning: split {split} lacks real or AI-generated images, so training cannot use it fully (val AUC "
+              "is undefined; a train split needs both); add images or change --split / --seed" for split in one_class]
     return "\n".join(lines)
 
 

@@ -180,6 +180,9 @@ def _translate(exc: OSError, uri: str, action: str, options: StorageOptions) -> 
         diagnosis = _diagnose_bucket(_split_s3(uri)[0], uri, options)
         if diagnosis is not None:
             return diagnosis
+    if isinstance(exc, FileNotFoundError) and action == "write":  # a folder on the way is missing and cannot be made
+        return StorageError("io_error", uri, f"could not write {uri}: {exc}; check that its folder exists or can be "
+                            "created")
     if isinstance(exc, FileNotFoundError):
         return StorageError("not_found", uri, f"{uri} does not exist; check the path (and the working directory "
                             "for relative paths)")

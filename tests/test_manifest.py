@@ -293,3 +293,15 @@ def test_rows_keep_extra_keys_and_name_bad_columns(tmp_path):
     assert back.column_names == [*m.CORE_COLUMNS, "prompt"] and back.column("prompt").to_pylist() == ["cat"]
     with pytest.raises(m.ManifestError, match="column 'label'"):
         m.rows_to_table([{**row, "label": "fake"}])
+
+
+def test_summary_warns_of_a_split_without_both_classes():
+    def rows(*split_labels):
+        return m.rows_to_table([{"uri": f"/x/{i}.png", "label": label, "split": split, "generator": "g",
+                                 "source": "s", "group": str(i)} for i, (split, label) in enumerate(split_labels)])
+
+    assert "warning" not in m.format_summary(rows(("train", 0), ("train", 1), ("val", 0), ("val", 1), ("test", 1)))
+    summary = m.format_summary(rows(("train", 0), ("train", 1), ("val", 1), ("test", 1)))
+    assert [line for line in summary.splitlines() if line.startswith("warning")] == [
+        "warning: split val lacks real or AI-generated images, so training cannot use it fully (val AUC is undefined; "
+        "a train split needs both); add images or change --split / --seed"]

@@ -58,6 +58,8 @@ def test_local_roundtrip_listing_and_missing(tree, tmp_path):
     assert not storage.exists(str(tree / "nope"))
     fs, path = storage.filesystem(str(tree))
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tree)
+    with pytest.raises(StorageError, match="could not write /proc/spai/out.csv: .*check that its folder exists"):
+        storage.write_bytes("/proc/spai/out.csv", b"x")  # a folder that cannot be made: not 'does not exist'
     for call in (lambda: storage.read_bytes(str(tree / "nope.jpg")), lambda: storage.list_files(str(tree / "nope"))):
         with pytest.raises(StorageError, match="does not exist; check the path") as caught:
             call()
