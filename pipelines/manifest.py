@@ -309,15 +309,20 @@ def read_manifest(uri: str, options: StorageOptions | None = None, split: str | 
 # Splits and groups
 
 
+def check_fractions(fractions: Sequence[float]) -> None:
+    """Train, val and test fractions must be three non-negative numbers summing to 1."""
+    if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise ManifestError(f"split fractions must be three non-negative numbers (train,val,test) summing to 1, "
+                            f"got {tuple(fractions)}")
+
+
 def assign_splits(groups: Sequence[str], fractions: Sequence[float], seed: int = 0) -> list[str]:
     """Seeded train/val/test assignment where every group lands in exactly one split.
 
     Groups are shuffled with ``seed``, then laid end to end by row count; a group goes to the split whose share of
     rows its middle falls in, so split sizes track ``fractions`` by rows, not by number of groups.
     """
-    if len(fractions) != len(SPLITS) or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise ManifestError(f"split fractions must be three non-negative numbers (train,val,test) summing to 1, "
-                            f"got {tuple(fractions)}")
+    check_fractions(fractions)
     sizes = collections.Counter(groups)
     order = sorted(sizes)
     np.random.default_rng(seed).shuffle(order)
@@ -401,6 +406,8 @@ def from_genimage(root: str, generators: Sequence[str] | None = None, val_fracti
     of each generator folder's ``train`` rows to ``val``, whole ImageNet classes at a time (see
     :func:`genimage_group`). ``generators`` keeps only these folders (folder or normalised names).
     """
+    if not 0 <= val_fraction < 1:  # checked before listing, which can take minutes on S3
+        raise ManifestError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
     files = Files(options)
     images, others = _list_images(root, files)
     wanted = None if generators is None else {g.lower() for g in generators} | {genimage_generator(g) for g in
@@ -534,6 +541,7 @@ def from_folders(real: Sequence[str], fake: Sequence[str] | Mapping[str, str], b
     """
     if group_by not in ("stem", "folder"):
         raise ManifestError(f"group_by must be 'stem' or 'folder', got {group_by!r}")
+    check_fractions(fractions)  # before listing, which can take minutes on S3
     fakes = dict(fake) if isinstance(fake, Mapping) else {basename(f): f for f in fake}
     if REAL in fakes:
         raise ManifestError(f"a fake folder is named {REAL!r}, which means real images here; name it with NAME=PATH")

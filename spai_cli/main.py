@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "loadable by the official code. Direction is taken from the file suffixes.")
     p.add_argument("src", help="weights to convert: official .pth or our .safetensors")
     p.add_argument("dst", help="file to write: .safetensors (ours) or .pth (official layout)")
-    p.add_argument("--config", default=None, help="model config name for an official file (default: spai_vit_b16)")
+    p.add_argument("--model", default=None, help="model config of an official file: spai_vit_b16 (default), or a "
+                   "smaller registered one for test weights")
 
     p = sub.add_parser("demo", help="offline demo: build corpus -> train -> score -> evaluate on this machine",
                        description="Builds (or reuses) the offline demo corpus from committed photos and CPU "

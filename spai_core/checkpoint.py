@@ -327,6 +327,6 @@ def convert(src: str | Path, dst: str | Path, config: str | None = None) -> None
 
 
 def convert_main(args) -> int:
-    convert(args.src, args.dst, args.config)
+    convert(args.src, args.dst, args.model)
     print(f"wrote {args.dst}")
     return 0

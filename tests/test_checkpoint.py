@@ -219,7 +219,7 @@ def test_convert_cli_user_errors(src, config, message, tiny, tmp_path, capsys):
     save_official(tmp_path / "official.pth", tiny)
     (tmp_path / "rand.safetensors").write_bytes(random.Random(0).randbytes(4096))
     (tmp_path / "folder").mkdir()
-    assert spai(["convert", str(tmp_path / src), str(tmp_path / "out.safetensors"), "--config", config]) == 2
+    assert spai(["convert", str(tmp_path / src), str(tmp_path / "out.safetensors"), "--model", config]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
 
@@ -256,7 +256,7 @@ def test_descriptor_norm_statistics_round_trip_in_our_format_only(tmp_path):
 def test_convert_cli(tiny, tmp_path):
     save_official(tmp_path / "official.pth", tiny)
     subprocess.run([sys.executable, "-m", "spai_cli.main", "convert", str(tmp_path / "official.pth"),
-                    str(tmp_path / "ours.safetensors"), "--config", "spai_tiny"], check=True)
+                    str(tmp_path / "ours.safetensors"), "--model", "spai_tiny"], check=True)
     assert load_model(tmp_path / "ours.safetensors")[1].config.name == "spai_tiny"
 
 

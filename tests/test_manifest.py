@@ -87,6 +87,8 @@ def test_genimage_generator_filter_and_val_fraction(genimage):
     assert set(table.column("source").to_pylist()) == {"genimage/imagenet_glide", "genimage/imagenet_midjourney"}
     with pytest.raises(m.ManifestError, match="--generators midjourny: no such generator folder.*imagenet_glide"):
         m.from_genimage(str(genimage), generators=["imagenet_glide", "midjourny"])
+    with pytest.raises(m.ManifestError, match="--val-fraction must be at least 0 and below 1, got 1.5"):
+        m.from_genimage(str(genimage / "nowhere"), val_fraction=1.5)  # refused before listing
     carved = m.from_genimage(str(genimage), val_fraction=0.5, seed=3).to_pylist()
     assert {r["split"] for r in carved} == {"train", "val", "test"}
     assert not [r for r in carved if "/val/" in r["uri"] and r["split"] != "test"]
@@ -185,6 +187,8 @@ def test_folders_balance_and_group_split(folders):
                                                                     str(folders / "cugan")], balance=True, seed=1))
     by_folder = m.from_folders([str(folders / "real")], [str(folders / "waifu2x")], group_by="folder").to_pylist()
     assert {r["group"] for r in by_folder if r["label"] == 0} == {"a", "b"}
+    with pytest.raises(m.ManifestError, match="summing to 1"):
+        m.from_folders([str(folders / "nowhere")], [str(folders / "waifu2x")], fractions=(0.5, 0.5, 0.5))
 
 
 def test_a_file_labelled_both_real_and_fake_is_refused(folders, tmp_path):
