@@ -1,6 +1,6 @@
 """``spai score``: batch scoring of an image corpus with Ray Data, streaming, resumable, at any resolution.
 
-Pipeline: input (folder, official CSV, manifest, ``s3://`` prefix) -> manifest rows -> decode (+ optional resize and
+Pipeline: input (image, folder, official CSV, manifest, ``s3://`` prefix) -> manifest rows -> decode (+ resize and
 degradations) on CPU tasks -> :class:`Scorer` actors, each holding one :class:`~spai_core.detector.Detector`
 (one actor per GPU, else ``--workers`` CPU actors) -> the driver, which writes finished rows as part files.
 
@@ -9,7 +9,8 @@ written in small Parquet part files under a work directory next to the output (`
 ``job.json`` (model hash, scoring options, input fingerprint). A re-run of the same command reads the finished row ids,
 scores only the others, then assembles the output from the parts (first result per row id wins), checks that every
 input row is there exactly once, writes it, and deletes the work directory. A re-run with other weights, options or
-input is refused, so one output never mixes two configurations.
+input is refused, so one output never mixes two configurations. The weights are loaded once on the driver before
+any of this, so a wrong file stops the job before it starts.
 
 Output (our layout): the input columns (a name that clashes with a result column gets an ``input_`` prefix), then
 ``row_id``, ``score`` (sigmoid of the logit), ``logit``, ``tiles`` (224-px tiles pooled), ``error`` (null, or
