@@ -381,6 +381,11 @@ def genimage_generator(folder: str) -> str:
     return re.sub(r"^imagenet_(ai_\d{4}_)?", "", folder.lower())
 
 
+def _picks(name: str, folder: str) -> bool:
+    """Whether a ``--generators`` name picks a GenImage folder: by folder name or normalised generator name."""
+    return name.lower() == folder.lower() or genimage_generator(name) == genimage_generator(folder)
+
+
 def genimage_group(folder: str, uri: str) -> str:
     """The ImageNet class of a GenImage file, prefixed by its generator folder (the unit of a prompt).
 
@@ -410,8 +415,6 @@ def from_genimage(root: str, generators: Sequence[str] | None = None, val_fracti
         raise ManifestError(f"--val-fraction must be at least 0 and below 1, got {val_fraction}")
     files = Files(options)
     images, others = _list_images(root, files)
-    wanted = None if generators is None else {g.lower() for g in generators} | {genimage_generator(g) for g in
-                                                                                 generators}
     rows, unmatched, folders = [], list(others), set()
     for uri in images:
         parts = relative_to(uri, root).split("/")
@@ -422,14 +425,13 @@ def from_genimage(root: str, generators: Sequence[str] | None = None, val_fracti
             continue
         folder = parts[hit - 1]
         folders.add(folder)
-        if wanted is not None and folder.lower() not in wanted and genimage_generator(folder) not in wanted:
+        if generators is not None and not any(_picks(name, folder) for name in generators):
             continue
         label = _GENIMAGE_CLASSES[parts[hit + 1]]
         rows.append({"uri": uri, "label": label, "split": _GENIMAGE_SPLITS[parts[hit]],
                      "generator": genimage_generator(folder) if label else REAL,
                      "source": f"{source or 'genimage'}/{folder}", "group": genimage_group(folder, uri)})
-    unknown = [g for g in generators or () if not any(g.lower() in (f.lower(), genimage_generator(f)) or
-                                                     genimage_generator(g) == genimage_generator(f) for f in folders)]
+    unknown = [name for name in generators or () if not any(_picks(name, folder) for folder in folders)]
     if unknown:  # a typo would otherwise silently leave a generator out
         raise ManifestError(f"--generators {' '.join(unknown)}: no such generator folder under {root}; it has "
                             f"{', '.join(sorted(folders)) or 'none'}")
