@@ -224,12 +224,13 @@ def check_weights(uri: str, options: StorageOptions) -> str:
     A wrong, corrupt or incompatible file then stops the job with its own message before Ray starts, instead of
     killing each actor with a traceback after the job (and its resumable work folder) has begun.
     """
-    kind = Files(options).info(uri).type
+    files = Files(options)
+    kind = files.info(uri).type
     if kind == pafs.FileType.Directory:
         raise ScoreError(f"--weights {uri} is a folder; give the weights file in it (an official spai.pth or our "
                          ".safetensors)")
     if kind != pafs.FileType.File:
-        raise Files(options).missing(uri)
+        raise files.missing(uri)
     with local_weights(uri, options) as path:
         return Detector.from_pretrained(path, "cpu", "fp32").model_id
 
