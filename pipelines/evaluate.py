@@ -32,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
+from pipelines.manifest import table_from_parquet
 from pipelines.storage import Files, StorageOptions, basename, join
 from spai_core.errors import UserError
 from spai_core.metrics import binary_metrics, roc_points
@@ -107,7 +107,7 @@ def read_scores(uri: str, options: StorageOptions | None = None) -> pa.Table:
     """A score table written by ``spai score`` (Parquet or CSV, local or s3://)."""
     data = Files(options).read(uri)
     try:
-        table = pacsv.read_csv(io.BytesIO(data)) if uri.lower().endswith(".csv") else pq.read_table(io.BytesIO(data))
+        table = pacsv.read_csv(io.BytesIO(data)) if uri.lower().endswith(".csv") else table_from_parquet(data)
     except pa.ArrowInvalid as exc:
         raise EvaluateError(f"{uri} is not a readable score table ({exc}); give the output of `spai score`") from exc
     return table

@@ -47,7 +47,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
@@ -56,7 +55,7 @@ from tqdm.auto import tqdm
 
 from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS
-from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input
+from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input, table_from_parquet
 from pipelines.runtime import init_ray
 from pipelines.storage import Files, StorageOptions, absolute, basename, filesystem, is_s3, join
 from pipelines.transforms import ScoreTransformConfig, make_score_transform
@@ -349,7 +348,7 @@ class WorkDir:
 
     def _read_part(self, uri: str) -> pa.Table | None:
         try:
-            return pq.read_table(io.BytesIO(self.files.read(uri)), schema=PART_SCHEMA)
+            return table_from_parquet(self.files.read(uri)).select(PART_SCHEMA.names).cast(PART_SCHEMA)
         except pa.ArrowInvalid as exc:  # cut short by a file system without atomic writes: its rows are redone
             print(f"warning: ignoring unreadable part {uri} ({exc}); its rows will be scored again", file=sys.stderr)
             self.files.remove(uri)

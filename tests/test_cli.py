@@ -72,3 +72,11 @@ def test_an_unreachable_cluster_is_an_error_not_a_hang(tmp_path):
                            "-i", str(tmp_path / "photos"), "-o", str(tmp_path / "s.csv")], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and "error: cannot reach the Ray cluster at 127.0.0.1:" in done.stderr, done.stderr
+
+
+def test_an_error_after_reading_parquet_exits_2_not_134(tmp_path):
+    """pyarrow 25's read_table of in-memory Parquet left threads that aborted the interpreter at exit (134)."""
+    pq.write_table(pa.table({"label": [0, 1], "generator": ["real", "x"], "score": [0.1, 0.9]}), tmp_path / "s.parquet")
+    done = subprocess.run([sys.executable, "-m", "spai_cli.main", "evaluate", str(tmp_path / "s.parquet"),
+                           "--threshold", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "terminate called" not in done.stderr, done.stderr
