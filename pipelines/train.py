@@ -33,7 +33,7 @@ from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.manifest import CORE_COLUMNS, read_manifest
 from pipelines.transforms import AugmentConfig, ScoreTransformConfig, make_score_transform, make_train_transform
 from spai_core.checkpoint import load_backbone, load_state_strict, read_checkpoint, save_checkpoint
-from spai_core.config import ConfigError, apply_overrides, from_dict, to_dict
+from spai_core.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from spai_core.errors import UserError
 from spai_core.metrics import binary_metrics
 from spai_core.spai import SPAI, ModelConfig, build_model, get_model_config
@@ -56,6 +56,11 @@ class OptimConfig:
     min_lr: float = 2.5e-7
     clip_grad: float | None = None  # max gradient norm; None = no clipping (official)
     accumulation_steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0 or self.warmup_epochs < 0 or self.accumulation_steps < 1:
+            raise ConfigError(f"optim needs lr > 0, warmup_epochs >= 0 and accumulation_steps >= 1, got lr={self.lr}, "
+                              f"warmup_epochs={self.warmup_epochs}, accumulation_steps={self.accumulation_steps}")
 
 
 @dataclass
@@ -87,6 +92,9 @@ class TrainConfig:
             raise ConfigError(f"finetune must be one of {FINETUNE_MODES}, got {self.finetune!r}")
         if self.amp not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"amp must be auto, fp32, bf16 or fp16, got {self.amp!r}")
+        if self.epochs < 1 or self.workers < 1 or self.cpus_per_worker <= 0 or self.gpus_per_worker < 0:
+            raise ConfigError(f"need epochs >= 1, workers >= 1, cpus_per_worker > 0 and gpus_per_worker >= 0, got "
+                              f"{self.epochs}, {self.workers}, {self.cpus_per_worker} and {self.gpus_per_worker}")
         if self.batch_size < self.workers:
             raise ConfigError(f"batch_size {self.batch_size} is smaller than workers {self.workers}")
 
@@ -99,9 +107,7 @@ def load_train_config(path: str | Path | None = None, overrides: tuple[str, ...]
         if not Path(path).is_file():
             raise ConfigError(f"config {path} does not exist; check --config ({CONFIG_DIR} holds spai.yaml, the "
                               "official recipe, and tiny.yaml)")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
+        loaded = read_yaml(path)
     name = dict(item.split("=", 1) for item in overrides if item.startswith("model.name=")).get(
         "model.name", loaded.get("model", {}).get("name"))
     if name:
@@ -495,6 +501,8 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
     # fail fast on a missing manifest, a wrong schema or splits this config cannot train on, before starting workers
     for warning in check_splits(read_manifest(manifest, options), cfg):
         print(f"[spai train] warning: {warning}", file=sys.stderr, flush=True)
+    if init or backbone:  # a wrong file fails here once, not in every worker (and every retry) after Ray starts
+        initial_model(cfg, init, backbone)
 
     if resume:
         recorded = json.loads(storage.read_bytes(marker, options))

@@ -81,9 +81,33 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T
     return cls(**kwargs)
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what a YAML error is, on one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + str(getattr(exc, "problem", None) or exc).replace("\n", " ")
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """The mapping in a YAML file; a missing file, bad YAML or another top level is a :class:`ConfigError`."""
+    if not Path(path).is_file():
+        raise ConfigError(f"{what} {path} does not exist; check the path")
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML ({_yaml_problem(exc)})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
 def _parse_scalar(text: str) -> Any:
     """Parse an override value the way YAML would (``1e-4`` -> float, ``null`` -> None, ``[1,2]`` -> list)."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override value {text!r} is not valid YAML ({_yaml_problem(exc)}); quote it or fix the "
+                          "brackets") from None
     if isinstance(value, str):
         try:  # YAML 1.1 reads "5e-4" as a string; users mean a number
             return float(value)
@@ -115,10 +139,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
     """Load ``cls`` from defaults, then a YAML file (if given), then ``key=value`` overrides."""
     data = to_dict(cls())
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        _deep_update(data, loaded, str(path))
+        _deep_update(data, read_yaml(path), str(path))
     apply_overrides(data, overrides)
     return from_dict(cls, data)
 

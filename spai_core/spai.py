@@ -53,6 +53,13 @@ class ModelConfig:
     # differ by ~0.3% of their size and the head cannot see them. Models with it have no official layout.
     descriptor_norm: bool = False
 
+    def __post_init__(self) -> None:
+        # A radius below 1 leaves the low band empty, one reaching the spectrum's corners the high band.
+        if self.mask_radius < 1 or frequency_mask(self.img_size, self.mask_radius).all():
+            widest = next(r for r in range(1, self.img_size) if frequency_mask(self.img_size, r + 1).all())
+            raise ConfigError(f"mask_radius must be 1 to {widest} for {self.img_size}-px tiles (both frequency bands "
+                              f"non-empty), got {self.mask_radius}")
+
     @property
     def descriptor_dim(self) -> int:
         """6 similarity statistics per ViT layer + the spectral context vector (1096 for ViT-B)."""

@@ -33,10 +33,17 @@ PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "photos"
      "{tmp}/none does not exist"),
     (["demo-data", "--output", "{tmp}/d", "not_a_key=1"], "not_a_key"),  # ConfigError
     (["train", "-c", "{tmp}/nope.yaml", "-m", "{tmp}/m"], "config {tmp}/nope.yaml does not exist"),
+    (["train", "-m", "{tmp}/m", "epochs=0"], "need epochs >= 1"),  # values checked as the config is built
+    (["train", "-m", "{tmp}/m", "workers=0"], "workers >= 1"),
+    (["train", "-m", "{tmp}/m", "optim.lr=-1"], "optim needs lr > 0"),
+    (["train", "-m", "{tmp}/m", "model.mask_radius=500"], "mask_radius must be 1 to 156 for 224-px tiles"),
+    (["train", "-m", "{tmp}/m", "optim.lr=[1"], "override value '[1' is not valid YAML"),
+    (["tune", "-m", "{tmp}/m", "--space", "{tmp}/bad.yaml"], "search space {tmp}/bad.yaml is not valid YAML"),
 ])
 def test_user_errors_print_one_line_and_exit_2(argv, message, tmp_path, capsys):
     odd_labels = pa.table({"label": [0, 2], "generator": ["real", "x"], "score": [0.1, 0.9]})
     pq.write_table(odd_labels, tmp_path / "odd.parquet")
+    (tmp_path / "bad.yaml").write_text("params: {optim.lr: [1\n")
     assert spai([arg.format(tmp=tmp_path) for arg in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message.format(tmp=tmp_path) in err and len(err.strip().splitlines()) == 1, err

@@ -23,7 +23,8 @@ from safetensors.torch import load, load_file
 from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
 from pipelines.manifest import read_manifest, write_manifest
-from pipelines.train import CONFIG_DIR, TrainConfig, check_splits, epoch_metrics, failure_summary, track_best
+from pipelines.train import (CONFIG_DIR, TrainConfig, check_splits, epoch_metrics, failure_summary, load_train_config,
+                             run_training, track_best)
 from spai_core.checkpoint import CheckpointError, convert, read_checkpoint
 from spai_core.config import ConfigError
 from spai_core.detector import Detector
@@ -256,6 +257,17 @@ def test_splits_that_cannot_train_are_refused_before_ray_starts():
     (warning,) = check_splits(manifest([0, 1, 0, 1], [1, 1]), cfg)
     assert "val split has 2 image(s) with labels [1], so val AUC is undefined" in warning
     assert "with labels []" in check_splits(manifest([0, 1, 0, 1], []), cfg)[0]
+
+
+def test_a_bad_init_file_fails_before_the_run_is_recorded(tmp_path):
+    rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g", "source": "s", "group": str(i)}
+            for i, split in enumerate(["train", "train", "val", "val"])]
+    manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
+    (tmp_path / "bad.safetensors").write_bytes(b"<html>404 Not Found</html>")
+    cfg = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2", "workers=1"])
+    with pytest.raises(CheckpointError, match="bad.safetensors: neither a readable safetensors file"):
+        run_training(cfg, manifest, str(tmp_path / "runs"), "r", init=str(tmp_path / "bad.safetensors"))
+    assert not (tmp_path / "runs").exists()  # the corrected command is not refused as 'already holds a run'
 
 
 def test_an_undefined_val_auc_neither_improves_nor_stales_a_run():

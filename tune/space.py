@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import yaml
 
 from pipelines.train import TrainConfig
-from spai_core.config import ConfigError, from_dict
+from spai_core.config import ConfigError, from_dict, read_yaml
 
 RANGED = ("loguniform", "uniform", "randint")
 LISTED = ("choice", "grid")
@@ -120,7 +119,7 @@ def space_from_dict(data: Mapping[str, Any], where: str = "search space") -> Sea
 
 def load_space(path: str | Path) -> SearchSpace:
     """Read a search space YAML file."""
-    return space_from_dict(yaml.safe_load(Path(path).read_text()) or {}, str(path))
+    return space_from_dict(read_yaml(path, "search space"), str(path))
 
 
 def field_type(path: str, cls: type = TrainConfig) -> Any:
