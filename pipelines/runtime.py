@@ -16,15 +16,23 @@ class ClusterError(UserError, ConnectionError):
     """``RAY_ADDRESS`` names a cluster this machine cannot reach."""
 
 
-def check_reachable(address: str) -> None:
-    """Fail fast on an unreachable ``host:port`` (``ray://`` too): ``ray.init`` would retry for minutes, logging only
-    low-level GCS time-outs. ``auto`` and addresses without a port are left to Ray."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return
+def connect_error(host: str, port: int) -> OSError | None:
+    """Why a TCP connection to ``host:port`` fails within :data:`CONNECT_TIMEOUT_S`, or None when it opens.
+
+    For services whose clients retry for minutes before saying anything (Ray's GCS client, MLflow's HTTP client).
+    """
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        socket.create_connection((host.strip("[]"), port), timeout=CONNECT_TIMEOUT_S).close()
     except OSError as exc:
+        return exc
+    return None
+
+
+def check_reachable(address: str) -> None:
+    """Fail fast on an unreachable ``host:port`` (``ray://`` too). ``auto`` and addresses without a port are left to
+    Ray."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if host and port.isdigit() and (exc := connect_error(host, int(port))):
         raise ClusterError(f"cannot reach the Ray cluster at {address} (RAY_ADDRESS): {exc}; check the address and "
                            "that its head node is up, or unset RAY_ADDRESS to run on a local Ray") from exc
 

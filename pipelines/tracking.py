@@ -4,12 +4,14 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any, Mapping
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from pipelines.runtime import connect_error
 from spai_core.errors import UserError
 
 DEFAULT_STORE = "mlruns"
@@ -20,8 +22,17 @@ class TrackingError(UserError, LookupError):
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``--mlflow-uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store under ``./mlruns`` (registry included)."""
+    """``--mlflow-uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite store under ``./mlruns`` (registry included).
+
+    An HTTP(S) server must answer a TCP connection at once: MLflow's client retries for minutes before failing.
+    """
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith(("http://", "https://")):
+        parsed = urllib.parse.urlsplit(uri)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if parsed.hostname and (exc := connect_error(parsed.hostname, port)):
+            raise TrackingError(f"cannot reach the MLflow server at {uri}: {exc}; check --mlflow-uri (or "
+                                "MLFLOW_TRACKING_URI) and that the server is up") from exc
     if uri:
         return uri
     store = Path(DEFAULT_STORE).resolve()

@@ -23,6 +23,7 @@ from safetensors.torch import load, load_file
 from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
 from pipelines.manifest import read_manifest, write_manifest
+from pipelines.tracking import TrackingError, resolve_tracking_uri
 from pipelines.train import (CONFIG_DIR, TrainConfig, check_splits, epoch_metrics, failure_summary, load_train_config,
                              run_training, track_best)
 from spai_core.checkpoint import CheckpointError, convert, read_checkpoint
@@ -306,6 +307,12 @@ def answers(url: str) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def test_an_unreachable_mlflow_server_is_an_error_not_a_hang():
+    """MLflow's client retries a refused connection for about four minutes before it raises."""
+    with pytest.raises(TrackingError, match=r"cannot reach the MLflow server at http://127.0.0.1:\d+: "):
+        resolve_tracking_uri(f"http://127.0.0.1:{free_port()}")
 
 
 def test_mlflow_server_remote_tracking(small_corpus, tmp_path):
