@@ -237,7 +237,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     counts = configure_finetune(model, cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    start_epoch, best_auc, stale = 0, -1.0, 0
+    start_epoch, best_auc, stale = 0, float("nan"), 0  # NaN until an epoch has a val AUC; MLflow skips NaN
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
@@ -454,6 +454,23 @@ class TrainResult:
     last_checkpoint: str | None = None  # our .safetensors of the last epoch trained
 
 
+# What a resumed run may change: its length and how it runs, not what it learns from or how (that would make its
+# checkpoints and its MLflow record describe another run). More epochs re-plan the learning-rate schedule.
+RESUMABLE_CHANGES = ("epochs", "patience", "progress_every_s", "max_failures", "keep_checkpoints", "workers",
+                     "gpus_per_worker", "cpus_per_worker")
+
+
+def check_resumable(recorded: dict[str, Any], requested: dict[str, Any]) -> None:
+    """Refuse a resume whose config differs from the run's own in anything but :data:`RESUMABLE_CHANGES`."""
+    before, now = tracking.flatten(recorded), tracking.flatten(requested)
+    changed = [f"{k}: {before.get(k)} before, {now.get(k)} now" for k in sorted(set(before) | set(now))
+               if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError("--resume continues a run with its own config, but this command changes "
+                          + "; ".join(changed) + f". Drop those overrides (a resume may change only "
+                          f"{', '.join(RESUMABLE_CHANGES)}) or start a new run with another --name")
+
+
 def check_splits(manifest: pa.Table, cfg: TrainConfig) -> list[str]:
     """Refuse a manifest whose train split cannot make one batch of both classes; warn when val AUC is undefined."""
     def labels(split: str) -> tuple[int, set[int]]:
@@ -506,6 +523,7 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
 
     if resume:
         recorded = json.loads(storage.read_bytes(marker, options))
+        check_resumable(recorded["config"], to_dict(cfg))
         # The run continues in the store it started in (unless told otherwise): resolved afresh, the default store is
         # ./mlruns of the current folder, which does not hold the run when resuming from anywhere else.
         tracking_uri = tracking.resolve_tracking_uri(mlflow_uri or recorded.get("tracking_uri"))
@@ -515,9 +533,10 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         tracking_uri = tracking.resolve_tracking_uri(mlflow_uri)
         run_id = tracking.start_run(tracking_uri, experiment, name, to_dict(cfg),
                                     {"manifest": manifest, "output": run_dir}, parent_run_id)
-        storage.write_bytes(marker, json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-                                                "manifest": manifest, "config": to_dict(cfg)}).encode(), options)
-        storage.write_bytes(storage.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg)).encode(), options)
+    # Rewritten on resume too: a resume may change the epochs (see RESUMABLE_CHANGES), and the record must say so.
+    storage.write_bytes(marker, json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                                            "manifest": manifest, "config": to_dict(cfg)}).encode(), options)
+    storage.write_bytes(storage.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg)).encode(), options)
 
     data_error_uri = storage.join(run_dir, "data_error.txt")  # written by rank 0 when an epoch had nothing to train
     if storage.exists(data_error_uri, options):  # a resumed run may have been fixed since
@@ -566,7 +585,8 @@ def _export_weights(result, run_dir: str, cfg: TrainConfig, options: storage.Sto
     ranked = [(m, c) for c, m in (result.best_checkpoints or []) if not math.isnan(m.get("val_auc", float("nan")))]
     if not ranked and result.checkpoint is not None:
         ranked = [(result.metrics or {}, result.checkpoint)]
-    if not ranked:
+    if not ranked:  # no epoch ended with a checkpoint: nothing to export, and the MLflow run must not stay RUNNING
+        tracking.finish_run(tracking_uri, run_id, "FAILED")
         return TrainResult(run_dir, None, {}, run_id, tracking_uri)
     best_metrics, best = max(ranked, key=lambda mc: mc[0].get("val_auc", -1.0))
     best_uri = storage.join(run_dir, "best.safetensors")

@@ -4,6 +4,7 @@ Every test runs the entry point as a subprocess, the way a user does, on the sha
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -24,10 +25,10 @@ from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixture
 from polling import wait_for
 from pipelines.manifest import read_manifest, write_manifest
 from pipelines.tracking import TrackingError, resolve_tracking_uri
-from pipelines.train import (CONFIG_DIR, TrainConfig, check_splits, epoch_metrics, failure_summary, load_train_config,
-                             run_training, track_best)
+from pipelines.train import (CONFIG_DIR, OptimConfig, TrainConfig, check_resumable, check_splits, epoch_metrics,
+                             failure_summary, load_train_config, run_training, track_best)
 from spai_core.checkpoint import CheckpointError, convert, read_checkpoint
-from spai_core.config import ConfigError
+from spai_core.config import ConfigError, to_dict
 from spai_core.detector import Detector
 from spai_core.metrics import binary_metrics
 
@@ -206,6 +207,7 @@ def test_resume_continues_and_a_taken_name_is_refused(small_corpus, two_epoch_ru
     resumed = spai_train(train_command(small_corpus, runs, "r", "epochs=3", *LEARN, resume=True), tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-6000:]
     assert printed_epochs(resumed.stdout) == [2]
+    assert "epochs: 3" in (runs / "r" / "config.yaml").read_text()  # the record follows the resumed run
     assert_mlflow_run(f"sqlite:///{runs.parent}/mlruns/mlflow.db", "r", 3)
 
 
@@ -271,11 +273,22 @@ def test_a_bad_init_file_fails_before_the_run_is_recorded(tmp_path):
     assert not (tmp_path / "runs").exists()  # the corrected command is not refused as 'already holds a run'
 
 
+def test_a_resume_may_change_how_long_a_run_is_not_what_it_learns():
+    recorded = to_dict(TrainConfig())
+    check_resumable(recorded, {**recorded, "epochs": 50, "workers": 4})
+    changed = to_dict(TrainConfig(optim=OptimConfig(lr=1e-2), seed=3))
+    with pytest.raises(ConfigError, match=r"changes optim.lr: 0.0005 before, 0.01 now; seed: 0 before, 3 now\. "
+                                          r"Drop those overrides"):
+        check_resumable(recorded, changed)
+
+
 def test_an_undefined_val_auc_neither_improves_nor_stales_a_run():
-    assert track_best(0.7, -1.0, 0) == (0.7, 0)
+    nan = float("nan")  # the best before any epoch had a val AUC
+    assert track_best(0.7, nan, 0) == (0.7, 0)
     assert track_best(0.6, 0.7, 0) == (0.7, 1)
-    assert track_best(float("nan"), 0.7, 1) == (0.7, 1)  # patience counts only epochs that could have improved
-    assert track_best(float("nan"), -1.0, 0) == (-1.0, 0)
+    assert track_best(nan, 0.7, 1) == (0.7, 1)  # patience counts only epochs that could have improved
+    best, stale = track_best(nan, nan, 0)
+    assert math.isnan(best) and stale == 0
     assert track_best(0.8, 0.7, 1) == (0.8, 0)
 
 
