@@ -462,7 +462,7 @@ RESUMABLE_CHANGES = ("epochs", "patience", "progress_every_s", "max_failures", "
 
 def check_resumable(recorded: dict[str, Any], requested: dict[str, Any]) -> None:
     """Refuse a resume whose config differs from the run's own in anything but :data:`RESUMABLE_CHANGES`."""
-    before, now = tracking.flatten(recorded), tracking.flatten(requested)
+    before, now = tracking.flatten(recorded), tracking.flatten(json.loads(json.dumps(requested)))  # as recorded
     changed = [f"{k}: {before.get(k)} before, {now.get(k)} now" for k in sorted(set(before) | set(now))
                if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES]
     if changed:
