@@ -564,6 +564,11 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         result = trainer.fit()
         if storage.exists(data_error_uri, options):
             raise TrainingDataError(storage.read_bytes(data_error_uri, options).decode())
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # Ray Train's own Ctrl-C handler aborts the run and then leaves fit() with SystemExit(1): an interruption,
+        # which the CLI answers with how to resume
+        tracking.finish_run(tracking_uri, run_id, "KILLED")
+        raise KeyboardInterrupt from exc
     except BaseException:
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         raise

@@ -274,6 +274,31 @@ def test_a_bad_init_file_fails_before_the_run_is_recorded(tmp_path):
     assert not (tmp_path / "runs").exists()  # the corrected command is not refused as 'already holds a run'
 
 
+def test_ctrl_c_leaves_the_run_killed_and_resumable(tmp_path, monkeypatch):
+    """Ray Train's Ctrl-C handler aborts the run and leaves ``fit`` with SystemExit(1): that is an interruption (exit
+    130 with how to resume, MLflow run KILLED), not a failure. Seen with a real SIGINT; simulated here."""
+    from mlflow.tracking import MlflowClient
+    from ray.train.torch import TorchTrainer
+
+    import pipelines.runtime
+
+    rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g", "source": "s", "group": str(i)}
+            for i, split in enumerate(["train", "train", "val", "val"])]
+    manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
+    monkeypatch.setattr(pipelines.runtime, "init_ray", lambda reserved_cpus=0: None)
+
+    def interrupted(self):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(TorchTrainer, "fit", interrupted)
+    cfg = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2", "workers=1"])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, manifest, str(tmp_path / "runs"), "r", mlflow_uri=uri)
+    run_id = json.loads((tmp_path / "runs" / "r" / "spai_run.json").read_text())["mlflow_run_id"]
+    assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
+
+
 def test_a_resume_may_change_how_long_a_run_is_not_what_it_learns():
     recorded = json.loads(json.dumps(to_dict(TrainConfig())))  # as the run marker holds it: tuples became lists
     check_resumable(recorded, {**to_dict(TrainConfig()), "epochs": 50, "workers": 4})
