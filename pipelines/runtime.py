@@ -1,6 +1,7 @@
 """Ray start-up shared by every command: a running cluster when ``RAY_ADDRESS`` is set, else a quiet local one."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -10,6 +11,15 @@ import ray
 from spai_core.errors import UserError
 
 CONNECT_TIMEOUT_S = 10.0
+# Polls Ray's State API, which needs the dashboard that a local Ray here does not start: without one it warns every
+# few seconds for the whole run, and it has nothing to do there (the local Ray ends with the driver, placement groups
+# too). With a dashboard its queries succeed, so raising its level hides nothing on a cluster but a flaky State API.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+# Ray Data says which progress display it picked, and how to turn on the bars we turn off for our own
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+# Ray Train logs each worker's every report (its whole metrics dict) under a logger named by the module's file path,
+# outside "ray.train", so its LoggingConfig does not reach it
+TRAIN_REPORT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
 
 
 class ClusterError(UserError, ConnectionError):
@@ -47,9 +57,28 @@ def init_ray(reserved_cpus: float = 0) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    runtime_env = {"worker_process_setup_hook": quiet_ray_logs}
     if address:  # "auto" joins a cluster started on this machine with `ray start`
         check_reachable(address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:  # always a fresh local Ray: silently joining some other job's cluster would mix resources and logs
         cpus = max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
+    quiet_ray_logs()
+
+
+def quiet_ray_logs() -> None:
+    """Keep Ray's routine INFO lines off the console, in the driver and (as Ray's worker setup hook) in every worker.
+
+    Ray Data logs each dataset's plan, start and end (a dozen lines per training epoch) and, without a terminal, a
+    progress table every 10 s; our own progress lines say what matters. Ray's log files under the session folder
+    (``/tmp/ray/session_latest/logs``) keep everything, and warnings still reach the console.
+    """
+    import ray.data  # configures the "ray.data" logger on its first import, which would undo a change made before
+
+    for handler in logging.getLogger(ray.data.__name__).handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.WARNING)
+    logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    logging.getLogger(TRAIN_REPORT_LOGGER).setLevel(logging.WARNING)

@@ -17,6 +17,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,7 +25,6 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray.data
 import torch
 import yaml
 
@@ -196,12 +196,11 @@ def iter_image_batches(table: pa.Table, transform, seed: int, batch_size: int, o
                        drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
     """Decode (and transform) rows with Ray Data and yield numpy batches in the table's order; failed rows keep their
     ``error``."""
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # one bar per worker per epoch drowns the log
+    ds = decode_images(read_manifest_dataset(table), transform, seed=seed, options=options)
+    ds.context.enable_progress_bars = False  # one bar per worker per epoch drowns the log
     # Without it the threads that format prefetched batches hand them over as they finish, so batches (and the
     # weights they train) differ from run to run: a seeded run must see the same batches in the same order.
-    context.execution_options.preserve_order = True
-    ds = decode_images(read_manifest_dataset(table), transform, seed=seed, options=options)
+    ds.context.execution_options.preserve_order = True
     yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2)
 
 
@@ -245,7 +244,9 @@ def train_loop(loop: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, best_auc, stale = state["epoch"] + 1, state["best_auc"], state["stale"]
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    with warnings.catch_warnings():  # torch 2.13 deprecates it for an argument that torch >= 2.4 (ours) may lack
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     core: SPAI = model.module if hasattr(model, "module") else model
     dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -260,8 +261,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     val_transform = make_score_transform(ScoreTransformConfig(resize_to=cfg.val_resize_to))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     if rank == 0:
-        print(f"[spai train] {train_rows.num_rows} train / {val_rows.num_rows} val images, {world} worker(s), "
-              f"{steps_per_epoch} steps/epoch, trainable params {counts['params_trainable']:,}", flush=True)
+        say(f"[spai train] {train_rows.num_rows} train / {val_rows.num_rows} val images, {world} worker(s), "
+            f"{steps_per_epoch} steps/epoch, trainable params {counts['params_trainable']:,}")
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
@@ -296,8 +297,8 @@ def train_loop(loop: dict[str, Any]) -> None:
             loss_sum += float(loss.detach()) * cfg.optim.accumulation_steps * int(ok.sum())
             done = step_in_epoch + 1
             if rank == 0 and done < steps_per_epoch and time.time() - last_progress >= cfg.progress_every_s:
-                print(progress_line(epoch, done, steps_per_epoch, loss_sum / max(seen, 1),
-                                    done * per_worker * world, time.time() - started), flush=True)
+                say(progress_line(epoch, done, steps_per_epoch, loss_sum / max(seen, 1), done * per_worker * world,
+                                  time.time() - started))
                 last_progress = time.time()
         train_time = time.time() - started
 
@@ -317,15 +318,15 @@ def train_loop(loop: dict[str, Any]) -> None:
         if metrics["train_images"] == 0:  # nothing to learn from: no checkpoint, and the driver fails the run
             if rank == 0:
                 message = no_training_data_message(metrics, loop["manifest"])
-                print(f"[spai train] {message}", flush=True)
+                say(f"[spai train] {message}")
                 # Train V2 hands the driver only checkpointed metrics, and a raise would be retried max_failures times
                 storage.write_bytes(loop["data_error_uri"], message.encode(), options)
             break
         report_epoch(core, optimizer, metrics, cfg, epoch, best_auc, stale, rank, loop.get("run_name", ""))
         if rank == 0:
-            print(f"[spai train] epoch {epoch}: loss {metrics['train_loss']:.4f} val_auc {metrics['val_auc']:.4f} "
-                  f"val_acc {metrics['val_accuracy']:.4f} ({metrics['train_images_per_s']:.1f} img/s)"
-                  + failure_summary(metrics) + (" early stop" if stop else ""), flush=True)
+            say(f"[spai train] epoch {epoch}: loss {metrics['train_loss']:.4f} val_auc {metrics['val_auc']:.4f} "
+                f"val_acc {metrics['val_accuracy']:.4f} ({metrics['train_images_per_s']:.1f} img/s)"
+                + failure_summary(metrics) + (" early stop" if stop else ""))
         if stop:
             break
 
@@ -345,7 +346,8 @@ def validate(model: SPAI, rows: pa.Table, cfg: TrainConfig, rank: int, world: in
             out["failure"] = out["failure"] or first_failure(batch)
             if not ok:
                 continue
-            images = [torch.from_numpy(np.asarray(batch["image"][i])).to(device).permute(2, 0, 1).float() * (1 / 255)
+            # a copy: Ray hands out read-only arrays, which torch warns about sharing
+            images = [torch.from_numpy(np.array(batch["image"][i])).to(device).permute(2, 0, 1).float() * (1 / 255)
                       for i in ok]
             logits = model.forward_images(images).float().cpu().numpy()
             out["logit"] += logits.tolist()
@@ -381,6 +383,21 @@ def epoch_metrics(gathered: list[dict[str, Any]], epoch: int, train_time: float,
         metrics[f"val_auc_{gen}"] = float(gen_metrics["auc"])
         metrics[f"val_accuracy_{gen}"] = float(gen_metrics["accuracy"])
     return metrics
+
+
+def epoch_metric_names(val_generators: list[str]) -> set[str]:
+    """The numeric metrics every epoch reports (to MLflow, and to Tune, whose scheduler may rank trials on any) when
+    the val split's AI-generated images come from ``val_generators``; made by :func:`epoch_metrics`, so never stale."""
+    val = {"label": [0] + [1] * len(val_generators), "generator": ["real", *val_generators],
+           "logit": [0.0] * (1 + len(val_generators)), "failed": 0, "failure": None}
+    rank = {"seen": 1, "loss": 0.0, "failed": 0, "failure": None, "val": val, "grad_norm_max": 0.0}
+    return set(epoch_metrics([rank], 0, 1.0, 0.0)) | {"best_val_auc", "stale_epochs"}
+
+
+def say(line: str) -> None:
+    """Print a worker's line once. Ray Train sends ``print`` to its logger and, when ``sys.stdout`` has been wrapped
+    (as in its workers), to the stream as well, so every line came out twice; the process's own stdout is neither."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def progress_line(epoch: int, step: int, steps: int, loss: float, images: int, elapsed: float) -> str:
@@ -558,6 +575,8 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
                                                          checkpoint_score_attribute="val_auc",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # INFO echoes every report's whole metrics dict and each checkpoint's path; the epoch lines say it shorter
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks or None),
     )
     try:
@@ -583,6 +602,12 @@ def _copy_weights(checkpoint, uri: str, options: storage.StorageOptions) -> byte
     return weights
 
 
+def best_of(candidates: list[tuple[dict[str, Any], Any]]) -> tuple[dict[str, Any], Any]:
+    """The (metrics, checkpoint) of the highest val AUC; ties (common on a small val split) go to the later epoch,
+    which trained longer, as `spai tune` ranks epochs too."""
+    return max(candidates, key=lambda mc: (mc[0].get("val_auc", -1.0), mc[0].get("epoch", -1)))
+
+
 def _export_weights(result, run_dir: str, cfg: TrainConfig, options: storage.StorageOptions,
                     tracking_uri: str, run_id: str) -> TrainResult:
     """Copy the best and the last checkpoint's weights to ``<run>/{best,last}.safetensors``; log and register the best
@@ -593,7 +618,7 @@ def _export_weights(result, run_dir: str, cfg: TrainConfig, options: storage.Sto
     if not ranked:  # no epoch ended with a checkpoint: nothing to export, and the MLflow run must not stay RUNNING
         tracking.finish_run(tracking_uri, run_id, "FAILED")
         return TrainResult(run_dir, None, {}, run_id, tracking_uri)
-    best_metrics, best = max(ranked, key=lambda mc: mc[0].get("val_auc", -1.0))
+    best_metrics, best = best_of(ranked)
     best_uri = storage.join(run_dir, "best.safetensors")
     weights = _copy_weights(best, best_uri, options)
     last_uri = storage.join(run_dir, "last.safetensors") if result.checkpoint is not None else None

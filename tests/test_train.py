@@ -26,8 +26,8 @@ from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixture
 from polling import wait_for
 from pipelines.manifest import read_manifest, write_manifest
 from pipelines.tracking import TrackingError, resolve_tracking_uri
-from pipelines.train import (CONFIG_DIR, OptimConfig, TrainConfig, check_resumable, check_splits, epoch_metrics,
-                             failure_summary, load_train_config, run_training, track_best)
+from pipelines.train import (CONFIG_DIR, OptimConfig, TrainConfig, best_of, check_resumable, check_splits,
+                             epoch_metrics, failure_summary, load_train_config, run_training, track_best)
 from spai_core.checkpoint import CheckpointError, convert, read_checkpoint
 from spai_core.config import ConfigError, to_dict
 from spai_core.detector import Detector
@@ -64,9 +64,8 @@ def spai_train(cmd: list[str], cwd: Path, timeout: float = 600) -> subprocess.Co
 
 
 def log_lines(text: str, pattern: re.Pattern) -> list[str]:
-    """Matching lines in order; Ray echoes worker output twice, so consecutive duplicates are dropped."""
-    lines = [line for line in text.splitlines() if pattern.search(line)]
-    return [line for i, line in enumerate(lines) if i == 0 or line != lines[i - 1]]
+    """Matching lines in order."""
+    return [line for line in text.splitlines() if pattern.search(line)]
 
 
 def printed_epochs(text: str) -> list[int]:
@@ -186,13 +185,13 @@ def two_epoch_run(small_corpus, tmp_path_factory) -> tuple[Path, str, dict[str, 
 
 def test_resume_continues_and_a_taken_name_is_refused(small_corpus, two_epoch_run, tmp_path):
     runs, output, _ = two_epoch_run
-    assert printed_epochs(output) == [0, 1]
-    # progress within each epoch: every step but the last, whose numbers the epoch line gives (Ray may echo a worker
-    # line twice, not always next to each other, hence the de-duplication)
-    lines = log_lines(output, PROGRESS_LINE)
-    progress = list(dict.fromkeys(PROGRESS_LINE.search(line).groups() for line in lines))
+    assert printed_epochs(output) == [0, 1]  # each line once: Ray Train's print patch once echoed every line twice
+    # progress within each epoch: every step but the last, whose numbers the epoch line gives
+    progress = [PROGRESS_LINE.search(line).groups() for line in log_lines(output, PROGRESS_LINE)]
     steps = int(progress[0][2])
     assert progress == [(str(e), str(s), str(steps)) for e in (0, 1) for s in range(1, steps)], progress
+    # Ray's routine INFO lines stay in its log files: each report's whole metrics dict, each dataset's plan
+    assert "Reporting training result" not in output and "Execution plan of Dataset" not in output
 
     taken = spai_train(train_command(small_corpus, runs, "r", "epochs=2", *LEARN), tmp_path, timeout=120)
     assert taken.returncode == 2
@@ -316,6 +315,13 @@ def test_an_undefined_val_auc_neither_improves_nor_stales_a_run():
     best, stale = track_best(nan, nan, 0)
     assert math.isnan(best) and stale == 0
     assert track_best(0.8, 0.7, 1) == (0.8, 0)
+
+
+def test_the_best_checkpoint_of_tied_epochs_is_the_later_one():
+    epochs = [({"epoch": 0, "val_auc": 0.8}, "c0"), ({"epoch": 2, "val_auc": 0.9}, "c2"),
+              ({"epoch": 1, "val_auc": 0.9}, "c1")]
+    assert best_of(epochs)[1] == "c2"
+    assert best_of(epochs[::-1])[1] == "c2"  # whatever order Ray lists them in
 
 
 def test_epoch_line_counts_failed_images_and_shows_one():

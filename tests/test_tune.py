@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -28,7 +29,7 @@ from spai_core.checkpoint import load_model
 from spai_core.config import ConfigError, to_dict
 from spai_core.metrics import binary_metrics
 from spai_core.spai import build_model
-from tune.search import TIME_ATTR, trial_status
+from tune.search import TIME_ATTR, check_metric, trial_status
 from tune.space import check_space, load_space, space_from_dict, trial_config, tune_param_space
 
 MAX_T = 3
@@ -74,6 +75,16 @@ def test_space_schema_and_errors(tmp_path):
         space_from_dict({"params": {"optim.lr": {"type": "uniform", "low": 0, "high": 1, "step": 2}}})
     with pytest.raises(ConfigError, match="not one of"):
         space_from_dict({"params": {"optim.lr": {"type": "normal", "low": 0, "high": 1}}})
+
+
+def test_a_scheduler_metric_training_never_reports_is_refused():
+    manifest = pa.table({"split": ["train", "train", "val", "val", "val"], "label": [0, 1, 0, 1, 1],
+                         "generator": ["real", "sdv5", "real", "sdv5", "glide"]})
+    for metric in ("val_auc", "val_loss", "best_val_auc", "val_ece", "val_auc_glide", "val_accuracy_sdv5"):
+        check_metric(metric, manifest)
+    for metric in ("val_acu", "val_auc_midjourney", "val_auc_real"):
+        with pytest.raises(ConfigError, match=f"scheduler.metric '{metric}' is not reported.*val_auc_glide"):
+            check_metric(metric, manifest)
 
 
 def test_trial_status_follows_tunes_record_not_late_epochs():

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.tune
 import yaml
@@ -39,7 +41,7 @@ from ray.tune.search import BasicVariantGenerator
 from pipelines import storage, tracking
 from pipelines.manifest import read_manifest
 from pipelines.runtime import init_ray
-from pipelines.train import CONFIG_DIR, TrainConfig, load_train_config, run_training
+from pipelines.train import CONFIG_DIR, TrainConfig, epoch_metric_names, load_train_config, run_training
 from spai_core.config import ConfigError, from_dict, to_dict
 from tune.space import (AshaConfig, SearchSpace, check_space, load_space, plain, space_from_dict, trial_config,
                         tune_param_space)
@@ -199,7 +201,8 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
     trial_config(base_dict, {})  # the base itself must be valid with the per-trial resources
     check_space(space, base_dict)
     manifest = storage.absolute(manifest)
-    read_manifest(manifest, options)  # fail fast on a missing manifest, before starting Ray and MLflow runs
+    # fail fast on a missing manifest or a metric training never reports, before starting Ray and MLflow runs
+    check_metric(space.scheduler.metric, read_manifest(manifest, options))
 
     if max_concurrent is None:
         init_ray(reserved_cpus=per_trial_cpus(base_dict))
@@ -218,6 +221,15 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
     print(f"[spai tune] {search_dir}: {trials} trial(s), at most {max_concurrent} at once, "
           f"{workers_per_trial} worker(s) each", flush=True)
     return _fit(make_tuner(plan, search_dir, options), plan, search_dir, options)
+
+
+def check_metric(metric: str, manifest: pa.Table) -> None:
+    """Refuse a scheduler metric that no epoch reports (Tune would find out only when the first trial reports)."""
+    val = manifest.filter(pc.and_(pc.equal(manifest.column("split"), "val"), pc.equal(manifest.column("label"), 1)))
+    known = epoch_metric_names(sorted(set(val.column("generator").to_pylist())))
+    if metric not in known:
+        raise ConfigError(f"scheduler.metric {metric!r} is not reported by training on this manifest; pick one of "
+                          f"{', '.join(sorted(known))}")
 
 
 def resume_search(output: str, name: str, manifest: str | None = None) -> SearchResult:
