@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from pipelines import demo_generators as gens
+from pipelines.console import progress_bar
 from pipelines.manifest import REAL, SPLITS, read_manifest, read_sidecar, rows_to_table, write_manifest
 from spai_core.config import ConfigError, load_config, to_dict
 
@@ -253,8 +254,7 @@ def _reusable(manifest_uri: str, digest: str) -> bool:
 def _progress_bar(total: int, progress: bool):
     if not progress:
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="demo corpus", unit="img", mininterval=1.0)
+    return progress_bar(total=total, desc="demo corpus", unit="img")
 
 
 def _load_rgb(path: Path) -> Image.Image:

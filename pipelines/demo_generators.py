@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipelines.console import progress_bar
 from spai_core.errors import UserError
 
 INSTALL_HINT = "install the demo extras: pip install -e .[demo]"
@@ -185,8 +186,7 @@ def train_autoencoder(images: Sequence[np.ndarray], iterations: int, seed: int, 
     weights = torch.tensor([float(p.shape[1] * p.shape[2]) for p in pool])
     steps: Iterable[int] = range(iterations)
     if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="train autoencoder", unit="it", mininterval=1.0)
+        steps = progress_bar(iterable=steps, desc="train autoencoder", unit="it")
     model.train()
     recent: list[float] = []
     for _ in steps:

@@ -53,6 +53,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from pipelines.console import progress_bar
 from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS
 from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input, table_from_parquet
@@ -99,6 +100,7 @@ class ScoreConfig:
     tag: str = "spai"  # score column of the official CSV layout
     official_csv: bool = False
     part_rows: int = 1000  # rows per part file of the work directory
+    overwrite: bool = False  # score again into an existing output (an unfinished run is still continued)
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -385,18 +387,6 @@ class PartBuffer:
 # The job
 
 
-@contextlib.contextmanager
-def _ray_data_bars_off() -> Iterator[None]:
-    """Ray Data's per-operator bars count only this run's rows; the driver's bar counts the whole corpus instead."""
-    context = ray.data.DataContext.get_current()
-    saved = context.enable_progress_bars
-    context.enable_progress_bars = False
-    try:
-        yield
-    finally:
-        context.enable_progress_bars = saved
-
-
 def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str, options: StorageOptions,
                work: WorkDir, bar: tqdm) -> tuple[float, int] | None:
     """Stream ``todo`` through decode and the actor pool; finished rows go to the work directory as they come.
@@ -422,17 +412,19 @@ def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
                         fn_constructor_kwargs={"weights": absolute(cfg.weights), "model_id": model_id, "plan": plan,
                                                "max_tiles": cfg.max_tiles, "feature_batch": cfg.feature_batch,
                                                "options": options})
+    # Ray Data's own bars count only this run's rows; the driver's bar counts the whole corpus instead. (The dataset's
+    # context, shared by its whole chain, is a copy made when it was read: changing the global one now does nothing.)
+    ds.context.enable_progress_bars = False
     buffer, first = PartBuffer(work, cfg.part_rows), None
-    with _ray_data_bars_off():
-        try:
-            # No prefetch: with one, each batch reached the driver only when the next was done, so the progress bar
-            # and the resumable parts lagged a whole batch (minutes on CPU)
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-                buffer.add(batch)
-                bar.update(batch.num_rows)
-                first = first or (time.monotonic(), batch.num_rows)
-        finally:  # on Ctrl-C too: rows already scored are kept
-            buffer.flush()
+    try:
+        # No prefetch: with one, each batch reached the driver only when the next was done, so the progress bar and
+        # the resumable parts lagged a whole batch (minutes on CPU)
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            buffer.add(batch)
+            bar.update(batch.num_rows)
+            first = first or (time.monotonic(), batch.num_rows)
+    finally:  # on Ctrl-C too: rows already scored are kept
+        buffer.flush()
     return first
 
 
@@ -535,8 +527,9 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     options = options or StorageOptions.from_env()
     files = Files(options)
     work = WorkDir(cfg.output, files)
-    if not work.exists() and files.info(cfg.output).type != pafs.FileType.NotFound:
-        raise ScoreError(f"{cfg.output} already exists (a finished run); delete it or choose another --output")
+    if not cfg.overwrite and not work.exists() and files.info(cfg.output).type != pafs.FileType.NotFound:
+        raise ScoreError(f"{cfg.output} already exists (a finished run); pass --overwrite to score again and replace "
+                         "it, or choose another --output")
     table, skipped = input_table(cfg, options)
     model_id = check_weights(cfg.weights, options)
     init_ray()
@@ -549,8 +542,8 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     todo = table.filter(pc.invert(pc.is_in(ids, value_set=work.read_parts().column("row_id"))))
     started, first = time.monotonic(), None
     if todo.num_rows:
-        with tqdm(total=table.num_rows, initial=table.num_rows - todo.num_rows, unit="img", desc="scoring",
-                  disable=not progress, mininterval=1.0, smoothing=0.05) as bar:
+        with progress_bar(progress, total=table.num_rows, initial=table.num_rows - todo.num_rows, unit="img",
+                          desc="scoring", smoothing=0.05) as bar:
             first = score_rows(todo, cfg, plan, model_id, options, work, bar)
     seconds = time.monotonic() - started
     out = assemble(table, work.read_parts(), model_id, scoring_options)
@@ -567,7 +560,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        precision=args.precision, batch_size=args.batch_size, workers=args.workers, gpus=args.gpus,
                        cpus_per_worker=args.cpus_per_worker, feature_batch=args.feature_batch,
                        max_tiles=args.max_tiles, transform=transform, root=args.root, split=args.split, tag=args.tag,
-                       official_csv=args.official_csv, part_rows=args.part_rows, recursive=args.recursive)
+                       official_csv=args.official_csv, part_rows=args.part_rows, recursive=args.recursive,
+                       overwrite=args.overwrite)
 
 
 def main(args: argparse.Namespace) -> int:

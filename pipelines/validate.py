@@ -23,6 +23,7 @@ import hashlib
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.console import progress_bar
 from pipelines.data import read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
 from pipelines.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, read_manifest, write_manifest
@@ -139,7 +140,7 @@ def default_output(uri: str) -> str:
 
 
 def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
-                      options: StorageOptions | None = None) -> ValidationReport:
+                      options: StorageOptions | None = None, progress: bool = True) -> ValidationReport:
     """Decode every image of a manifest with Ray Data; write the validated manifest, rejects, leakage and duplicates
     tables."""
     options = options or StorageOptions.from_env()
@@ -151,8 +152,13 @@ def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int =
     checked = read_manifest_dataset(manifest).map_batches(
         _check_batch, batch_format="pyarrow", batch_size=BATCH_SIZE,
         fn_kwargs={"options": options, "max_pixels": max_pixels})
-    # Results are metadata only (no pixels), so collecting them on the driver is cheap.
-    blocks = [b for b in checked.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows]
+    checked.context.enable_progress_bars = False  # Ray Data's bars count blocks per operator; ours counts images
+    blocks = []  # metadata only (no pixels), so collecting them on the driver is cheap
+    with progress_bar(progress, total=manifest.num_rows, desc="validating", unit="img") as bar:
+        for block in checked.iter_batches(batch_format="pyarrow", batch_size=None):
+            bar.update(block.num_rows)
+            if block.num_rows:
+                blocks.append(block)
     if not blocks:
         raise ManifestError(f"{uri} has no rows to validate; rebuild it with `spai manifest`")
     table = pa.concat_tables(blocks)

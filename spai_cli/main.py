@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recursive", "-r", action="store_true", help="score a folder's subfolders too (default: its "
                    "top level, like the official tool)")
     p.add_argument("--output", "-o", required=True, help="PATH.parquet, PATH.csv or s3:// URI")
+    p.add_argument("--overwrite", action="store_true", help="score again and replace an existing --output (it stays "
+                   "until the new one is complete; an interrupted run is still continued, not restarted)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where the model runs (auto: GPUs when the Ray cluster has them)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],

@@ -215,6 +215,9 @@ def test_killed_run_resumes_without_duplicates_or_gaps(weights, corpus, expected
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert f"scored {len(rows) - done_before} images" in finished.stdout
+    # in a log (not a terminal) progress comes as whole lines, without Ray Data's routine INFO lines between them
+    assert "scoring: 100%" in finished.stderr and "\r" not in finished.stderr
+    assert "Execution plan of Dataset" not in finished.stderr, finished.stderr
     out = pq.read_table(output)
     assert out.num_rows == len(rows) and len(set(out.column("row_id").to_pylist())) == len(rows)
     assert [Path(u).name for u in out.column("uri").to_pylist()] == [p.name for p in images * 3]
@@ -236,15 +239,19 @@ def test_scorer_isolates_an_image_the_model_cannot_take(weights, corpus, expecte
     assert out["tiles"][0] >= 4 and out["tiles"][1:] == [None, None]
 
 
-def test_resume_refuses_other_options_and_finished_output(weights, corpus, tmp_path):
+def test_resume_refuses_other_options_and_a_finished_output_needs_overwrite(weights, corpus, expected, tmp_path):
     work = WorkDir(str(tmp_path / "scores.parquet"), Files())
     work.start({"model_id": "abc", "precision": "fp32", "rows": 3})
     work.start({"model_id": "abc", "precision": "fp32", "rows": 3})  # the same job resumes
     with pytest.raises(ScoreError, match="precision: 'fp32' before, 'bf16' now.*delete"):
         work.start({"model_id": "abc", "precision": "bf16", "rows": 3})
-    (tmp_path / "done.parquet").write_bytes(b"x")
-    with pytest.raises(ScoreError, match="already exists"):
-        score(ScoreConfig(weights=str(weights), input=str(corpus), output=str(tmp_path / "done.parquet")))
+    done = tmp_path / "done.parquet"
+    done.write_bytes(b"x")
+    with pytest.raises(ScoreError, match="already exists.*pass --overwrite"):
+        score(ScoreConfig(weights=str(weights), input=str(corpus), output=str(done)))
+    score(ScoreConfig(weights=str(weights), input=str(corpus / "img0.jpg"), output=str(done), overwrite=True),
+          progress=False)
+    assert pq.read_table(done).column("logit").to_pylist() == pytest.approx([expected["img0.jpg"]], abs=1e-5)
 
 
 @pytest.mark.parametrize("bad", ["corrupt", "folder"])
