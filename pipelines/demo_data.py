@@ -16,7 +16,7 @@ Shortcuts removed on purpose:
 * leakage: train/val/test are split by source photo (``group``); nothing of a photo is in two splits.
 
 Cross-generator evaluation: train and val hold fakes of ``seen_generators`` only; test holds fakes of every
-generator, so the others are unseen. ``build_info`` in ``manifest.json`` records both lists.
+generator, so the others are unseen. ``build_info`` in the manifest's sidecar records both lists.
 
 Use ``build_demo_corpus(output_dir, cfg)`` (returns the manifest URI; an existing corpus built with the same
 config is reused) or ``spai demo-data -o DIR``.

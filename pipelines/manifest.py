@@ -5,8 +5,9 @@ once here: GenImage (all eight generator folders, and subsets such as the ``mini
 and plain real/fake folders. Each builder works on local folders and ``s3://`` prefixes alike.
 
 On storage a manifest is a directory: one Parquet file per split and generator under ``<split>/`` (so Ray Data reads
-it in parallel and a job that needs one split reads only its files), plus ``manifest.json`` with the schema version,
-row counts, the file list and how it was built.
+it in parallel and a job that needs one split reads only its files), plus ``_manifest.json`` with the schema version,
+row counts, the file list and how it was built. The folder is also a plain Parquet dataset: pyarrow, pandas, Spark
+and DuckDB read it directly, skipping the sidecar by its leading underscore.
 
 ``group`` is what must never straddle splits (a source photo, a prompt, an ImageNet class): every builder that
 assigns splits does it per group, seeded, so the same inputs and seed give the same splits.
@@ -40,7 +41,8 @@ from spai_core.errors import UserError
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-SIDECAR = "manifest.json"
+SIDECAR = "_manifest.json"  # "_": dataset readers (pyarrow, pandas, Spark) skip it, so the folder reads as Parquet
+LEGACY_SIDECAR = "manifest.json"  # its name before 2026-12; still read, and replaced when the manifest is rewritten
 SPLITS = ("train", "val", "test")
 REAL = "real"
 MANIFEST_SCHEMA = pa.schema([
@@ -56,7 +58,7 @@ CORE_COLUMNS = tuple(MANIFEST_SCHEMA.names)
 # `spai validate` then rejects any that do not decode.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".heic", ".avif")
 ROWS_PER_FILE = 100_000
-NOTES_KEY = b"spai.build_notes"  # schema metadata key for what a builder skipped, carried into manifest.json
+NOTES_KEY = b"spai.build_notes"  # schema metadata key for what a builder skipped, carried into the sidecar
 _GENIMAGE_SPLITS = {"train": "train", "val": "test"}  # GenImage's val set is the benchmark's test set
 _GENIMAGE_CLASSES = {"ai": 1, "nature": 0}
 
@@ -144,7 +146,7 @@ def _counts(values: Iterable) -> dict[str, int]:
 
 
 def count_summary(table: pa.Table) -> dict[str, Any]:
-    """Row counts per split, label, generator and source, and labels per split (for manifest.json and reports)."""
+    """Row counts per split, label, generator and source, and labels per split (for the sidecar and reports)."""
     splits, labels = table.column("split").to_pylist(), table.column("label").to_pylist()
     return {
         "rows": table.num_rows,
@@ -216,8 +218,8 @@ def _previous_files(uri: str, files: Files) -> list[str]:
         return []
     if info.type == pafs.FileType.File:
         raise ManifestError(f"{uri} is a file; a manifest is a directory, choose another --output")
-    sidecar = join(uri, SIDECAR)
-    if files.info(sidecar).type == pafs.FileType.NotFound:
+    sidecar = sidecar_uri(uri, files)
+    if sidecar is None:
         if files.list(uri):
             raise ManifestError(f"{uri} exists and is not a manifest; choose a new --output or empty the folder")
         return []
@@ -226,7 +228,7 @@ def _previous_files(uri: str, files: Files) -> list[str]:
 
 def write_manifest(table_or_rows: pa.Table | Sequence[Mapping[str, Any]], uri: str, build_info: Mapping[str, Any],
                    options: StorageOptions | None = None) -> str:
-    """Write a manifest directory (Parquet per split/generator + ``manifest.json``) and return its URI.
+    """Write a manifest directory (Parquet per split/generator + ``_manifest.json``) and return its URI.
 
     ``build_info`` says how it was made (builder name, arguments); the time, counts, file list and any builder
     notes (e.g. files skipped) are added. An existing manifest at ``uri`` is replaced.
@@ -255,17 +257,25 @@ def write_manifest(table_or_rows: pa.Table | Sequence[Mapping[str, Any]], uri: s
     }
     files.write(join(uri, SIDECAR), json.dumps(sidecar, indent=2, default=str).encode())
     # Old files go only once the new sidecar points elsewhere, so a failed write leaves the old manifest readable.
-    for path in set(previous) - {e["path"] for e in entries}:
+    for path in (set(previous) | {LEGACY_SIDECAR}) - {e["path"] for e in entries}:
         if files.info(join(uri, path)).type == pafs.FileType.File:
             files.remove(join(uri, path))
     return uri
 
 
+def sidecar_uri(uri: str, files: Files) -> str | None:
+    """The sidecar of manifest directory ``uri`` (:data:`SIDECAR`, or :data:`LEGACY_SIDECAR`), None when it has none."""
+    for name in (SIDECAR, LEGACY_SIDECAR):
+        if files.info(join(uri, name)).type == pafs.FileType.File:
+            return join(uri, name)
+    return None
+
+
 def read_sidecar(uri: str, options: StorageOptions | None = None) -> dict[str, Any] | None:
-    """The ``manifest.json`` of a manifest directory, or None when there is none."""
+    """The ``_manifest.json`` of a manifest directory, or None when there is none."""
     files = Files(options)
-    sidecar = join(uri, SIDECAR)
-    if files.info(sidecar).type != pafs.FileType.File:
+    sidecar = sidecar_uri(uri, files)
+    if sidecar is None:
         return None
     try:
         return json.loads(files.read(sidecar))
@@ -274,7 +284,7 @@ def read_sidecar(uri: str, options: StorageOptions | None = None) -> dict[str, A
 
 
 def manifest_files(uri: str, options: StorageOptions | None = None, split: str | None = None) -> list[str]:
-    """URIs of a manifest's Parquet files: those listed in its ``manifest.json`` (only ``split``'s when given),
+    """URIs of a manifest's Parquet files: those listed in its ``_manifest.json`` (only ``split``'s when given),
     else every ``.parquet`` file under the folder (e.g. written by Ray), or the file itself."""
     files = Files(options)
     info = files.info(uri)
@@ -296,7 +306,7 @@ def manifest_files(uri: str, options: StorageOptions | None = None, split: str |
 def read_manifest(uri: str, options: StorageOptions | None = None, split: str | None = None) -> pa.Table:
     """Read a manifest (directory, or one Parquet file) with its columns typed as :data:`MANIFEST_SCHEMA`.
 
-    ``split`` reads only the files that hold that split when ``manifest.json`` says which (rows are not filtered).
+    ``split`` reads only the files that hold that split when ``_manifest.json`` says which (rows are not filtered).
     """
     files = Files(options)
     tables = []

@@ -10,8 +10,9 @@ answers for the same pixels. A validated manifest can be validated again: every 
 columns are replaced.
 
 Outputs, under the output directory (default ``<manifest>.validated``): the validated manifest itself,
-``rejects.parquet``, ``leakage.parquet`` and ``duplicates.parquet`` (every content hash on more than one row, with its
-URIs, splits and labels).
+``_rejects.parquet``, ``_leakage.parquet`` and ``_duplicates.parquet`` (every content hash on more than one row, with
+its URIs, splits and labels). The leading underscores keep them out of the folder when pandas, pyarrow or Spark read it
+as the manifest's dataset.
 """
 from __future__ import annotations
 
@@ -35,11 +36,11 @@ BATCH_SIZE = 4
 CHECK_SCHEMA = pa.schema([("width", pa.int32()), ("height", pa.int32()), ("format", pa.string()),
                           ("bytes", pa.int64()), ("sha256", pa.string()), ("reason", pa.string()),
                           ("message", pa.string())])
-REJECTS_FILE = "rejects.parquet"
-LEAKAGE_FILE = "leakage.parquet"
+REJECTS_FILE = "_rejects.parquet"
+LEAKAGE_FILE = "_leakage.parquet"
 LEAKAGE_SCHEMA = pa.schema([("sha256", pa.string()), ("uris", pa.list_(pa.string())),
                             ("splits", pa.list_(pa.string()))])
-DUPLICATES_FILE = "duplicates.parquet"
+DUPLICATES_FILE = "_duplicates.parquet"
 DUPLICATES_SCHEMA = LEAKAGE_SCHEMA.append(pa.field("labels", pa.list_(pa.int8())))  # distinct non-null labels
 # Hashes listed in the summary per finding; the Parquet files hold them all.
 EXAMPLES = 10

@@ -127,6 +127,18 @@ def test_write_read_roundtrip_and_sidecar(genimage, tmp_path):
     assert len(sidecar["files"]) == 2 * 9  # one file per split and generator (8 generators + real)
     assert all((tmp_path / "man" / f["path"]).is_file() for f in sidecar["files"])
     assert {f["path"].split("/")[0] for f in sidecar["files"]} == {"train", "test"}
+    # the folder is a plain Parquet dataset too (pandas.read_parquet and Spark read it the same way): same rows
+    assert pq.read_table(uri).sort_by("uri").select(back.column_names).cast(back.schema).equals(back.sort_by("uri"))
+
+
+def test_a_manifest_with_the_old_sidecar_name_is_read_and_rewritten_with_the_new(genimage, tmp_path):
+    out = tmp_path / "man"
+    m.write_manifest(m.from_genimage(str(genimage)), str(out), {"builder": "a"})
+    (out / m.SIDECAR).rename(out / m.LEGACY_SIDECAR)
+    assert m.read_sidecar(str(out))["build"]["builder"] == "a" and m.read_manifest(str(out)).num_rows == 64
+    m.write_manifest(m.read_manifest(str(out)).slice(0, 3), str(out), {"builder": "b"})
+    assert not (out / m.LEGACY_SIDECAR).exists() and m.read_manifest(str(out)).num_rows == 3
+    assert len(list(out.rglob("*.parquet"))) == len(m.read_sidecar(str(out))["files"])
 
 
 def test_overwrite_replaces_old_files_and_refuses_foreign_folder(genimage, tmp_path):

@@ -184,6 +184,8 @@ def test_label_conflicts_and_all_duplicates_are_listed(copies):
     assert _by_hash(duplicates) == expected
     assert _by_hash(report.conflicts) == {h: expected[h] for h in (_sha(paths["a"]), _sha(paths["c"]))}
     assert [row["sha256"] for row in report.leakage.to_pylist()] == [_sha(paths["c"])]
+    # its reports stay out of the validated manifest read as a plain Parquet dataset
+    assert pq.read_table(report.output_uri).num_rows == report.accepted
     notes = json.loads((Path(report.output_uri) / m.SIDECAR).read_text())["build"]["notes"]
     assert notes == {"rejected": {}, "leakage_hashes": 1, "duplicates_within_split": 2, "label_conflict_hashes": 2,
                      "duplicated_hashes": 3}
