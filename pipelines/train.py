@@ -261,8 +261,11 @@ def train_loop(loop: dict[str, Any]) -> None:
     val_transform = make_score_transform(ScoreTransformConfig(resize_to=cfg.val_resize_to))
     loss_fn = torch.nn.BCEWithLogitsLoss()
     if rank == 0:
+        per_epoch = steps_per_epoch * per_worker * world
+        left_out = (f" of {per_epoch} images (full batches; the other {train_rows.num_rows - per_epoch} change every "
+                    "epoch)" if per_epoch < train_rows.num_rows else "")
         say(f"[spai train] {train_rows.num_rows} train / {val_rows.num_rows} val images, {world} worker(s), "
-            f"{steps_per_epoch} steps/epoch, trainable params {counts['params_trainable']:,}")
+            f"{steps_per_epoch} steps/epoch{left_out}, trainable params {counts['params_trainable']:,}")
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
