@@ -34,10 +34,22 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
             raise TrackingError(f"cannot reach the MLflow server at {uri}: {exc}; check --mlflow-uri (or "
                                 "MLFLOW_TRACKING_URI) and that the server is up") from exc
     if uri:
-        return uri
+        return absolute_store(uri)
     store = Path(DEFAULT_STORE).resolve()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def absolute_store(uri: str) -> str:
+    """A local store's URI with an absolute path: Ray workers (which log rank 0's metrics) run in other folders, and
+    MLflow cannot place a relative SQLite store's artifacts. ``sqlite:///x.db`` (three slashes) is relative to the
+    current folder, ``sqlite:////abs/x.db`` absolute; a path without a scheme (``./mlruns``) is a file store, while
+    names such as ``databricks`` are not paths."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////") and ":memory:" not in uri:
+        return f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+    if ":" not in uri and (uri.startswith(".") or "/" in uri):
+        return str(Path(uri).resolve())
+    return uri
 
 
 def ensure_experiment(client: MlflowClient, name: str, tracking_uri: str) -> str:

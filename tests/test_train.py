@@ -360,6 +360,19 @@ def test_an_unreachable_mlflow_server_is_an_error_not_a_hang():
         resolve_tracking_uri(f"http://127.0.0.1:{free_port()}")
 
 
+def test_local_tracking_stores_are_made_absolute_for_workers_elsewhere(tmp_path, monkeypatch):
+    """A relative SQLite store crashed MLflow ('relative path can't be expressed as a file URI') when it created the
+    experiment, and would point Ray workers running in other folders at other files."""
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri("sqlite:///m/mlflow.db") == f"sqlite:///{tmp_path}/m/mlflow.db"
+    assert resolve_tracking_uri("./runs/mlruns") == str(tmp_path / "runs" / "mlruns")
+    for kept in (f"sqlite:///{tmp_path}/x.db", "databricks", "file:///abs/mlruns"):
+        assert resolve_tracking_uri(kept) == kept
+    (tmp_path / "m").mkdir()
+    from pipelines.tracking import start_run
+    start_run(resolve_tracking_uri("sqlite:///m/mlflow.db"), "e", "r", {"a": 1})  # raised before
+
+
 def test_mlflow_server_remote_tracking(small_corpus, tmp_path):
     port = free_port()
     server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
