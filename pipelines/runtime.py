@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import socket
+import sys
 
 import ray
 
@@ -65,6 +66,20 @@ def init_ray(reserved_cpus: float = 0) -> None:
         cpus = max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     quiet_ray_logs()
+
+
+def check_gpus(needed: float, have: float, asked: str) -> None:
+    """Refuse GPUs that a local Ray does not have (its actors would wait for them forever). On a cluster
+    (``RAY_ADDRESS``) only say that the job waits: a cluster that scales GPU nodes from zero (as ``cluster.yaml``'s
+    does) has none until a job asks for them."""
+    if have >= needed:
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"[spai] {asked} needs {needed:g} GPU(s) and the Ray cluster has {have:g} now: waiting for its "
+              "autoscaler to add GPU nodes (Ctrl-C if it has none to add)", file=sys.stderr, flush=True)
+        return
+    raise ClusterError(f"{asked} needs {needed:g} GPU(s) but the local Ray has {have:g}; ask for fewer, drop the GPU "
+                       "options to run on CPU, or set RAY_ADDRESS to a Ray cluster with GPUs")
 
 
 def quiet_ray_logs() -> None:

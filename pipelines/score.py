@@ -57,7 +57,7 @@ from pipelines.console import progress_bar
 from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS
 from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input, table_from_parquet
-from pipelines.runtime import init_ray
+from pipelines.runtime import check_gpus, init_ray
 from pipelines.storage import Files, StorageOptions, absolute, basename, filesystem, is_s3, join
 from pipelines.transforms import ScoreTransformConfig, make_score_transform
 from spai_core.config import ConfigError, to_dict
@@ -162,10 +162,8 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
     ``cpus_per_worker`` fixes each CPU actor's torch threads instead (e.g. to measure scaling at a fixed size).
     """
     gpus_total = float(resources.get("GPU", 0.0))
-    if (cfg.device == "cuda" or cfg.gpus) and gpus_total == 0:
-        asked = "--device cuda" if cfg.device == "cuda" else f"--gpus {cfg.gpus:g}"
-        raise ScoreError(f"{asked} was asked for but the Ray cluster has no GPU; drop it to score on CPU")
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus_total > 0) else "cpu"
+    # --gpus means GPU actors even while an autoscaling cluster has no GPU node yet (see runtime.check_gpus)
+    device = "cuda" if cfg.device == "cuda" or cfg.gpus or (cfg.device == "auto" and gpus_total > 0) else "cpu"
     precision = resolve_precision(cfg.precision, torch.device(device))
     if device == "cuda":
         gpus = cfg.gpus or 1.0
@@ -535,6 +533,10 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     init_ray()
     node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     plan = plan_actors(cfg, ray.cluster_resources(), node_cpus)
+    if plan.device == "cuda":
+        asked = [f"--device {cfg.device}", *([f"--workers {cfg.workers}"] if cfg.workers else []),
+                 *([f"--gpus {cfg.gpus:g}"] if cfg.gpus else [])]
+        check_gpus(plan.workers * plan.num_gpus, ray.cluster_resources().get("GPU", 0.0), " ".join(asked))
     scoring_options = cfg.options(plan.precision)
     ids = table.column("row_id")
     work.start({"model_id": model_id, "rows": table.num_rows, **scoring_options,

@@ -522,7 +522,7 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.runtime import init_ray
+    from pipelines.runtime import check_gpus, init_ray
 
     options = storage.StorageOptions.from_env()
     # Workers of a running cluster (RAY_ADDRESS) work in another folder than this driver, and a resume may run elsewhere
@@ -540,6 +540,12 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         print(f"[spai train] warning: {warning}", file=sys.stderr, flush=True)
     if init or backbone:  # a wrong file fails here once, not in every worker (and every retry) after Ray starts
         initial_model(cfg, init, backbone)
+
+    # before the run is recorded: a local Ray without the GPUs asked for is an error, not a run that waits forever
+    init_ray(reserved_cpus=cfg.workers * cfg.cpus_per_worker)
+    if cfg.gpus_per_worker:
+        check_gpus(cfg.workers * cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0),
+                   f"--workers {cfg.workers} --gpus-per-worker {cfg.gpus_per_worker:g}")
 
     if resume:
         recorded = json.loads(storage.read_bytes(marker, options))
@@ -561,7 +567,6 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
     data_error_uri = storage.join(run_dir, "data_error.txt")  # written by rank 0 when an epoch had nothing to train
     if storage.exists(data_error_uri, options):  # a resumed run may have been fixed since
         storage.Files(options).remove(data_error_uri)
-    init_ray(reserved_cpus=cfg.workers * cfg.cpus_per_worker)
     fs, storage_path = storage.filesystem(output, options)
     trainer = TorchTrainer(
         train_loop,

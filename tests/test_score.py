@@ -24,6 +24,7 @@ from PIL import Image
 
 from parity import FIXTURE, expected_rows, write_official_checkpoint
 from pipelines.manifest import rows_to_table, write_manifest
+from pipelines.runtime import ClusterError, check_gpus
 from pipelines.score import ActorPlan, ScoreConfig, ScoreError, Scorer, ScoreResult, WorkDir, plan_actors, score
 from pipelines.storage import Files, StorageOptions, read_bytes
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
@@ -293,10 +294,20 @@ def test_actor_plan_follows_the_cluster():
     # Fixed actor size: one thread each, and a CPU still left for decoding.
     fixed = plan_actors(ScoreConfig(workers=1, cpus_per_worker=1), {"CPU": 2})
     assert (fixed.threads, fixed.num_cpus) == (1, 1.0)
-    with pytest.raises(ScoreError, match="--device cuda was asked for but the Ray cluster has no GPU"):
-        plan_actors(ScoreConfig(device="cuda"), {"CPU": 8})
-    with pytest.raises(ScoreError, match="--gpus 0.5 was asked for but the Ray cluster has no GPU"):
-        plan_actors(ScoreConfig(gpus=0.5), {"CPU": 8})
+    # GPUs asked for on a cluster with none yet (GPU nodes scale from zero): GPU actors, which check_gpus vets
+    asked = plan_actors(ScoreConfig(gpus=0.5, workers=8), {"CPU": 8})
+    assert (asked.device, asked.workers, asked.num_gpus) == ("cuda", 8, 0.5)
+    assert plan_actors(ScoreConfig(device="cuda"), {"CPU": 8}).workers == 1
+
+
+def test_gpus_a_local_ray_lacks_are_an_error_and_a_cluster_may_add_them(monkeypatch, capsys):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_gpus(2, 2.0, "x")
+    with pytest.raises(ClusterError, match="--gpus 1 needs 1 GPU.* local Ray has 0; ask for fewer, drop the GPU"):
+        check_gpus(1, 0.0, "--gpus 1")
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    check_gpus(4, 0.0, "training")
+    assert "waiting for its autoscaler to add GPU nodes" in capsys.readouterr().err
 
 
 def test_parity_images_reproduce_official_logits(tmp_path):

@@ -40,7 +40,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pipelines import storage, tracking
 from pipelines.manifest import read_manifest
-from pipelines.runtime import init_ray
+from pipelines.runtime import check_gpus, init_ray
 from pipelines.train import CONFIG_DIR, TrainConfig, epoch_metric_names, load_train_config, run_training
 from spai_core.config import ConfigError, from_dict, to_dict
 from tune.space import (AshaConfig, SearchSpace, check_space, load_space, plain, space_from_dict, trial_config,
@@ -209,6 +209,8 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
         max_concurrent = default_concurrency(per_trial_cpus(base_dict), gpus_per_trial)
     else:
         init_ray(reserved_cpus=max_concurrent * per_trial_cpus(base_dict))
+    if gpus_per_trial:
+        check_gpus(gpus_per_trial, ray.cluster_resources().get("GPU", 0.0), f"--gpus-per-trial {gpus_per_trial:g}")
     tracking_uri = tracking.resolve_tracking_uri(mlflow_uri)
     parent_run_id = tracking.start_run(
         tracking_uri, experiment, storage.basename(search_dir),
