@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 from typing import Sequence
 
@@ -64,6 +65,13 @@ def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
         k.add_argument("--source", default=None, help="dataset name for the `source` column")
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("spai-ray")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="spai",
@@ -71,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     _add_manifest_parser(sub)

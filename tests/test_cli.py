@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,11 @@ def test_bare_spai_prints_its_help(capsys):
     assert spai([]) == 2
     out = capsys.readouterr().out
     assert out.startswith("usage: spai") and "RAY_ADDRESS" in out
+
+
+def test_version_and_python_dash_m():
+    done = subprocess.run([sys.executable, "-m", "spai_cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and re.fullmatch(r"spai \d+\.\d+\.\d+\n", done.stdout), done
 
 
 def test_an_unreachable_cluster_is_an_error_not_a_hang(tmp_path):

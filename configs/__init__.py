@@ -1,0 +1,1 @@
+"""Training configs and the default search space, as YAML: shipped with the package so installed `spai` finds them."""
