@@ -21,11 +21,11 @@ import yaml
 
 from pipelines.decode import decode_image
 from pipelines.demo_data import DemoCorpusConfig, build_demo_corpus
-from pipelines.manifest import read_manifest
+from pipelines.manifest import read_manifest, write_manifest
 from pipelines.train import CONFIG_DIR, TrainConfig, load_train_config
 from spai_cli.main import build_parser
 from spai_cli.main import main as spai
-from spai_core.checkpoint import load_model
+from spai_core.checkpoint import CheckpointError, load_model, save_checkpoint
 from spai_core.config import ConfigError, to_dict
 from spai_core.metrics import binary_metrics
 from spai_core.spai import build_model
@@ -85,6 +85,31 @@ def test_a_scheduler_metric_training_never_reports_is_refused():
     for metric in ("val_acu", "val_auc_midjourney", "val_auc_real"):
         with pytest.raises(ConfigError, match=f"scheduler.metric '{metric}' is not reported.*val_auc_glide"):
             check_metric(metric, manifest)
+
+
+def test_every_trial_gets_the_init_weights_and_a_bad_file_fails_before_the_search(tmp_path, monkeypatch):
+    import tune.search
+
+    rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g" if i % 2 else "real",
+             "source": "s", "group": str(i)} for i, split in enumerate(["train", "train", "val", "val"])]
+    manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
+    base = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2"])
+    space = space_from_dict({"params": {"optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}},
+                             "scheduler": {"max_t": 3}})
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "init.safetensors", build_model(base.model))
+    monkeypatch.setattr(tune.search, "init_ray", lambda reserved_cpus=0: None)
+    monkeypatch.setattr(tune.search, "make_tuner", lambda plan, search_dir, options: None)
+    monkeypatch.setattr(tune.search, "_fit", lambda tuner, plan, search_dir, options: plan)  # the plan, not a search
+    monkeypatch.chdir(tmp_path)
+    plan = tune.search.run_search(base, manifest, space, 1, max_concurrent=1, output="out", name="s",
+                                  mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", init="init.safetensors")
+    assert plan.setup.init == str(tmp_path / "init.safetensors") and plan.setup.backbone is None
+    (tmp_path / "bad.safetensors").write_bytes(b"<html>404</html>")
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        tune.search.run_search(base, manifest, space, 1, max_concurrent=1, output="out", name="t",
+                               init="bad.safetensors")
+    assert not (tmp_path / "out" / "t").exists()
 
 
 def test_trial_status_follows_tunes_record_not_late_epochs():

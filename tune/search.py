@@ -41,7 +41,8 @@ from ray.tune.search import BasicVariantGenerator
 from pipelines import storage, tracking
 from pipelines.manifest import read_manifest
 from pipelines.runtime import check_gpus, init_ray
-from pipelines.train import CONFIG_DIR, TrainConfig, epoch_metric_names, load_train_config, run_training
+from pipelines.train import (CONFIG_DIR, TrainConfig, epoch_metric_names, initial_model, load_train_config,
+                             run_training)
 from spai_core.config import ConfigError, from_dict, to_dict
 from tune.space import (AshaConfig, SearchSpace, check_space, load_space, plain, space_from_dict, trial_config,
                         tune_param_space)
@@ -78,6 +79,8 @@ class TrialSetup:
     tracking_uri: str
     experiment: str
     parent_run_id: str
+    init: str | None = None  # starting weights of every trial (official spai.pth or our checkpoint)
+    backbone: str | None = None  # MFM ViT-B/16 backbone weights of every trial
 
 
 @dataclass
@@ -128,8 +131,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     cfg = dataclasses.replace(trial_config(setup.base, params), registered_model=None)
     trial_id = ray.tune.get_context().get_trial_id()
     resume = storage.exists(storage.join(setup.train_dir, trial_id, RUN_MARKER))
-    run_training(cfg, setup.manifest, setup.train_dir, trial_id, resume=resume, mlflow_uri=setup.tracking_uri,
-                 experiment=setup.experiment, callbacks=[EpochReport()], parent_run_id=setup.parent_run_id)
+    run_training(cfg, setup.manifest, setup.train_dir, trial_id, resume=resume, init=setup.init,
+                 backbone=setup.backbone, mlflow_uri=setup.tracking_uri, experiment=setup.experiment,
+                 callbacks=[EpochReport()], parent_run_id=setup.parent_run_id)
 
 
 def trial_dirname(trial) -> str:
@@ -183,7 +187,8 @@ def _trainable(plan: SearchPlan):
 
 def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int, max_concurrent: int | None = None,
                gpus_per_trial: float = 0.0, workers_per_trial: int = 1, output: str = DEFAULT_OUTPUT,
-               name: str | None = None, mlflow_uri: str | None = None, experiment: str = "spai-tune") -> SearchResult:
+               name: str | None = None, mlflow_uri: str | None = None, experiment: str = "spai-tune",
+               init: str | None = None, backbone: str | None = None) -> SearchResult:
     """Start a search of ``trials`` samples of ``space`` around ``base``; the library entry of ``spai tune``."""
     options = storage.StorageOptions.from_env()
     search_dir = storage.join(storage.absolute(output), name or time.strftime("tune-%Y%m%d-%H%M%S"))
@@ -201,6 +206,10 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
     trial_config(base_dict, {})  # the base itself must be valid with the per-trial resources
     check_space(space, base_dict)
     manifest = storage.absolute(manifest)
+    # absolute: trials run in other folders (and on other nodes); a wrong file fails here, not in every trial
+    init, backbone = (storage.absolute(path) if path else None for path in (init, backbone))
+    if init or backbone:
+        initial_model(base, init, backbone)
     # fail fast on a missing manifest or a metric training never reports, before starting Ray and MLflow runs
     check_metric(space.scheduler.metric, read_manifest(manifest, options))
 
@@ -217,7 +226,8 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
         {"base": base_dict, "space": dataclasses.asdict(space), "search": {"trials": trials,
                                                                            "max_concurrent": max_concurrent}},
         {"spai.kind": "tune", "output": search_dir})
-    setup = TrialSetup(base_dict, manifest, storage.join(search_dir, "train"), tracking_uri, experiment, parent_run_id)
+    setup = TrialSetup(base_dict, manifest, storage.join(search_dir, "train"), tracking_uri, experiment, parent_run_id,
+                       init, backbone)
     plan = SearchPlan(setup, dataclasses.asdict(space), trials, max_concurrent)
     storage.write_bytes(marker, json.dumps(dataclasses.asdict(plan), indent=2).encode(), options)
     print(f"[spai tune] {search_dir}: {trials} trial(s), at most {max_concurrent} at once, "
@@ -482,7 +492,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = load_train_config(args.config or (default if default.exists() else None), list(args.overrides))
         result = run_search(cfg, args.manifest, load_space(args.space or DEFAULT_SPACE), args.trials,
                             args.max_concurrent, args.gpus_per_trial, args.workers_per_trial, output, args.name,
-                            args.mlflow_uri, args.experiment)
+                            args.mlflow_uri, args.experiment, args.init, args.backbone)
     print(f"[spai tune] search directory: {result.search_dir}")
     if result.best:
         print(f"[spai tune] best trial {result.best.trial_id}: {result.best.best_value:.4f} at epoch "
