@@ -244,7 +244,8 @@ def load_state_strict(model: SPAI, state: Mapping[str, torch.Tensor], source: st
         problems.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[:3]}")
     if problems:
         raise CheckpointError(f"{source} does not fit model {model.cfg.name}: " + "; ".join(problems) +
-                              ". Is the model config right (--config / the checkpoint's config)?")
+                              ". Is the model config right? (`spai convert --model NAME`; for training, the config's "
+                              "model section)")
     model.load_state_dict(state, strict=True)
 
 
@@ -319,6 +320,9 @@ def save_official(path: str | Path, model: SPAI, epoch: int = 0) -> None:
 
 def convert(src: str | Path, dst: str | Path, config: str | None = None) -> None:
     """Convert between the official ``.pth`` layout and ours; the direction follows ``dst``'s suffix."""
+    if not str(dst).endswith((".safetensors", ".pth", ".pt")):
+        raise CheckpointError(f"{dst}: name it .safetensors (our format) or .pth (the official layout); the suffix "
+                              "picks the format")
     model, ckpt = load_model(src, config)
     if str(dst).endswith(".safetensors"):
         save_checkpoint(dst, model, {**ckpt.metadata, "converted_from": str(src)})

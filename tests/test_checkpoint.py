@@ -210,16 +210,18 @@ def test_an_unknown_model_config_lists_the_registered_ones(tiny, tmp_path):
         convert(tmp_path / "official.pth", tmp_path / "out.safetensors", "bogus")
 
 
-@pytest.mark.parametrize("src, config, message", [
-    ("rand.safetensors", "spai_tiny", "rand.safetensors: neither a readable safetensors file nor a PyTorch"),
-    ("official.pth", "bogus", "unknown model config 'bogus'"),
-    ("folder", "spai_tiny", "folder: is a folder, not a weights file"),
+@pytest.mark.parametrize("src, config, dst, message", [
+    ("rand.safetensors", "spai_tiny", "out.safetensors", "rand.safetensors: neither a readable safetensors file nor"),
+    ("official.pth", "bogus", "out.safetensors", "unknown model config 'bogus'"),
+    ("folder", "spai_tiny", "out.safetensors", "folder: is a folder, not a weights file"),
+    ("official.pth", "spai_small", "out.safetensors", "Is the model config right? (`spai convert --model NAME`"),
+    ("official.pth", "spai_tiny", "out.bin", "out.bin: name it .safetensors (our format) or .pth"),
 ])
-def test_convert_cli_user_errors(src, config, message, tiny, tmp_path, capsys):
+def test_convert_cli_user_errors(src, config, dst, message, tiny, tmp_path, capsys):
     save_official(tmp_path / "official.pth", tiny)
     (tmp_path / "rand.safetensors").write_bytes(random.Random(0).randbytes(4096))
     (tmp_path / "folder").mkdir()
-    assert spai(["convert", str(tmp_path / src), str(tmp_path / "out.safetensors"), "--model", config]) == 2
+    assert spai(["convert", str(tmp_path / src), str(tmp_path / dst), "--model", config]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1, err
 
