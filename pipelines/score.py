@@ -501,7 +501,15 @@ class ScoreResult:
             lines.append(f"not in the output: {self.skipped['count']} input file(s) {self.skipped['why']}, e.g. "
                          + ", ".join(self.skipped["examples"][:3]))
         lines.append(f"wrote {self.output}")
+        if errors and len(errors) == self.table.num_rows:
+            lines.append(f"error: none of the {len(errors)} rows could be scored, e.g. {errors[0]}; check the input's "
+                         "paths (--root for a CSV), the storage settings and the weights")
         return "\n".join(lines)
+
+    @property
+    def all_failed(self) -> bool:
+        """Every row failed: an exit status for scripts, though the output (each row's reason) is written."""
+        return self.table.num_rows > 0 and self.table.column("error").null_count == 0
 
 
 def write_outputs(out: pa.Table, cfg: ScoreConfig, files: Files) -> None:
@@ -542,6 +550,9 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     work.start({"model_id": model_id, "rows": table.num_rows, **scoring_options,
                 "input_digest": hashlib.sha256("\n".join(sorted(ids.to_pylist())).encode()).hexdigest()})
     todo = table.filter(pc.invert(pc.is_in(ids, value_set=work.read_parts().column("row_id"))))
+    if todo.num_rows < table.num_rows:
+        print(f"resuming {work.uri}: {table.num_rows - todo.num_rows} of {table.num_rows} rows were scored before",
+              file=sys.stderr, flush=True)
     started, first = time.monotonic(), None
     if todo.num_rows:
         with progress_bar(progress, total=table.num_rows, initial=table.num_rows - todo.num_rows, unit="img",
@@ -567,6 +578,7 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    """``spai score``: score and print a summary."""
-    print(score(config_from_args(args)).summary())
-    return 0
+    """``spai score``: score and print a summary; exit status 1 when no row could be scored."""
+    result = score(config_from_args(args))
+    print(result.summary())
+    return 1 if result.all_failed else 0

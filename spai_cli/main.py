@@ -101,8 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "overrides change any field, e.g. optim.lr=1e-4 model.mask_radius=24.")
     p.add_argument("--config", "-c", default=None, help="training config YAML (default: the official recipe)")
     p.add_argument("--manifest", "-m", required=True, help="manifest path or s3:// URI with train and val rows")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU, gloo)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks; default: the config's "
+                   "`workers`, 1 in the official recipe)")
+    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU, gloo; default: the "
+                   "config's `gpus_per_worker`)")
     p.add_argument("--output", "-o", default=None, help="run directory or s3:// URI (default: runs/)")
     p.add_argument("--name", default=None, help="run name (default: generated)")
     p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns; "
@@ -140,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="score images (folder, CSV, manifest or s3:// prefix) with Ray Data",
                        description="Batch scoring: read -> decode on CPU workers -> score on an actor pool -> "
-                       "write, streaming and resumable (re-run the same command to continue).")
+                       "write, streaming and resumable (re-run the same command to continue). Rows that fail keep "
+                       "their reason in the output; the exit status is 1 when none could be scored.")
     p.add_argument("--weights", "-w", required=True, help="official spai.pth or our checkpoint (.safetensors)")
     p.add_argument("--input", "-i", required=True, help="image, folder, official CSV, manifest or s3:// prefix")
     p.add_argument("--recursive", "-r", action="store_true", help="score a folder's subfolders too (default: its "
@@ -200,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Builds (or reuses) the offline demo corpus from committed photos and CPU "
                        "generators, trains the tiny config with Ray Train, scores the held-out set with Ray Data "
                        "and prints a per-generator table with a ROC report.")
-    p.add_argument("--output", "-o", default="demo_out", help="working directory for corpus, runs and report")
+    p.add_argument("--output", "-o", default="demo_out", help="working directory for corpus, runs and report "
+                   "(default: demo_out)")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
     p.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
     p.add_argument("--rebuild", action="store_true", help="rebuild the corpus even if it exists")

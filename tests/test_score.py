@@ -216,6 +216,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(weights, corpus, expected
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert f"scored {len(rows) - done_before} images" in finished.stdout
+    assert f"{done_before} of {len(rows)} rows were scored before" in finished.stderr
     # in a log (not a terminal) progress comes as whole lines, without Ray Data's routine INFO lines between them
     assert "scoring: 100%" in finished.stderr and "\r" not in finished.stderr
     assert "Execution plan of Dataset" not in finished.stderr, finished.stderr
@@ -276,6 +277,9 @@ def test_summary_reports_start_up_apart_from_the_rate():
     assert "9 scored, 1 failed (truncated: 1)" in summary
     assert "since" not in ScoreResult("out.parquet", table, 10, 20.0, {}, first=(20.0, 10)).summary()
     assert "since" not in ScoreResult("out.parquet", table, 10, 20.0, {}, first=(15.0, 8)).summary()  # a burst
+    assert not ScoreResult("out.parquet", table, 10, 20.0, {}).all_failed and "error:" not in summary
+    failed = ScoreResult("out.parquet", pa.table({"error": ["missing: /x/a.jpg does not exist"] * 2}), 2, 1.0, {})
+    assert failed.all_failed and "error: none of the 2 rows could be scored, e.g. missing: /x/a.jpg" in failed.summary()
 
 
 def test_actor_plan_follows_the_cluster():
