@@ -60,13 +60,15 @@ def tile_offsets(height: int, width: int, size: int = 224, minimum_patches: int 
     """Top-left offsets of the tiles the model pools for a (padded) ``height x width`` image.
 
     ``max_tiles`` bounds the cost of huge images: the grid's tiles are subsampled evenly in row-major
-    order (``spread_indices``), which is deterministic and covers the image from its first to last tile.
+    order (``spread_indices``), which is deterministic and covers the image from its first to last tile. It caps a
+    small image's five-crop too, centre first, then the corners in five-crop order.
     """
     if height < size or width < size:
         raise ValueError(f"pad images to at least {size}x{size} before tiling, got {height}x{width}")
     grid = [(r * size, c * size) for r in range(height // size) for c in range(width // size)]
     if len(grid) < minimum_patches:
-        return five_crop_offsets(height, width, size)
+        crops = five_crop_offsets(height, width, size)
+        return crops if max_tiles is None or max_tiles >= len(crops) else [crops[4], *crops[:4]][:max_tiles]
     if max_tiles is not None and len(grid) > max_tiles:
         grid = [grid[i] for i in spread_indices(len(grid), max_tiles)]
     return grid

@@ -43,6 +43,13 @@ def test_five_crop_order_and_centre_rounding():
     assert five_crop_offsets(225, 227, 224)[-1] == (0, 2)  # round(0.5) = 0, round(1.5) = 2 (Python rounding)
 
 
+def test_max_tiles_caps_a_five_crop_centre_first():
+    crops = tile_offsets(224, 300)
+    assert len(crops) == 5 and tile_offsets(224, 300, max_tiles=9) == crops
+    assert tile_offsets(224, 300, max_tiles=1) == [crops[4]]
+    assert tile_offsets(224, 300, max_tiles=2) == [crops[4], crops[0]]
+
+
 def test_max_tiles_is_deterministic_and_spread():
     offsets = tile_offsets(2240, 2240, max_tiles=7)
     assert len(offsets) == 7 and offsets[0] == (0, 0) and offsets[-1] == (2016, 2016)
