@@ -61,7 +61,13 @@ def init_ray(reserved_cpus: float = 0) -> None:
     runtime_env = {"worker_process_setup_hook": quiet_ray_logs}
     if address:  # "auto" joins a cluster started on this machine with `ray start`
         check_reachable(address)
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+        except ConnectionError as exc:  # reachable, but it would not take us: most often Ray's token authentication
+            raise ClusterError(f"could not join the Ray cluster at {address} (RAY_ADDRESS): {exc}. If it uses token "
+                               "authentication (`ray start` turns it on since Ray 2.5x), set RAY_AUTH_MODE=token and "
+                               "give this machine the cluster's token: "
+                               "https://docs.ray.io/en/latest/ray-security/token-auth.html") from exc
     else:  # always a fresh local Ray: silently joining some other job's cluster would mix resources and logs
         cpus = max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)

@@ -317,7 +317,11 @@ def train_loop(loop: dict[str, Any]) -> None:
         metrics.update(best_val_auc=best_auc, stale_epochs=stale, **counts)
         stop = cfg.patience is not None and stale > cfg.patience
         if rank == 0:
-            tracking.log_metrics(loop["tracking_uri"], loop["mlflow_run_id"], metrics, step=epoch)
+            try:
+                tracking.log_metrics(loop["tracking_uri"], loop["mlflow_run_id"], metrics, step=epoch)
+            except Exception as exc:  # noqa: BLE001 - an MLflow outage must not kill (and retry) hours of training
+                say(f"[spai train] warning: epoch {epoch}'s metrics were not logged to MLflow ({type(exc).__name__}: "
+                    f"{str(exc)[:300]}); training goes on, and its checkpoints keep them")
         if metrics["train_images"] == 0:  # nothing to learn from: no checkpoint, and the driver fails the run
             if rank == 0:
                 message = no_training_data_message(metrics, loop["manifest"])
@@ -560,9 +564,13 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         run_id = tracking.start_run(tracking_uri, experiment, name, to_dict(cfg),
                                     {"manifest": manifest, "output": run_dir}, parent_run_id)
     # Rewritten on resume too: a resume may change the epochs (see RESUMABLE_CHANGES), and the record must say so.
-    storage.write_bytes(marker, json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-                                            "manifest": manifest, "config": to_dict(cfg)}).encode(), options)
-    storage.write_bytes(storage.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg)).encode(), options)
+    try:
+        storage.write_bytes(marker, json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                                                "manifest": manifest, "config": to_dict(cfg)}).encode(), options)
+        storage.write_bytes(storage.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg)).encode(), options)
+    except BaseException:  # e.g. a missing output bucket: the MLflow run must not stay RUNNING
+        tracking.finish_run(tracking_uri, run_id, "FAILED")
+        raise
 
     data_error_uri = storage.join(run_dir, "data_error.txt")  # written by rank 0 when an epoch had nothing to train
     if storage.exists(data_error_uri, options):  # a resumed run may have been fixed since

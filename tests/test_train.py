@@ -298,6 +298,24 @@ def test_ctrl_c_leaves_the_run_killed_and_resumable(tmp_path, monkeypatch):
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
 
 
+def test_an_output_that_cannot_be_written_leaves_no_running_mlflow_run(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    import pipelines.runtime
+
+    rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g", "source": "s", "group": str(i)}
+            for i, split in enumerate(["train", "train", "val", "val"])]
+    manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
+    monkeypatch.setattr(pipelines.runtime, "init_ray", lambda reserved_cpus=0: None)
+    (tmp_path / "a_file").write_text("not a folder")
+    cfg = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2", "workers=1"])
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    with pytest.raises(OSError):
+        run_training(cfg, manifest, str(tmp_path / "a_file" / "runs"), "r", mlflow_uri=uri)
+    (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("spai-train").experiment_id])
+    assert run.info.status == "FAILED"
+
+
 def test_a_resume_may_change_how_long_a_run_is_not_what_it_learns():
     recorded = json.loads(json.dumps(to_dict(TrainConfig())))  # as the run marker holds it: tuples became lists
     check_resumable(recorded, {**to_dict(TrainConfig()), "epochs": 50, "workers": 4})
