@@ -112,6 +112,22 @@ def test_every_trial_gets_the_init_weights_and_a_bad_file_fails_before_the_searc
     assert not (tmp_path / "out" / "t").exists()
 
 
+def test_concurrency_leaves_each_node_a_cpu_for_decoding(monkeypatch):
+    import tune.search
+
+    def cluster(*node_cpus: float, gpus: float = 0.0) -> None:
+        nodes = [{"Alive": True, "Resources": {"CPU": c}} for c in node_cpus]
+        monkeypatch.setattr(tune.search.ray, "nodes", lambda: nodes)
+        monkeypatch.setattr(tune.search.ray, "cluster_resources", lambda: {"CPU": sum(node_cpus), "GPU": gpus})
+
+    cluster(2.0, 2.0, 2.0)  # three trials would hold a CPU on each node and starve their decode tasks (seen: a hang)
+    assert tune.search.default_concurrency(1.01, 0) == 1
+    cluster(5.0)  # a local Ray sized for two trials
+    assert tune.search.default_concurrency(1.01, 0) == 2
+    cluster(0.0, 48.0, 48.0, gpus=8)
+    assert tune.search.default_concurrency(4.01, 1) == 8
+
+
 def test_trial_status_follows_tunes_record_not_late_epochs():
     """A trial ASHA stopped at a rung of max_t - 1 may still log epoch max_t to MLflow; Tune's last result says
     what happened."""

@@ -147,9 +147,14 @@ def per_trial_cpus(base: dict[str, Any]) -> float:
 
 
 def default_concurrency(cpus_per_trial: float, gpus_per_trial: float) -> int:
-    """Trials whose Train runs fit the cluster at once; more would only wait for resources, each holding a driver."""
+    """Trials whose Train runs fit the cluster at once; more would only wait for resources, each holding a driver.
+
+    Each trial's decode tasks need a CPU on some node besides its workers', so a node keeps one: two trials on two
+    2-CPU nodes held a CPU each and left 0.99 per node, and their 1-CPU decode tasks never started."""
     total = ray.cluster_resources()
-    fits = [(total.get("CPU", 0.0) - DATA_CPUS) // cpus_per_trial]
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+    fits = [(total.get("CPU", 0.0) - DATA_CPUS) // cpus_per_trial,
+            sum(max(0.0, cpus - 1) // cpus_per_trial for cpus in node_cpus)]
     if gpus_per_trial:
         fits.append(total.get("GPU", 0.0) // gpus_per_trial)
     return max(1, int(min(fits)))
@@ -218,6 +223,11 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
         max_concurrent = default_concurrency(per_trial_cpus(base_dict), gpus_per_trial)
     else:
         init_ray(reserved_cpus=max_concurrent * per_trial_cpus(base_dict))
+        fits = default_concurrency(per_trial_cpus(base_dict), gpus_per_trial)
+        if max_concurrent > fits:
+            print(f"[spai tune] warning: --max-concurrent {max_concurrent}, but {fits} trial(s) fit this cluster at "
+                  "once with a CPU left per node for their data loading; the others wait, and trials that hold every "
+                  "CPU can starve each other's decode tasks", file=sys.stderr, flush=True)
     if gpus_per_trial:
         check_gpus(gpus_per_trial, ray.cluster_resources().get("GPU", 0.0), f"--gpus-per-trial {gpus_per_trial:g}")
     tracking_uri = tracking.resolve_tracking_uri(mlflow_uri)
