@@ -609,8 +609,10 @@ def _image_folder(uri: str, files: Files, recursive: bool) -> pa.Table:
     images = [u for u, ok in zip(candidates, flags) if ok]
     others = [u for u, ok in zip(candidates, flags) if not ok]
     if not images:
-        raise ManifestError(f"no images in {uri} ({len(candidates)} file(s), none named or sniffed as an image); "
-                            f"point --input at images, a folder of images, an official CSV or a manifest ({SIDECAR})")
+        deeper = "" if recursive else " only its top level was searched: add --recursive for its subfolders, or"
+        raise ManifestError(f"no images in {uri} ({len(candidates)} file(s), none named or sniffed as an image);"
+                            f"{deeper} point --input at images, a folder of images, an official CSV or a manifest "
+                            f"({SIDECAR})")
     folder = parent(uri) if candidates == [uri] else uri  # one image file: a folder of one
     rows = [{"uri": u, "label": None, "split": "test", "generator": None, "source": basename(folder),
              "group": _stem(u), "image": relative_to(u, folder)} for u in images]
