@@ -170,6 +170,11 @@ def format_summary(table: pa.Table) -> str:
                  if split in ("train", "val") and not {"0", "1"} <= set(labels)]
     lines += [f"warning: split {split} lacks real or AI-generated images, so training cannot use it fully (val AUC "
               "is undefined; a train split needs both); add images or change --split / --seed" for split in one_class]
+    groups = set(table.column("group").to_pylist())
+    if len(groups) == table.num_rows > 1 and {"0", "1"} <= set(summary["label"]):
+        lines.append(f"note: {len(groups)} groups for {table.num_rows} images, none shared: if fakes were made from "
+                     "the real photos, a photo and its fakes may land in different splits; name each fake after its "
+                     "photo (beach.png -> beach_sdxl.png) or use --group-by folder")
     return "\n".join(lines)
 
 

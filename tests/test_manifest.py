@@ -321,3 +321,12 @@ def test_summary_warns_of_a_split_without_both_classes():
     assert [line for line in summary.splitlines() if line.startswith("warning")] == [
         "warning: split val lacks real or AI-generated images, so training cannot use it fully (val AUC is undefined; "
         "a train split needs both); add images or change --split / --seed"]
+
+
+def test_summary_notes_when_no_real_image_shares_a_group_with_a_fake():
+    def rows(*groups):
+        return m.rows_to_table([{"uri": f"/x/{i}.png", "label": i % 2, "split": "train", "generator": "g",
+                                 "source": "s", "group": group} for i, group in enumerate(groups)])
+
+    assert "note: 4 groups for 4 images, none shared" in m.format_summary(rows("a", "b", "c", "d"))
+    assert "note:" not in m.format_summary(rows("a", "a", "b", "b"))  # each photo with its fake
