@@ -92,8 +92,9 @@ def quiet_ray_logs() -> None:
     """Keep Ray's routine INFO lines off the console, in the driver and (as Ray's worker setup hook) in every worker.
 
     Ray Data logs each dataset's plan, start and end (a dozen lines per training epoch) and, without a terminal, a
-    progress table every 10 s; our own progress lines say what matters. Ray's log files under the session folder
-    (``/tmp/ray/session_latest/logs``) keep everything, and warnings still reach the console.
+    progress table every 10 s; our own progress lines say what matters. Ray Data's log file under the session folder
+    (``/tmp/ray/session_latest/logs/ray-data``) keeps those; the three loggers named above are raised outright (their
+    lines are noise here, or repeat what the epoch lines and MLflow hold). Warnings still reach the console.
     """
     import ray.data  # configures the "ray.data" logger on its first import, which would undo a change made before
 
