@@ -18,7 +18,7 @@ DEFAULT_STORE = "mlruns"
 
 
 class TrackingError(UserError, LookupError):
-    """A run that should be in the tracking store is not there."""
+    """The tracking store is unreachable, or lacks a run it should hold."""
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:

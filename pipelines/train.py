@@ -640,12 +640,18 @@ def _export_weights(result, run_dir: str, cfg: TrainConfig, options: storage.Sto
     last_uri = storage.join(run_dir, "last.safetensors") if result.checkpoint is not None else None
     if last_uri:
         _copy_weights(result.checkpoint, last_uri, options)
-    version = tracking.log_weights(tracking_uri, run_id, weights, "best.safetensors", cfg.registered_model)
-    if version:
-        print(f"[spai train] registered {cfg.registered_model} version {version}")
-    tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
-                                                if k.startswith("val_")}, step=int(best_metrics["epoch"]))
-    tracking.finish_run(tracking_uri, run_id)
+    try:
+        version = tracking.log_weights(tracking_uri, run_id, weights, "best.safetensors", cfg.registered_model)
+        if version:
+            print(f"[spai train] registered {cfg.registered_model} version {version}")
+        tracking.log_metrics(tracking_uri, run_id, {f"best_{k}": v for k, v in best_metrics.items()
+                                                    if k.startswith("val_")}, step=int(best_metrics["epoch"]))
+        tracking.finish_run(tracking_uri, run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow's own error type varies with the store
+        raise tracking.TrackingError(
+            f"training finished and its weights are in {run_dir} (best.safetensors, last.safetensors), but MLflow at "
+            f"{tracking_uri} did not take them ({type(exc).__name__}: {str(exc)[:300]}); once it is reachable, run "
+            "the same command with --resume to log and register them") from exc
     return TrainResult(run_dir, best_uri, dict(best_metrics), run_id, tracking_uri, last_uri)
 
 

@@ -25,13 +25,15 @@ from safetensors.torch import load, load_file
 from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
 from pipelines.manifest import read_manifest, write_manifest
+from pipelines.storage import StorageOptions
 from pipelines.tracking import TrackingError, resolve_tracking_uri
 from pipelines.train import (CONFIG_DIR, OptimConfig, TrainConfig, best_of, check_resumable, check_splits,
                              epoch_metrics, failure_summary, load_train_config, run_training, track_best)
-from spai_core.checkpoint import CheckpointError, convert, read_checkpoint
+from spai_core.checkpoint import CheckpointError, convert, read_checkpoint, save_checkpoint
 from spai_core.config import ConfigError, to_dict
 from spai_core.detector import Detector
 from spai_core.metrics import binary_metrics
+from spai_core.spai import build_model
 
 pytestmark = pytest.mark.slow
 
@@ -314,6 +316,31 @@ def test_an_output_that_cannot_be_written_leaves_no_running_mlflow_run(tmp_path,
         run_training(cfg, manifest, str(tmp_path / "a_file" / "runs"), "r", mlflow_uri=uri)
     (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("spai-train").experiment_id])
     assert run.info.status == "FAILED"
+
+
+def test_mlflow_down_at_the_end_keeps_the_weights_and_says_how_to_log_them(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+    from ray.train import Checkpoint
+
+    import pipelines.tracking
+    from pipelines.train import _export_weights
+
+    (tmp_path / "ckpt").mkdir()
+    save_checkpoint(tmp_path / "ckpt" / "model.safetensors", build_model("spai_tiny"))
+    checkpoint = Checkpoint.from_directory(str(tmp_path / "ckpt"))
+    result = SimpleNamespace(best_checkpoints=[(checkpoint, {"epoch": 0, "val_auc": 0.7})], checkpoint=checkpoint,
+                             metrics={"epoch": 0, "val_auc": 0.7})
+
+    def unreachable(*args, **kwargs):
+        raise MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/runs/get failed")
+
+    monkeypatch.setattr(pipelines.tracking, "log_weights", unreachable)
+    with pytest.raises(TrackingError, match="training finished and its weights are in .*run the same command with "
+                                            "--resume to log and register them"):
+        _export_weights(result, str(tmp_path / "run"), TrainConfig(), StorageOptions(), "http://mlflow:5000", "id")
+    assert (tmp_path / "run" / "best.safetensors").is_file() and (tmp_path / "run" / "last.safetensors").is_file()
 
 
 def test_a_resume_may_change_how_long_a_run_is_not_what_it_learns():
