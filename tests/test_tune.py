@@ -98,7 +98,8 @@ def test_every_trial_gets_the_init_weights_and_a_bad_file_fails_before_the_searc
                              "scheduler": {"max_t": 3}})
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "init.safetensors", build_model(base.model))
-    monkeypatch.setattr(tune.search, "init_ray", lambda reserved_cpus=0: None)
+    monkeypatch.setattr(tune.search, "init_ray", lambda reserved_cpus=0: None)  # no Ray: nothing here needs one
+    monkeypatch.setattr(tune.search, "default_concurrency", lambda cpus_per_trial, gpus_per_trial: 1)
     monkeypatch.setattr(tune.search, "make_tuner", lambda plan, search_dir, options: None)
     monkeypatch.setattr(tune.search, "_fit", lambda tuner, plan, search_dir, options: plan)  # the plan, not a search
     monkeypatch.chdir(tmp_path)
