@@ -74,10 +74,11 @@ def init_ray(reserved_cpus: float = 0) -> None:
     quiet_ray_logs()
 
 
-def check_gpus(needed: float, have: float, asked: str) -> None:
+def check_gpus(needed: float, asked: str) -> None:
     """Refuse GPUs that a local Ray does not have (its actors would wait for them forever). On a cluster
     (``RAY_ADDRESS``) only say that the job waits: a cluster that scales GPU nodes from zero (as ``cluster.yaml``'s
     does) has none until a job asks for them."""
+    have = ray.cluster_resources().get("GPU", 0.0)
     if have >= needed:
         return
     if os.environ.get("RAY_ADDRESS"):

@@ -501,7 +501,7 @@ class ScoreResult:
             lines.append(f"not in the output: {self.skipped['count']} input file(s) {self.skipped['why']}, e.g. "
                          + ", ".join(self.skipped["examples"][:3]))
         lines.append(f"wrote {self.output}")
-        if errors and len(errors) == self.table.num_rows:
+        if self.all_failed:
             lines.append(f"error: none of the {len(errors)} rows could be scored, e.g. {errors[0]}; check the input's "
                          "paths (--root for a CSV), the storage settings and the weights")
         return "\n".join(lines)
@@ -544,7 +544,7 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     if plan.device == "cuda":
         asked = [f"--device {cfg.device}", *([f"--workers {cfg.workers}"] if cfg.workers else []),
                  *([f"--gpus {cfg.gpus:g}"] if cfg.gpus else [])]
-        check_gpus(plan.workers * plan.num_gpus, ray.cluster_resources().get("GPU", 0.0), " ".join(asked))
+        check_gpus(plan.workers * plan.num_gpus, " ".join(asked))
     scoring_options = cfg.options(plan.precision)
     ids = table.column("row_id")
     work.start({"model_id": model_id, "rows": table.num_rows, **scoring_options,

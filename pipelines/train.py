@@ -548,7 +548,7 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
     # before the run is recorded: a local Ray without the GPUs asked for is an error, not a run that waits forever
     init_ray(reserved_cpus=cfg.workers * cfg.cpus_per_worker)
     if cfg.gpus_per_worker:
-        check_gpus(cfg.workers * cfg.gpus_per_worker, ray.cluster_resources().get("GPU", 0.0),
+        check_gpus(cfg.workers * cfg.gpus_per_worker,
                    f"--workers {cfg.workers} --gpus-per-worker {cfg.gpus_per_worker:g}")
 
     if resume:

@@ -305,12 +305,17 @@ def test_actor_plan_follows_the_cluster():
 
 
 def test_gpus_a_local_ray_lacks_are_an_error_and_a_cluster_may_add_them(monkeypatch, capsys):
+    import pipelines.runtime
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    check_gpus(2, 2.0, "x")
+    gpus = {"GPU": 2.0}
+    monkeypatch.setattr(pipelines.runtime.ray, "cluster_resources", lambda: gpus)
+    check_gpus(2, "x")
+    gpus["GPU"] = 0.0
     with pytest.raises(ClusterError, match="--gpus 1 needs 1 GPU.* local Ray has 0; ask for fewer, drop the GPU"):
-        check_gpus(1, 0.0, "--gpus 1")
+        check_gpus(1, "--gpus 1")
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
-    check_gpus(4, 0.0, "training")
+    check_gpus(4, "training")
     assert "waiting for its autoscaler to add GPU nodes" in capsys.readouterr().err
 
 

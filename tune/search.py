@@ -229,7 +229,7 @@ def run_search(base: TrainConfig, manifest: str, space: SearchSpace, trials: int
                   "once with a CPU left per node for their data loading; the others wait, and trials that hold every "
                   "CPU can starve each other's decode tasks", file=sys.stderr, flush=True)
     if gpus_per_trial:
-        check_gpus(gpus_per_trial, ray.cluster_resources().get("GPU", 0.0), f"--gpus-per-trial {gpus_per_trial:g}")
+        check_gpus(gpus_per_trial, f"--gpus-per-trial {gpus_per_trial:g}")
     tracking_uri = tracking.resolve_tracking_uri(mlflow_uri)
     parent_run_id = tracking.start_run(
         tracking_uri, experiment, storage.basename(search_dir),
