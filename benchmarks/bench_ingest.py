@@ -148,7 +148,7 @@ def run(corpus_mb: int, sizes: list[int], cpus: list[int], rounds: int, workdir:
     manifests = {s: write_corpus_manifest(paths, s, workdir / str(s)) for s, paths in corpora.items()}
     results: dict = {"counts": counts}
     for n in cpus:
-        ray.init(num_cpus=n, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=n, include_dashboard=False, logging_level=logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             pipeline(manifests[sizes[0]], counts[sizes[0]])  # warm-up: start (and import into) every worker first
