@@ -107,7 +107,9 @@ def read_scores(uri: str, options: StorageOptions | None = None) -> pa.Table:
     """A score table written by ``spai score`` (Parquet or CSV, local or s3://)."""
     data = Files(options).read(uri)
     try:
-        table = pacsv.read_csv(io.BytesIO(data)) if uri.lower().endswith(".csv") else table_from_parquet(data)
+        # one thread, for the reason table_from_parquet gives
+        table = (pacsv.read_csv(io.BytesIO(data), pacsv.ReadOptions(use_threads=False))
+                 if uri.lower().endswith(".csv") else table_from_parquet(data))
     except pa.ArrowInvalid as exc:
         raise EvaluateError(f"{uri} is not a readable score table ({exc}); give the output of `spai score`") from exc
     return table

@@ -199,10 +199,12 @@ def parquet_bytes(table: pa.Table) -> bytes:
 def table_from_parquet(data: bytes) -> pa.Table:
     """A table from Parquet bytes (read from any storage by :class:`Files`).
 
-    Through ``ParquetFile``: ``pq.read_table`` of an in-memory file can leave pyarrow 25 threads that abort the
-    process at exit ("terminate called without an active exception", exit code 134; seen in ``spai evaluate``).
+    Without Arrow's thread pool: a pool thread may drop the last reference to ``data`` (a Python object) after the
+    read returns, and if the interpreter is exiting by then, taking the GIL ends that thread inside C++ code that
+    cannot unwind: "terminate called without an active exception", exit code 134 (seen in ``spai evaluate``, in
+    about 1 run of 4 once torch is imported). These tables are small; one thread reads them as fast.
     """
-    return pq.ParquetFile(pa.BufferReader(data)).read()
+    return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
 
 
 def _partitions(table: pa.Table) -> list[tuple[str, str | None, pa.Table]]:
