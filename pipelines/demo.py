@@ -42,7 +42,8 @@ def run_demo(output: str | Path = "demo_out", workers: int = 2, epochs: int | No
 
     _step(3, "scoring the held-out test split with Ray Data")
     scores_path = Path(result.run_dir) / "test_scores.parquet"
-    score(ScoreConfig(weights=result.best_checkpoint, input=manifest, output=str(scores_path), split="test"))
+    score(ScoreConfig(weights=result.best_checkpoint, input=manifest, output=str(scores_path), split="test",
+                      mlflow_uri=tracking_uri, experiment="spai-demo"))
 
     _step(4, "evaluating per generator (each generator's fakes against all real test images)")
     report = evaluate({"demo": read_scores(str(scores_path))}, seen=seen)

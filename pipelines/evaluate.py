@@ -333,15 +333,16 @@ def mlflow_metrics(report: EvalReport) -> dict[str, float]:
     return {key("eval", r["run"], r["generator"], m): r[m] for r in report.rows for m in METRICS}
 
 
-def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None) -> str:
-    """Log metrics and report files to ``run_id`` (or a new run in experiment ``spai-evaluate``); the run id."""
+def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None,
+               experiment: str = "spai-evaluate") -> str:
+    """Log metrics and report files to ``run_id`` (or a new run in ``experiment``); the run id."""
     from pipelines import tracking  # MLflow is slow to import; only this path needs it
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     own_run = run_id is None
     if own_run:
-        run_id = tracking.start_run(uri, "spai-evaluate", "evaluate", {"threshold": report.threshold,
-                                                                       "runs": ",".join(report.runs)})
+        run_id = tracking.start_run(uri, experiment, f"evaluate {', '.join(report.runs)}"[:250],
+                                    {"threshold": report.threshold, "runs": ",".join(report.runs)})
     tracking.log_metrics(uri, run_id, mlflow_metrics(report), step=0)
     with tempfile.TemporaryDirectory(prefix="spai-eval-") as tmp:
         for path in write_report(report, tmp):
@@ -352,13 +353,16 @@ def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None)
 
 
 def main(args: argparse.Namespace) -> int:
-    """``spai evaluate``: print the table; write report files and log to MLflow when asked."""
+    """``spai evaluate``: print the table, write report files when asked, and log to MLflow (unless --no-mlflow)."""
+    if args.no_mlflow and args.run_id:
+        raise EvaluateError("--no-mlflow and --run-id contradict each other; drop one of them")
     report = evaluate({uri: read_scores(uri) for uri in args.scores}, threshold=args.threshold, seen=args.seen,
                       split=args.split)
     print(report.markdown())
     if args.output:
         written = write_report(report, args.output)
         print(f"wrote {len(written)} report file(s) to {args.output}")
-    if args.mlflow_uri or args.run_id:
-        print(f"logged to MLflow run {log_report(report, args.mlflow_uri, args.run_id)}")
+    if args.no_mlflow:
+        return 0
+    print(f"logged to MLflow run {log_report(report, args.mlflow_uri, args.run_id, args.experiment)}")
     return 0

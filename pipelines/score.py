@@ -20,6 +20,11 @@ scores; ``spai evaluate`` labels degradation runs from it). Rows that failed kee
 With ``--official-csv`` the output is the official layout instead: the input CSV's columns (``image, split, class``
 for other inputs) plus the ``--tag`` column; failed rows have an empty score and are listed in
 ``<output>.errors.csv``. The :class:`ScoreConfig` is written next to the output as ``<output>.config.yaml``.
+
+Tracking: each invocation is an MLflow run (experiment ``spai-score``, named after the output file) with every option,
+the model hash and the actor plan as params, and the row counts (per failure reason) and speed as metrics. A run
+that is stopped is marked KILLED or FAILED; its resumption is a new run whose ``resumed_rows`` says how many rows
+it found done.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from pipelines import tracking
 from pipelines.console import progress_bar
 from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS
@@ -101,6 +107,9 @@ class ScoreConfig:
     official_csv: bool = False
     part_rows: int = 1000  # rows per part file of the work directory
     overwrite: bool = False  # score again into an existing output (an unfinished run is still continued)
+    track: bool = True  # record the job as an MLflow run (params, counts, speed)
+    mlflow_uri: str | None = None  # MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else ./mlruns)
+    experiment: str = "spai-score"  # MLflow experiment of the job's run
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -485,10 +494,31 @@ class ScoreResult:
     seconds: float
     skipped: dict[str, Any]  # files the input listing left out: {"count", "why", "examples"}, or empty
     first: tuple[float, int] | None = None  # seconds to the first results and their rows: start-up apart from speed
+    tracking_uri: str | None = None  # the MLflow store of the job's run, when tracked
+    run_id: str | None = None
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for e in self.table.column("error").to_pylist() if e is not None]
+
+    @staticmethod
+    def reasons(errors: list[str]) -> collections.Counter[str]:
+        """Failed rows per reason (the part of an error before its colon)."""
+        return collections.Counter(e.split(":", 1)[0] for e in errors)
+
+    def metrics(self) -> dict[str, float]:
+        """Counts and speed for MLflow: rows, scored, failed (and per reason), this invocation's images/s."""
+        errors = self.errors
+        reasons = self.reasons(errors)
+        return {"rows": self.table.num_rows, "scored": self.table.num_rows - len(errors), "failed": len(errors),
+                "scored_now": self.scored_now, "seconds": self.seconds,
+                "images_per_s": self.scored_now / self.seconds if self.seconds else 0.0,
+                **({"first_results_s": self.first[0]} if self.first else {}),
+                **{f"failed_{reason}": count for reason, count in reasons.items()}}
 
     def summary(self) -> str:
-        errors = [e for e in self.table.column("error").to_pylist() if e is not None]
-        reasons = collections.Counter(e.split(":", 1)[0] for e in errors)
+        errors = self.errors
+        reasons = self.reasons(errors)
         rate = f"{self.scored_now / self.seconds if self.seconds else 0.0:.2f} img/s"
         # The rate since the first results says something only if they came early (else it is a burst of last rows).
         if self.first and self.scored_now > self.first[1] and self.first[0] <= self.seconds / 2:
@@ -528,7 +558,7 @@ def write_outputs(out: pa.Table, cfg: ScoreConfig, files: Files) -> None:
 
 
 def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: bool = True) -> ScoreResult:
-    """Run (or resume) a scoring job and write its output; see the module docstring for the layout."""
+    """Run (or resume) a scoring job, write its output and record it in MLflow; see the module docstring."""
     cfg.validate()
     options = options or StorageOptions.from_env()
     files = Files(options)
@@ -536,6 +566,7 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     if not cfg.overwrite and not work.exists() and files.info(cfg.output).type != pafs.FileType.NotFound:
         raise ScoreError(f"{cfg.output} already exists (a finished run); pass --overwrite to score again and replace "
                          "it, or choose another --output")
+    tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow_uri) if cfg.track else None  # an unreachable one fails now
     table, skipped = input_table(cfg, options)
     model_id = check_weights(cfg.weights, options)
     init_ray()
@@ -553,16 +584,48 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     if todo.num_rows < table.num_rows:
         print(f"resuming {work.uri}: {table.num_rows - todo.num_rows} of {table.num_rows} rows were scored before",
               file=sys.stderr, flush=True)
-    started, first = time.monotonic(), None
-    if todo.num_rows:
-        with progress_bar(progress, total=table.num_rows, initial=table.num_rows - todo.num_rows, unit="img",
-                          desc="scoring", smoothing=0.05) as bar:
-            first = score_rows(todo, cfg, plan, model_id, options, work, bar)
-    seconds = time.monotonic() - started
-    out = assemble(table, work.read_parts(), model_id, scoring_options)
-    write_outputs(out, cfg, files)
-    work.remove()
-    return ScoreResult(cfg.output, out, todo.num_rows, seconds, skipped, first and (first[0] - started, first[1]))
+    run_id = start_tracking(cfg, tracking_uri, model_id, plan, resumed=table.num_rows - todo.num_rows)
+    with tracking.ended_on_error(tracking_uri, run_id) if run_id else contextlib.nullcontext():
+        started, first = time.monotonic(), None
+        if todo.num_rows:
+            with progress_bar(progress, total=table.num_rows, initial=table.num_rows - todo.num_rows, unit="img",
+                              desc="scoring", smoothing=0.05) as bar:
+                first = score_rows(todo, cfg, plan, model_id, options, work, bar)
+        seconds = time.monotonic() - started
+        out = assemble(table, work.read_parts(), model_id, scoring_options)
+        write_outputs(out, cfg, files)
+        work.remove()
+    result = ScoreResult(cfg.output, out, todo.num_rows, seconds, skipped, first and (first[0] - started, first[1]),
+                         tracking_uri, run_id)
+    if run_id:
+        finish_tracking(result)
+    return result
+
+
+def start_tracking(cfg: ScoreConfig, tracking_uri: str | None, model_id: str, plan: ActorPlan, resumed: int
+                   ) -> str | None:
+    """The job's MLflow run (None when not tracked): every option, the model hash and where the actors run."""
+    if tracking_uri is None:
+        return None
+    name = basename(cfg.output).rsplit(".", 1)[0]
+    params = {**to_dict(cfg), "model_id": model_id, "plan": dataclasses.asdict(plan), "resumed_rows": resumed}
+    try:
+        return tracking.start_run(tracking_uri, cfg.experiment, name, params, {"output": cfg.output})
+    except Exception as exc:  # noqa: BLE001 - MLflow's own error type varies with the store
+        raise tracking.TrackingError(f"MLflow at {tracking_uri} did not take the scoring run ({type(exc).__name__}: "
+                                     f"{str(exc)[:300]}); fix --mlflow-uri (or MLFLOW_TRACKING_URI), or pass "
+                                     "--no-mlflow") from exc
+
+
+def finish_tracking(result: ScoreResult) -> None:
+    """Log the counts and speed and end the run (FAILED when no row could be scored, as the exit status says). The
+    output is written by then, so an MLflow that fails now costs a warning, not the job."""
+    try:
+        tracking.log_metrics(result.tracking_uri, result.run_id, result.metrics(), step=0)
+        tracking.finish_run(result.tracking_uri, result.run_id, "FAILED" if result.all_failed else "FINISHED")
+    except Exception as exc:  # noqa: BLE001 - as above
+        print(f"warning: {result.output} is written, but MLflow at {result.tracking_uri} did not record its counts "
+              f"({type(exc).__name__}: {str(exc)[:300]})", file=sys.stderr, flush=True)
 
 
 def config_from_args(args: argparse.Namespace) -> ScoreConfig:
@@ -574,11 +637,15 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
                        cpus_per_worker=args.cpus_per_worker, feature_batch=args.feature_batch,
                        max_tiles=args.max_tiles, transform=transform, root=args.root, split=args.split, tag=args.tag,
                        official_csv=args.official_csv, part_rows=args.part_rows, recursive=args.recursive,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, track=not args.no_mlflow, mlflow_uri=args.mlflow_uri,
+                       experiment=args.experiment)
 
 
 def main(args: argparse.Namespace) -> int:
     """``spai score``: score and print a summary; exit status 1 when no row could be scored."""
     result = score(config_from_args(args))
     print(result.summary())
+    if result.run_id:
+        print(f"tracked as MLflow run {result.run_id} (experiment {args.experiment})")
+        print(tracking.ui_hint(result.tracking_uri))
     return 1 if result.all_failed else 0

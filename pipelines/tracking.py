@@ -1,12 +1,13 @@
 """MLflow tracking: a local store by default, any tracking URI when given; params flattened from configs."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import tempfile
 import urllib.parse
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow.tracking import MlflowClient
@@ -142,6 +143,20 @@ def log_weights(tracking_uri: str, run_id: str, weights: bytes, filename: str, r
 
 def finish_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     MlflowClient(tracking_uri).set_terminated(run_id, status)
+
+
+@contextlib.contextmanager
+def ended_on_error(tracking_uri: str, run_id: str) -> Iterator[None]:
+    """Mark the run KILLED on Ctrl-C (or ``SystemExit``) and FAILED on any other error, then re-raise, so a job that
+    stops early never leaves its run RUNNING."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        finish_run(tracking_uri, run_id, "KILLED")
+        raise
+    except BaseException:
+        finish_run(tracking_uri, run_id, "FAILED")
+        raise
 
 
 def register_model(tracking_uri: str, run_id: str, artifact_path: str, name: str) -> str:

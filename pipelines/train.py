@@ -564,13 +564,10 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
         run_id = tracking.start_run(tracking_uri, experiment, name, to_dict(cfg),
                                     {"manifest": manifest, "output": run_dir}, parent_run_id)
     # Rewritten on resume too: a resume may change the epochs (see RESUMABLE_CHANGES), and the record must say so.
-    try:
+    with tracking.ended_on_error(tracking_uri, run_id):  # e.g. a missing output bucket: the run must not stay RUNNING
         storage.write_bytes(marker, json.dumps({"mlflow_run_id": run_id, "tracking_uri": tracking_uri,
                                                 "manifest": manifest, "config": to_dict(cfg)}).encode(), options)
         storage.write_bytes(storage.join(run_dir, "config.yaml"), yaml.safe_dump(to_dict(cfg)).encode(), options)
-    except BaseException:  # e.g. a missing output bucket: the MLflow run must not stay RUNNING
-        tracking.finish_run(tracking_uri, run_id, "FAILED")
-        raise
 
     data_error_uri = storage.join(run_dir, "data_error.txt")  # written by rank 0 when an epoch had nothing to train
     if storage.exists(data_error_uri, options):  # a resumed run may have been fixed since
@@ -595,18 +592,15 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             callbacks=callbacks or None),
     )
-    try:
-        result = trainer.fit()
+    with tracking.ended_on_error(tracking_uri, run_id):
+        try:
+            result = trainer.fit()
+        except SystemExit as exc:
+            # Ray Train's own Ctrl-C handler aborts the run and then leaves fit() with SystemExit(1): an interruption,
+            # which the CLI answers with how to resume
+            raise KeyboardInterrupt from exc
         if storage.exists(data_error_uri, options):
             raise TrainingDataError(storage.read_bytes(data_error_uri, options).decode())
-    except (KeyboardInterrupt, SystemExit) as exc:
-        # Ray Train's own Ctrl-C handler aborts the run and then leaves fit() with SystemExit(1): an interruption,
-        # which the CLI answers with how to resume
-        tracking.finish_run(tracking_uri, run_id, "KILLED")
-        raise KeyboardInterrupt from exc
-    except BaseException:
-        tracking.finish_run(tracking_uri, run_id, "FAILED")
-        raise
     return _export_weights(result, run_dir, cfg, options, tracking_uri, run_id)
 
 

@@ -65,6 +65,15 @@ def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
         k.add_argument("--source", default=None, help="dataset name for the `source` column")
 
 
+def add_mlflow_options(p: argparse.ArgumentParser, experiment: str, what: str) -> None:
+    """Where a command records its run: every run is tracked unless told not to."""
+    p.add_argument("--experiment", default=experiment, help=f"MLflow experiment name (default: {experiment})")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--mlflow-uri", default=None,
+                       help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
+    where.add_argument("--no-mlflow", action="store_true", help=f"do not record this run in MLflow (it records {what})")
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("spai-ray")
@@ -177,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part-rows", type=int, default=1000,
                    help="finished rows per part file of the resumable work dir <output>.parts/ (a kill redoes at "
                    "most this many rows, or one minute of work; default: 1000)")
+    add_mlflow_options(p, "spai-score", "the job's options, counts and speed")
 
     p = sub.add_parser("evaluate", help="metrics per generator (and per degradation) from a scored table",
                        description="AUC, AP, accuracy, TPR at 1%/5% FPR and ECE per generator, each fake "
@@ -188,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seen", nargs="*", default=None, help="generators seen in training (listed apart)")
     p.add_argument("--split", default=None, help="evaluate only the rows of this split, e.g. test (default: all rows; "
                    "the report notes when they pool several splits)")
-    p.add_argument("--mlflow-uri", default=None, help="log the report to this MLflow tracking URI")
-    p.add_argument("--run-id", default=None, help="MLflow run to attach the report to")
+    add_mlflow_options(p, "spai-evaluate", "the metrics and report files")
+    p.add_argument("--run-id", default=None, help="MLflow run to attach the report to (e.g. the training run) instead "
+                   "of a new one")
 
     p = sub.add_parser("convert", help="convert weights between the official .pth layout and our .safetensors",
                        description="official spai.pth -> ours.safetensors, or ours -> official layout (.pth) "

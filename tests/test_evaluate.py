@@ -158,3 +158,17 @@ def test_cli_prints_writes_and_logs_to_mlflow(tmp_path, capsys):
     assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {"evaluation/metrics.md",
                                                                           "evaluation/roc_sdxl.png"}
     assert np.isfinite(metrics["eval/clean/overall/ap"])
+    assert client.get_run(run_id).info.run_name == "evaluate clean"
+
+
+def test_cli_logs_to_the_default_store_unless_told_not_to(tmp_path, monkeypatch, capsys):
+    pq.write_table(score_table(), tmp_path / "scores.parquet")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    assert cli(["evaluate", str(tmp_path / "scores.parquet"), "--no-mlflow"]) == 0
+    assert "logged to MLflow" not in capsys.readouterr().out and not (tmp_path / "mlflow.db").exists()
+    assert cli(["evaluate", str(tmp_path / "scores.parquet"), "--experiment", "robustness"]) == 0
+    run_id = capsys.readouterr().out.strip().rsplit(" ", 1)[-1]
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking)
+    assert client.get_experiment(client.get_run(run_id).info.experiment_id).name == "robustness"

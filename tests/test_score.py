@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from parity import FIXTURE, expected_rows, write_official_checkpoint
@@ -43,6 +45,15 @@ def ray_session(s3_server):  # noqa: F811 - the fixture; Ray starts after it so 
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mlflow_store(tmp_path_factory) -> str:
+    """Every scoring job records an MLflow run: here in a store of the module's own, not ./mlruns of the checkout."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +139,11 @@ def test_folder_input_matches_detector_and_truncated_file_is_an_error(weights, c
     assert tiles["cut.jpg"] is None and all(tiles[name] >= 4 for name in expected)
     assert not (tmp_path / "scores.parquet.parts").exists()
     assert "weights" in (tmp_path / "scores.parquet.config.yaml").read_text()
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "scores"
+    assert run.data.params["model_id"] == out.column("model_id")[0].as_py() and run.data.params["plan.device"] == "cpu"
+    assert {k: run.data.metrics[k] for k in ("rows", "scored", "failed", "failed_truncated", "failed_missing")} == {
+        "rows": 12, "scored": 8, "failed": 4, "failed_truncated": 1, "failed_missing": 1}
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -217,6 +233,10 @@ def test_killed_run_resumes_without_duplicates_or_gaps(weights, corpus, expected
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert f"scored {len(rows) - done_before} images" in finished.stdout
     assert f"{done_before} of {len(rows)} rows were scored before" in finished.stderr
+    run_id = re.search(r"tracked as MLflow run (\w+)", finished.stdout).group(1)
+    run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
+    assert run.data.params["resumed_rows"] == str(done_before)
+    assert run.data.metrics["scored_now"] == len(rows) - done_before
     # in a log (not a terminal) progress comes as whole lines, without Ray Data's routine INFO lines between them
     assert "scoring: 100%" in finished.stderr and "\r" not in finished.stderr
     assert "Execution plan of Dataset" not in finished.stderr, finished.stderr
@@ -254,6 +274,19 @@ def test_resume_refuses_other_options_and_a_finished_output_needs_overwrite(weig
     score(ScoreConfig(weights=str(weights), input=str(corpus / "img0.jpg"), output=str(done), overwrite=True),
           progress=False)
     assert pq.read_table(done).column("logit").to_pylist() == pytest.approx([expected["img0.jpg"]], abs=1e-5)
+
+
+def test_a_job_nothing_could_score_is_a_failed_run_and_no_mlflow_records_none(weights, mlflow_store, tmp_path):
+    source = write_csv(tmp_path / "gone.csv", [{"image": str(tmp_path / "gone.png"), "class": 1, "split": "test"}])
+    result = score(ScoreConfig(weights=str(weights), input=str(source), output=str(tmp_path / "s.parquet")),
+                   progress=False)
+    client = MlflowClient(mlflow_store)
+    run = client.get_run(result.run_id)
+    assert result.all_failed and run.info.status == "FAILED" and run.data.metrics["failed_missing"] == 1
+    runs = len(client.search_runs([run.info.experiment_id]))
+    untracked = score(ScoreConfig(weights=str(weights), input=str(source), output=str(tmp_path / "t.parquet"),
+                                  track=False), progress=False)
+    assert untracked.run_id is None and len(client.search_runs([run.info.experiment_id])) == runs
 
 
 @pytest.mark.parametrize("bad", ["corrupt", "folder"])
