@@ -158,8 +158,9 @@ def count_summary(table: pa.Table) -> dict[str, Any]:
     }
 
 
-def format_summary(table: pa.Table) -> str:
-    """A small text table: rows per split and label, then per generator."""
+def format_summary(table: pa.Table, splits_by_group: bool = False) -> str:
+    """A small text table: rows per split and label, then per generator; ``splits_by_group`` when the builder split
+    the rows by group (``manifest folders``), which a group per image undoes."""
     summary = count_summary(table)
     lines = [f"{'split':<8}{'real':>10}{'fake':>10}{'unknown':>10}{'total':>10}"]
     for split, labels in summary["split_label"].items():
@@ -171,7 +172,7 @@ def format_summary(table: pa.Table) -> str:
     lines += [f"warning: split {split} lacks real or AI-generated images, so training cannot use it fully (val AUC "
               "is undefined; a train split needs both); add images or change --split / --seed" for split in one_class]
     groups = set(table.column("group").to_pylist())
-    if len(groups) == table.num_rows > 1 and {"0", "1"} <= set(summary["label"]):
+    if splits_by_group and len(groups) == table.num_rows > 1 and {"0", "1"} <= set(summary["label"]):
         lines.append(f"note: {len(groups)} groups for {table.num_rows} images, none shared: if fakes were made from "
                      "the real photos, a photo and its fakes may land in different splits; name each fake after its "
                      "photo (beach.png -> beach_sdxl.png) or use --group-by folder")
@@ -555,12 +556,13 @@ def _folder_group(uri: str, folder: str, tags: Iterable[str], group_by: str) -> 
     return stem_group(uri, tags)
 
 
-def from_folders(real: Sequence[str], fake: Sequence[str] | Mapping[str, str], balance: bool = False,
+def from_folders(real: Sequence[str], fake: Sequence[str] | Mapping[str, str | Sequence[str]], balance: bool = False,
                  fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0, options: StorageOptions | None = None,
                  source: str | None = None, group_by: str = "stem") -> pa.Table:
     """Manifest rows for folders of real and generated images, searched recursively, split by group.
 
-    ``fake`` is a list of folders (the generator is the folder name) or ``{generator: folder}``. ``balance``
+    ``fake`` is a list of folders (the generator is the folder name; folders of one name are one generator) or
+    ``{generator: folder or folders}``. ``balance``
     subsamples reals (seeded) to the number of fakes, as the SVD fork's ``create_true_fake_csv`` does.
     Groups (``group_by``): ``stem`` (default) is the file stem with trailing generator names stripped
     (``beach_waifu2x.png`` -> ``beach``; see :func:`stem_group`), so a fake made from a real photo joins its source;
@@ -570,13 +572,13 @@ def from_folders(real: Sequence[str], fake: Sequence[str] | Mapping[str, str], b
     if group_by not in ("stem", "folder"):
         raise ManifestError(f"group_by must be 'stem' or 'folder', got {group_by!r}")
     check_fractions(fractions)  # before listing, which can take minutes on S3
-    fakes = dict(fake) if isinstance(fake, Mapping) else {basename(f): f for f in fake}
+    fakes = _folders_by_generator(fake)
     if REAL in fakes:
         raise ManifestError(f"a fake folder is named {REAL!r}, which means real images here; name it with NAME=PATH")
     tags = set(fakes) | {REAL, "fake"}
     files = Files(options)
     rows, others = [], []
-    for name, folder in [(REAL, f) for f in real] + list(fakes.items()):
+    for name, folder in [(REAL, f) for f in real] + [(name, f) for name, folders in fakes.items() for f in folders]:
         images, skipped = _list_images(folder, files)
         others += skipped
         rows += [{"uri": u, "label": int(name != REAL), "generator": name, "source": source or basename(folder),
@@ -592,6 +594,18 @@ def from_folders(real: Sequence[str], fake: Sequence[str] | Mapping[str, str], b
     for row, split in zip(rows, assign_splits([r["group"] for r in rows], fractions, seed)):
         row["split"] = split
     return rows_to_table(rows, notes=notes)
+
+
+def _folders_by_generator(fake: Sequence[str] | Mapping[str, str | Sequence[str]]) -> dict[str, list[str]]:
+    """``{generator: [folders]}`` from folders (named after themselves) or a mapping to a folder or folders."""
+    if not isinstance(fake, Mapping):
+        fake = [(basename(f), f) for f in fake]
+    else:
+        fake = [(name, f) for name, value in fake.items() for f in ([value] if isinstance(value, str) else value)]
+    folders: dict[str, list[str]] = {}
+    for name, folder in fake:
+        folders.setdefault(name, []).append(folder)
+    return folders
 
 
 def _image_folder(uri: str, files: Files, recursive: bool) -> pa.Table:
@@ -661,16 +675,15 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
     return values
 
 
-def _parse_fakes(items: Sequence[str]) -> dict[str, str]:
-    """``NAME=PATH`` or ``PATH`` (named after its folder) -> {generator: folder}."""
-    fakes = {}
+def _parse_fakes(items: Sequence[str]) -> dict[str, list[str]]:
+    """``NAME=PATH`` or ``PATH`` (named after its folder) -> {generator: folders}; a name given twice gathers its
+    folders into one generator."""
+    fakes: dict[str, list[str]] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or "/" in name or ":" in name:  # a plain path, which may itself hold '=' (s3://b/gen=x/)
             name, path = basename(item), item
-        if name in fakes:
-            raise ManifestError(f"two --fake folders are both named {name!r}; name them with NAME=PATH")
-        fakes[name] = path
+        fakes.setdefault(name, []).append(path)
     return fakes
 
 
@@ -690,6 +703,6 @@ def main(args: argparse.Namespace) -> int:
     arguments = {k: v for k, v in vars(args).items() if k not in ("command", "layout", "output")}
     table = build_from_args(args, options)
     uri = write_manifest(table, args.output, {"builder": args.layout, "arguments": arguments}, options)
-    print(f"wrote {table.num_rows} rows to {uri}\n{format_summary(table)}")
+    print(f"wrote {table.num_rows} rows to {uri}\n{format_summary(table, splits_by_group=args.layout == 'folders')}")
     print(f"next: spai validate {uri}")
     return 0

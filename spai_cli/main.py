@@ -53,7 +53,8 @@ def _add_manifest_parser(sub: argparse._SubParsersAction) -> None:
     fold = kinds.add_parser("folders", help="real and fake folders, searched recursively")
     fold.add_argument("--real", nargs="+", required=True, help="folder(s) or s3:// prefixes of real images")
     fold.add_argument("--fake", nargs="+", required=True,
-                      help="folder(s) of generated images; NAME=PATH names the generator (default: folder name)")
+                      help="folder(s) of generated images; NAME=PATH names the generator (default: folder name), "
+                      "and folders given one name are one generator")
     fold.add_argument("--balance", action="store_true", help="subsample reals to the number of fakes")
     fold.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, split by group (seeded)")
     fold.add_argument("--seed", type=int, default=0, help="seed of the split (and of --balance)")

@@ -328,5 +328,16 @@ def test_summary_notes_when_no_real_image_shares_a_group_with_a_fake():
         return m.rows_to_table([{"uri": f"/x/{i}.png", "label": i % 2, "split": "train", "generator": "g",
                                  "source": "s", "group": group} for i, group in enumerate(groups)])
 
-    assert "note: 4 groups for 4 images, none shared" in m.format_summary(rows("a", "b", "c", "d"))
-    assert "note:" not in m.format_summary(rows("a", "a", "b", "b"))  # each photo with its fake
+    assert "note: 4 groups for 4 images, none shared" in m.format_summary(rows("a", "b", "c", "d"), True)
+    assert "note:" not in m.format_summary(rows("a", "a", "b", "b"), True)  # each photo with its fake
+    assert "note:" not in m.format_summary(rows("a", "b", "c", "d"))  # a CSV or GenImage layout gives the splits
+
+
+def test_folders_of_one_generator_name_are_one_generator(folders):
+    """e.g. a generator's train/ and val/ folders, or ``--fake up=a/fake up=b/fake``."""
+    fakes = m._parse_fakes([f"up={folders / 'waifu2x'}", f"up={folders / 'cugan'}", str(folders / "cugan")])
+    assert fakes == {"up": [str(folders / "waifu2x"), str(folders / "cugan")], "cugan": [str(folders / "cugan")]}
+    table = m.from_folders([str(folders / "real")], {"up": fakes["up"]})
+    assert table.column("generator").to_pylist().count("up") == 6
+    assert m.from_folders([str(folders / "real")], [str(folders / "cugan"), str(folders / "cugan")]).equals(
+        m.from_folders([str(folders / "real")], {"cugan": [str(folders / "cugan")] * 2}))
