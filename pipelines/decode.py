@@ -6,8 +6,10 @@ one of :data:`REASONS`, so a pipeline can keep the row and record why it failed 
 """
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -76,13 +78,30 @@ def read_image_bytes(uri: str, files: Files) -> bytes:
         raise DecodeError(reason, str(exc)) from exc
 
 
-def _open(data: bytes) -> Image.Image:
+@contextlib.contextmanager
+def _pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Let ``max_pixels`` govern instead of Pillow's own bomb check, which reads the global
+    ``PIL.Image.MAX_IMAGE_PIXELS``: it warns above that (on the console of every decode worker) and refuses twice that
+    (179 M pixels), whatever ``--max-pixels`` says. The warning is silenced and the refusal moved up to ``max_pixels``
+    while the image is opened and decoded, then both globals are restored."""
+    before = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        if before is not None and max_pixels > 2 * before:
+            Image.MAX_IMAGE_PIXELS = -(-max_pixels // 2)
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
     """PIL's lazy open (header only), with its failures named."""
     try:
         return Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise DecodeError("decompression_bomb", f"{exc} Pillow refuses images above 2 x PIL.Image.MAX_IMAGE_PIXELS "
-                          "whatever max_pixels says; raise PIL.Image.MAX_IMAGE_PIXELS if the image is genuine") from exc
+    except Image.DecompressionBombError as exc:  # a frame or header beyond what _pixel_limit lets Pillow take
+        raise DecodeError("decompression_bomb", f"{exc} (max_pixels={max_pixels}); raise max_pixels (--max-pixels) if "
+                          "the image is genuine") from exc
     except UnidentifiedImageError as exc:
         sniffed = sniff_image_format(data[:SNIFF_BYTES])
         if sniffed is None:
@@ -100,14 +119,15 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                  allocate: Callable[[tuple[int, int, int]], np.ndarray] | None = None) -> tuple[np.ndarray, dict]:
     """Decode image bytes into an ``H x W x 3`` uint8 RGB array plus ``info`` (width, height, format, mode, bytes).
 
-    The size limit is checked on the header before any pixel is decoded, per call, so nothing global (like
-    ``PIL.Image.MAX_IMAGE_PIXELS``) changes. Truncated files are errors, never silently padded with grey.
+    The size limit ``max_pixels`` is checked on the header before any pixel is decoded, per call; Pillow's own
+    global limit yields to it for the call (see :func:`_pixel_limit`). Truncated files are errors, never silently
+    padded with grey.
     Raises :class:`DecodeError` for every kind of bad input. ``allocate(shape)``, when given, returns the array to
     write the pixels into (e.g. the next row of a block being filled); it is called once the image has decoded.
     """
     if not data:
         raise DecodeError("zero_byte", "the file is empty (0 bytes); re-download or re-export it")
-    with _open(data) as img:
+    with _pixel_limit(max_pixels), _open(data, max_pixels) as img:
         width, height = img.size
         if width * height > max_pixels:
             raise DecodeError("decompression_bomb", f"{width} x {height} = {width * height} pixels exceeds "

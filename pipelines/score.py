@@ -635,7 +635,8 @@ def config_from_args(args: argparse.Namespace) -> ScoreConfig:
     return ScoreConfig(weights=args.weights, input=args.input, output=args.output, device=args.device,
                        precision=args.precision, batch_size=args.batch_size, workers=args.workers, gpus=args.gpus,
                        cpus_per_worker=args.cpus_per_worker, feature_batch=args.feature_batch,
-                       max_tiles=args.max_tiles, transform=transform, root=args.root, split=args.split, tag=args.tag,
+                       max_tiles=args.max_tiles, max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS,
+                       transform=transform, root=args.root, split=args.split, tag=args.tag,
                        official_csv=args.official_csv, part_rows=args.part_rows, recursive=args.recursive,
                        overwrite=args.overwrite, track=not args.no_mlflow, mlflow_uri=args.mlflow_uri,
                        experiment=args.experiment)

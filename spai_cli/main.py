@@ -175,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize-to", type=int, default=None, help="resize so the SHORTER side is N (official behaviour)")
     p.add_argument("--max-tiles", type=int, default=None, help="cap on 224-px tiles per image (huge images)")
     p.add_argument("--feature-batch", type=int, default=None, help="tiles encoded at once (bounds memory)")
+    p.add_argument("--max-pixels", type=int, default=None, help="larger images are rows with a decompression_bomb "
+                   "error (default: 134217728, 16384 x 8192)")
     p.add_argument("--jpeg-quality", type=int, default=None, help="degradation: re-encode as JPEG at this quality")
     p.add_argument("--blur-sigma", type=float, default=None, help="degradation: Gaussian blur sigma")
     p.add_argument("--noise-sigma", type=float, default=None, help="degradation: Gaussian noise sigma (0-255)")

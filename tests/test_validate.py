@@ -223,3 +223,18 @@ def test_default_pixel_limit_accepts_the_large_photo(manifest_uri, tmp_path):
     report = validate_manifest(manifest_uri, str(tmp_path / "v"))
     assert report.reasons.get("decompression_bomb") == 1  # only the forged 10-gigapixel header
     assert report.accepted == 8
+
+
+def test_max_pixels_governs_instead_of_pillows_global_limit(corpus, monkeypatch, recwarn):
+    """Pillow warns above PIL.Image.MAX_IMAGE_PIXELS and refuses twice that (179 M pixels) whatever --max-pixels says;
+    here its limit is lowered to 100 pixels so that a real photo plays a giant one."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    data = (corpus[0] / "good0.jpg").read_bytes()
+    array, info = decode_image(data, max_pixels=10**8)
+    assert array.shape == (info["height"], info["width"], 3) and info["width"] * info["height"] > 200
+    assert Image.MAX_IMAGE_PIXELS == 100 and not [w for w in recwarn if "DecompressionBomb" in str(w.category)]
+    with pytest.raises(DecodeError) as error:
+        decode_image(data, max_pixels=150)
+    assert error.value.reason == "decompression_bomb" and "--max-pixels" in str(error.value)
