@@ -326,9 +326,11 @@ def write_report(report: EvalReport, output: str, options: StorageOptions | None
 
 
 def mlflow_metrics(report: EvalReport) -> dict[str, float]:
-    """``eval/<run>/<generator>/<metric>`` values, names cut to the characters MLflow accepts."""
+    """``eval/<run>/<generator>/<metric>`` values; each part's runs of other characters than MLflow's (and spaces)
+    become one ``_``: ``jpeg_quality=75 [a.parquet]`` -> ``jpeg_quality_75_a.parquet``, ``mean (unseen)`` ->
+    ``mean_unseen``."""
     def key(*parts: str) -> str:
-        return "/".join(re.sub(r"[^\w.\- ]+", "_", p) for p in parts)
+        return "/".join(re.sub(r"[^\w.\-]+", "_", p).strip("_") for p in parts)
 
     return {key("eval", r["run"], r["generator"], m): r[m] for r in report.rows for m in METRICS}
 
@@ -341,7 +343,8 @@ def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None,
     uri = tracking.resolve_tracking_uri(tracking_uri)
     own_run = run_id is None
     if own_run:
-        run_id = tracking.start_run(uri, experiment, f"evaluate {', '.join(report.runs)}"[:250],
+        named = report.runs[:3] + ([f"{len(report.runs) - 3} more"] if len(report.runs) > 3 else [])
+        run_id = tracking.start_run(uri, experiment, f"evaluate {', '.join(named)}"[:250],
                                     {"threshold": report.threshold, "runs": ",".join(report.runs)})
     tracking.log_metrics(uri, run_id, mlflow_metrics(report), step=0)
     with tempfile.TemporaryDirectory(prefix="spai-eval-") as tmp:

@@ -608,9 +608,12 @@ def start_tracking(cfg: ScoreConfig, tracking_uri: str | None, model_id: str, pl
     if tracking_uri is None:
         return None
     name = basename(cfg.output).rsplit(".", 1)[0]
-    params = {**to_dict(cfg), "model_id": model_id, "plan": dataclasses.asdict(plan), "resumed_rows": resumed}
+    # absolute, as train records its paths: a run is looked up later from anywhere
+    paths = {k: absolute(getattr(cfg, k)) for k in ("weights", "input", "output", "root") if getattr(cfg, k)}
+    params = {**to_dict(dataclasses.replace(cfg, **paths)), "model_id": model_id, "plan": dataclasses.asdict(plan),
+              "resumed_rows": resumed}
     try:
-        return tracking.start_run(tracking_uri, cfg.experiment, name, params, {"output": cfg.output})
+        return tracking.start_run(tracking_uri, cfg.experiment, name, params, {"output": paths["output"]})
     except Exception as exc:  # noqa: BLE001 - MLflow's own error type varies with the store
         raise tracking.TrackingError(f"MLflow at {tracking_uri} did not take the scoring run ({type(exc).__name__}: "
                                      f"{str(exc)[:300]}); fix --mlflow-uri (or MLFLOW_TRACKING_URI), or pass "

@@ -158,6 +158,7 @@ def test_cli_prints_writes_and_logs_to_mlflow(tmp_path, capsys):
     assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {"evaluation/metrics.md",
                                                                           "evaluation/roc_sdxl.png"}
     assert np.isfinite(metrics["eval/clean/overall/ap"])
+    assert "eval/clean/mean_seen/auc" in metrics, sorted(metrics)
     assert client.get_run(run_id).info.run_name == "evaluate clean"
 
 

@@ -141,6 +141,7 @@ def test_folder_input_matches_detector_and_truncated_file_is_an_error(weights, c
     assert "weights" in (tmp_path / "scores.parquet.config.yaml").read_text()
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "scores"
+    assert run.data.params["weights"] == str(weights)
     assert run.data.params["model_id"] == out.column("model_id")[0].as_py() and run.data.params["plan.device"] == "cpu"
     assert {k: run.data.metrics[k] for k in ("rows", "scored", "failed", "failed_truncated", "failed_missing")} == {
         "rows": 12, "scored": 8, "failed": 4, "failed_truncated": 1, "failed_missing": 1}
@@ -276,13 +277,16 @@ def test_resume_refuses_other_options_and_a_finished_output_needs_overwrite(weig
     assert pq.read_table(done).column("logit").to_pylist() == pytest.approx([expected["img0.jpg"]], abs=1e-5)
 
 
-def test_a_job_nothing_could_score_is_a_failed_run_and_no_mlflow_records_none(weights, mlflow_store, tmp_path):
+def test_a_job_nothing_could_score_is_a_failed_run_and_no_mlflow_records_none(weights, mlflow_store, tmp_path,
+                                                                             monkeypatch):
     source = write_csv(tmp_path / "gone.csv", [{"image": str(tmp_path / "gone.png"), "class": 1, "split": "test"}])
-    result = score(ScoreConfig(weights=str(weights), input=str(source), output=str(tmp_path / "s.parquet")),
-                   progress=False)
+    monkeypatch.chdir(tmp_path)
+    result = score(ScoreConfig(weights=str(weights), input="gone.csv", output="s.parquet"), progress=False)
     client = MlflowClient(mlflow_store)
     run = client.get_run(result.run_id)
     assert result.all_failed and run.info.status == "FAILED" and run.data.metrics["failed_missing"] == 1
+    # recorded as absolute paths, which say where they are from anywhere
+    assert run.data.params["input"] == str(source) and run.data.tags["output"] == str(tmp_path / "s.parquet")
     runs = len(client.search_runs([run.info.experiment_id]))
     untracked = score(ScoreConfig(weights=str(weights), input=str(source), output=str(tmp_path / "t.parquet"),
                                   track=False), progress=False)
