@@ -86,7 +86,21 @@ class EvalReport:
                  for run, n in self.excluded.items() if n["errors"] or n["unlabelled"]]
         notes += [f"{run}: the metrics pool splits {', '.join(splits)}; `--split test` restricts them to the test rows"
                   for run, splits in self.pooled.items()]
+        notes += self._low_fpr_notes()
         return "\n".join(lines + ([""] + notes if notes else []))
+
+    def _low_fpr_notes(self) -> list[str]:
+        """Where too few reals make TPR at 1% or 5% FPR an interpolation between ROC points rather than a
+        measurement: with n reals the false-positive rate moves in steps of 1/n."""
+        reals = {r["run"]: r["n_real"] for r in self.rows if r["generator"] == REAL}
+        notes = []
+        for run, n in reals.items():
+            coarse = [fpr for fpr in (0.01, 0.05) if 0 < n < 1 / fpr]
+            if coarse:
+                notes.append(f"{run}: {n} real images put the false-positive rate in steps of {1 / n:.1%}, so TPR at "
+                             f"{' and '.join(f'{fpr:.0%}' for fpr in coarse)} FPR is interpolated between ROC points, "
+                             f"not measured ({round(1 / coarse[0])}+ reals measure it)")
+        return notes
 
 
 def _md_row(cells: Sequence[str]) -> str:
@@ -293,18 +307,25 @@ def _file_name(generator: str) -> str:
 
 
 def roc_png(report: EvalReport, generator: str) -> bytes:
-    """One ROC plot of a generator (against all reals) with a curve per run."""
-    fig = Figure(figsize=(4.5, 4.5), dpi=100)  # the object API: no pyplot state, no GUI backend
-    ax = fig.subplots()
+    """ROC plots of a generator (against all reals) with a curve per run: on a linear and on a log false-positive
+    axis, where the low rates that matter for screening (1%, 0.1%) can be read."""
+    fig = Figure(figsize=(9, 4.5), dpi=100)  # the object API: no pyplot state, no GUI backend
+    linear, log = fig.subplots(1, 2)
     auc = {(r["run"], r["generator"]): r["auc"] for r in report.rows}
+    lowest = 1.0
     for run in report.runs:
         if (run, generator) in report.curves:
             fpr, tpr = report.curves[(run, generator)]
-            ax.plot(fpr, tpr, label=f"{run} (AUC {auc[(run, generator)]:.3f})")
-    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
-    ax.set(xlabel="false positive rate (reals)", ylabel="true positive rate (fakes)", title=f"ROC: {generator}",
-           xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(loc="lower right", fontsize="small")
+            lowest = min([lowest, *fpr[fpr > 0]])
+            for ax in (linear, log):
+                ax.plot(fpr, tpr, label=f"{run} (AUC {auc[(run, generator)]:.3f})")
+    chance = np.geomspace(1e-4, 1, 100)  # points along it, or the log axis draws y = x as a straight chord
+    for ax in (linear, log):
+        ax.plot(chance, chance, linestyle=":", color="grey")
+        ax.set(xlabel="false positive rate (reals)", ylabel="true positive rate (fakes)", ylim=(0, 1.01))
+    linear.set(title=f"ROC: {generator}", xlim=(0, 1))
+    log.set(title="low false-positive rates", xscale="log", xlim=(min(lowest, 0.01) / 2, 1))
+    linear.legend(loc="lower right", fontsize="small")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

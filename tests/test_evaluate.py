@@ -48,6 +48,11 @@ def test_each_generator_is_paired_with_all_reals():
     assert rows["flux"]["accuracy"] == pytest.approx(4 / 8)  # reals right, flux fakes all missed
     assert report.excluded == {"clean": {"errors": 1, "unlabelled": 1}}
     assert "left out 1 row(s) that failed to score and 1 without a label" in report.markdown()
+    assert ("4 real images put the false-positive rate in steps of 25.0%, so TPR at 1% and 5% FPR is interpolated "
+            "between ROC points, not measured (100+ reals measure it)") in report.markdown()
+    many_reals = evaluate(pa.table({"label": [0] * 40 + [1], "generator": ["real"] * 40 + ["x"],
+                                    "score": [i / 100 for i in range(41)]}))
+    assert "steps of 2.5%, so TPR at 1% FPR is interpolated" in many_reals.markdown()  # 5% FPR is 2 steps: measured
 
 
 def test_seen_generators_are_listed_apart():
