@@ -22,9 +22,9 @@ for other inputs) plus the ``--tag`` column; failed rows have an empty score and
 ``<output>.errors.csv``. The :class:`ScoreConfig` is written next to the output as ``<output>.config.yaml``.
 
 Tracking: each invocation is an MLflow run (experiment ``spai-score``, named after the output file) with every option,
-the model hash and the actor plan as params, and the row counts (per failure reason) and speed as metrics. A run
-that is stopped is marked KILLED or FAILED; its resumption is a new run whose ``resumed_rows`` says how many rows
-it found done.
+the model hash and the actor plan as params, and the row counts (per failure reason) and speed as metrics; weights
+that ``spai train`` made tag it with their training run (``train_run_id``) and epoch. A run that is stopped is marked
+KILLED or FAILED; its resumption is a new run whose ``resumed_rows`` says how many rows it found done.
 """
 from __future__ import annotations
 
@@ -226,8 +226,9 @@ def input_table(cfg: ScoreConfig, options: StorageOptions) -> tuple[pa.Table, di
     return input_columns(table).append_column("row_id", ids), skipped
 
 
-def check_weights(uri: str, options: StorageOptions) -> str:
-    """Load the weights once on the driver, the way every actor will, and return their hash (``Detector.model_id``).
+def check_weights(uri: str, options: StorageOptions) -> tuple[str, dict[str, Any]]:
+    """Load the weights once on the driver, the way every actor will; return their hash (``Detector.model_id``) and
+    their provenance (our checkpoints name their training run and epoch).
 
     A wrong, corrupt or incompatible file then stops the job with its own message before Ray starts, instead of
     killing each actor with a traceback after the job (and its resumable work folder) has begun.
@@ -240,7 +241,8 @@ def check_weights(uri: str, options: StorageOptions) -> str:
     if kind != pafs.FileType.File:
         raise files.missing(uri)
     with local_weights(uri, options) as path:
-        return Detector.from_pretrained(path, "cpu", "fp32").model_id
+        detector = Detector.from_pretrained(path, "cpu", "fp32")
+    return detector.model_id, detector.provenance
 
 
 @contextlib.contextmanager
@@ -568,7 +570,7 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
                          "it, or choose another --output")
     tracking_uri = tracking.resolve_tracking_uri(cfg.mlflow_uri) if cfg.track else None  # an unreachable one fails now
     table, skipped = input_table(cfg, options)
-    model_id = check_weights(cfg.weights, options)
+    model_id, provenance = check_weights(cfg.weights, options)
     init_ray()
     node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     plan = plan_actors(cfg, ray.cluster_resources(), node_cpus)
@@ -584,7 +586,7 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     if todo.num_rows < table.num_rows:
         print(f"resuming {work.uri}: {table.num_rows - todo.num_rows} of {table.num_rows} rows were scored before",
               file=sys.stderr, flush=True)
-    run_id = start_tracking(cfg, tracking_uri, model_id, plan, resumed=table.num_rows - todo.num_rows)
+    run_id = start_tracking(cfg, tracking_uri, model_id, provenance, plan, resumed=table.num_rows - todo.num_rows)
     with tracking.ended_on_error(tracking_uri, run_id) if run_id else contextlib.nullcontext():
         started, first = time.monotonic(), None
         if todo.num_rows:
@@ -602,18 +604,21 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     return result
 
 
-def start_tracking(cfg: ScoreConfig, tracking_uri: str | None, model_id: str, plan: ActorPlan, resumed: int
-                   ) -> str | None:
-    """The job's MLflow run (None when not tracked): every option, the model hash and where the actors run."""
+def start_tracking(cfg: ScoreConfig, tracking_uri: str | None, model_id: str, provenance: Mapping[str, Any],
+                   plan: ActorPlan, resumed: int) -> str | None:
+    """The job's MLflow run (None when not tracked): every option, the model hash and where the actors run, tagged
+    with the training run that made the weights when they say (``train_run_id``, ``train_run``, ``train_epoch``)."""
     if tracking_uri is None:
         return None
+    origin = {f"train_{key}": str(provenance[source]) for key, source in
+              (("run_id", "mlflow_run_id"), ("run", "run"), ("epoch", "epoch")) if provenance.get(source) is not None}
     name = basename(cfg.output).rsplit(".", 1)[0]
     # absolute, as train records its paths: a run is looked up later from anywhere
     paths = {k: absolute(getattr(cfg, k)) for k in ("weights", "input", "output", "root") if getattr(cfg, k)}
     params = {**to_dict(dataclasses.replace(cfg, **paths)), "model_id": model_id, "plan": dataclasses.asdict(plan),
               "resumed_rows": resumed}
     try:
-        return tracking.start_run(tracking_uri, cfg.experiment, name, params, {"output": paths["output"]})
+        return tracking.start_run(tracking_uri, cfg.experiment, name, params, {"output": paths["output"], **origin})
     except Exception as exc:  # noqa: BLE001 - MLflow's own error type varies with the store
         raise tracking.TrackingError(f"MLflow at {tracking_uri} did not take the scoring run ({type(exc).__name__}: "
                                      f"{str(exc)[:300]}); fix --mlflow-uri (or MLFLOW_TRACKING_URI), or pass "

@@ -329,7 +329,8 @@ def train_loop(loop: dict[str, Any]) -> None:
                 # Train V2 hands the driver only checkpointed metrics, and a raise would be retried max_failures times
                 storage.write_bytes(loop["data_error_uri"], message.encode(), options)
             break
-        report_epoch(core, optimizer, metrics, cfg, epoch, best_auc, stale, rank, loop.get("run_name", ""))
+        report_epoch(core, optimizer, metrics, cfg, epoch, best_auc, stale, rank,
+                     {"run": loop.get("run_name", ""), "mlflow_run_id": loop.get("mlflow_run_id")})
         if rank == 0:
             say(f"[spai train] epoch {epoch}: loss {metrics['train_loss']:.4f} val_auc {metrics['val_auc']:.4f} "
                 f"val_acc {metrics['val_accuracy']:.4f} ({metrics['train_images_per_s']:.1f} img/s)"
@@ -445,8 +446,9 @@ def no_training_data_message(metrics: dict[str, Any], manifest: str) -> str:
 
 
 def report_epoch(model: SPAI, optimizer, metrics: dict[str, float], cfg: TrainConfig, epoch: int, best_auc: float,
-                 stale: int, rank: int, run_name: str) -> None:
-    """Every rank reports; rank 0 attaches the checkpoint (our safetensors + resumable training state)."""
+                 stale: int, rank: int, run: dict[str, Any]) -> None:
+    """Every rank reports; rank 0 attaches the checkpoint (our safetensors + resumable training state). ``run``
+    (name, MLflow run id) goes into the weights' metadata, so what scores with them can say where they came from."""
     import ray.train
 
     if rank != 0:
@@ -455,7 +457,7 @@ def report_epoch(model: SPAI, optimizer, metrics: dict[str, float], cfg: TrainCo
     with tempfile.TemporaryDirectory() as directory:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
         save_checkpoint(os.path.join(directory, "model.safetensors"), export_model(model),
-                        {"epoch": epoch, "metrics": clean, "run": run_name, "train_config": to_dict(cfg)})
+                        {"epoch": epoch, "metrics": clean, **run, "train_config": to_dict(cfg)})
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                     "best_auc": best_auc, "stale": stale}, _state_path(directory))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

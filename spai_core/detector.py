@@ -94,7 +94,7 @@ class Detector:
     """A loaded SPAI model with its device, precision and tiling options."""
 
     def __init__(self, model: SPAI, device: str | torch.device = "auto", precision: str = "auto",
-                 feature_batch: int | None = None, model_id: str = "unknown"):
+                 feature_batch: int | None = None, model_id: str = "unknown", provenance: dict | None = None):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
@@ -103,16 +103,17 @@ class Detector:
         default = min(model.cfg.feature_batch, CPU_FEATURE_BATCH) if self.device.type == "cpu" else None
         self.feature_batch = feature_batch or default or model.cfg.feature_batch
         self.model_id = model_id
+        self.provenance = provenance or {}  # a checkpoint's metadata: training run, epoch, metrics
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", precision: str = "auto",
                         config: ModelConfig | str | None = None, feature_batch: int | None = None,
                         max_tiles: int | None = None, resize_to: int | None = None) -> "Detector":
         """Load an official ``spai.pth`` or our ``.safetensors`` checkpoint (strictly) for inference."""
-        model, _ = load_model(path, config)
+        model, loaded = load_model(path, config)
         if max_tiles is not None:
             model.cfg.max_tiles = max_tiles
-        return cls(model, device, precision, feature_batch, model_id=file_sha256(path, 16))
+        return cls(model, device, precision, feature_batch, model_id=file_sha256(path, 16), provenance=loaded.metadata)
 
     @property
     def config(self) -> ModelConfig:

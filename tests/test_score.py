@@ -60,7 +60,7 @@ def mlflow_store(tmp_path_factory) -> str:
 def weights(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_checkpoint(path, build_model("spai_tiny"))
+    save_checkpoint(path, build_model("spai_tiny"), {"run": "tiny-run", "mlflow_run_id": "0123abcd", "epoch": 2})
     return path
 
 
@@ -142,6 +142,8 @@ def test_folder_input_matches_detector_and_truncated_file_is_an_error(weights, c
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "scores"
     assert run.data.params["weights"] == str(weights)
+    assert {k: run.data.tags[k] for k in ("train_run_id", "train_run", "train_epoch")} == {
+        "train_run_id": "0123abcd", "train_run": "tiny-run", "train_epoch": "2"}  # from the checkpoint's metadata
     assert run.data.params["model_id"] == out.column("model_id")[0].as_py() and run.data.params["plan.device"] == "cpu"
     assert {k: run.data.metrics[k] for k in ("rows", "scored", "failed", "failed_truncated", "failed_missing")} == {
         "rows": 12, "scored": 8, "failed": 4, "failed_truncated": 1, "failed_missing": 1}

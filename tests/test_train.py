@@ -105,8 +105,10 @@ def test_train_end_to_end(learning_corpus, tmp_path):
     print(f"AUC after {epochs} epochs: train {train_auc:.3f}, held-out test {test_auc:.3f}")
     assert train_auc >= 0.75 and test_auc >= 0.7, (train_auc, test_auc)
 
-    val_auc = assert_mlflow_run(uri, "e2e", epochs)
-    assert val_auc[read_checkpoint(best).metadata["epoch"]] == max(val_auc)
+    run_id, val_auc = assert_mlflow_run(uri, "e2e", epochs)
+    provenance = read_checkpoint(best).metadata
+    assert val_auc[provenance["epoch"]] == max(val_auc)
+    assert provenance["mlflow_run_id"] == run_id and provenance["run"] == "e2e"  # `spai score` tags its runs with it
 
     # The exported checkpoint reloads to identical scores; its standardised descriptors have no official layout.
     scored = [split_logits(Detector.from_pretrained(best, device="cpu", precision="fp32"), learning_corpus, "test")[0]
@@ -116,9 +118,9 @@ def test_train_end_to_end(learning_corpus, tmp_path):
         convert(best, tmp_path / "official.pth")
 
 
-def assert_mlflow_run(uri: str, name: str, epochs: int) -> list[float]:
+def assert_mlflow_run(uri: str, name: str, epochs: int) -> tuple[str, list[float]]:
     """Per-epoch val_auc for every epoch, the best checkpoint as an artifact, and a registered model version; returns
-    the val_auc of each epoch."""
+    the run id and the val_auc of each epoch."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -132,7 +134,7 @@ def assert_mlflow_run(uri: str, name: str, epochs: int) -> list[float]:
     assert "model/best.safetensors" in [a.path for a in client.list_artifacts(run.info.run_id, "model")]
     versions = client.search_model_versions("name = 'spai'")
     assert run.info.run_id in [v.run_id for v in versions]
-    return [m.value for m in sorted(history, key=lambda m: m.step)]
+    return run.info.run_id, [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
 def train_workers() -> list[int]:
