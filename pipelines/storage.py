@@ -183,6 +183,9 @@ def _translate(exc: OSError, uri: str, action: str, options: StorageOptions) -> 
     if isinstance(exc, FileNotFoundError) and action == "write":  # a folder on the way is missing and cannot be made
         return StorageError("io_error", uri, f"could not write {uri}: {exc}; check that its folder exists or can be "
                             "created")
+    if isinstance(exc, FileNotFoundError) and os.path.islink(uri):
+        return StorageError("not_found", uri, f"{uri} is a broken symbolic link (to {os.readlink(uri)}, which does "
+                            "not exist); fix or remove the link")
     if isinstance(exc, FileNotFoundError):
         return StorageError("not_found", uri, f"{uri} does not exist; check the path (and the working directory "
                             "for relative paths)")

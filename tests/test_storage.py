@@ -64,6 +64,9 @@ def test_local_roundtrip_listing_and_missing(tree, tmp_path):
         with pytest.raises(StorageError, match="does not exist; check the path") as caught:
             call()
         assert caught.value.reason == "not_found" and isinstance(caught.value, OSError)
+    with pytest.raises(StorageError, match=f"gone.png is a broken symbolic link \\(to {tmp_path}/moved.png") as caught:
+        storage.read_bytes(str(tree / "a" / "gone.png"))
+    assert caught.value.reason == "not_found"
 
 
 def test_s3_roundtrip_and_listing(s3_server, tree):
