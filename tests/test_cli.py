@@ -84,7 +84,7 @@ def test_an_unreachable_cluster_is_an_error_not_a_hang(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
     done = subprocess.run([sys.executable, "-m", "spai_cli.main", "score", "-w", str(tmp_path / "tiny.safetensors"),
                            "-i", str(tmp_path / "photos"), "-o", str(tmp_path / "s.csv")], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=120, cwd=tmp_path)  # its default MLflow store (./mlruns) stays there
     assert done.returncode == 2 and "error: cannot reach the Ray cluster at 127.0.0.1:" in done.stderr, done.stderr
 
 

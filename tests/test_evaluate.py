@@ -18,6 +18,14 @@ FAKES = {"sdxl": [0.6, 0.7, 0.8, 0.9],  # above every real: AUC 1
          "flux": [0.05, 0.15, 0.25, 0.35]}  # beats 0+1+2+3 of 16 real pairs: AUC 6/16
 
 
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """`spai evaluate` logs to MLflow by default: here to a store of each test's own, not ./mlruns of the checkout."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
 def score_table(fakes: dict[str, list[float]] = FAKES, jpeg_quality: int | None = None) -> pa.Table:
     """Reals, fakes per generator, plus one failed row and one unlabelled row that must be left out."""
     rows = [{"label": 0, "generator": "real", "score": s, "error": None} for s in REALS]
@@ -166,10 +174,9 @@ def test_cli_prints_writes_and_logs_to_mlflow(tmp_path, capsys):
     assert client.get_run(run_id).info.run_name == "evaluate clean"
 
 
-def test_cli_logs_to_the_default_store_unless_told_not_to(tmp_path, monkeypatch, capsys):
+def test_cli_logs_to_mlflow_unless_told_not_to(tmp_path, mlflow_store, capsys):
     pq.write_table(score_table(), tmp_path / "scores.parquet")
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
+    tracking = mlflow_store  # $MLFLOW_TRACKING_URI, used without --mlflow-uri
     assert cli(["evaluate", str(tmp_path / "scores.parquet"), "--no-mlflow"]) == 0
     assert "logged to MLflow" not in capsys.readouterr().out and not (tmp_path / "mlflow.db").exists()
     pq.write_table(score_table(), tmp_path / "other.parquet")
