@@ -18,7 +18,7 @@ from pipelines.storage import Files, StorageError
 from spai_core.images import to_rgb_array
 
 # Generous for camera photos (a 100 MP medium-format frame fits), small enough to refuse decompression bombs:
-# the RGB array of an image this size is 384 MiB. Pillow itself refuses anything above 2 * Image.MAX_IMAGE_PIXELS.
+# the RGB array of an image this size is 384 MiB. Pillow's own limit yields to this one (see _pixel_limit).
 DEFAULT_MAX_PIXELS = 16384 * 16384 // 2
 
 REASONS = ("missing", "zero_byte", "not_an_image", "truncated", "decompression_bomb", "unreadable")

@@ -599,11 +599,15 @@ def from_folders(real: Sequence[str], fake: Sequence[str] | Mapping[str, str | S
 def _folders_by_generator(fake: Sequence[str] | Mapping[str, str | Sequence[str]]) -> dict[str, list[str]]:
     """``{generator: [folders]}`` from folders (named after themselves) or a mapping to a folder or folders."""
     if not isinstance(fake, Mapping):
-        fake = [(basename(f), f) for f in fake]
-    else:
-        fake = [(name, f) for name, value in fake.items() for f in ([value] if isinstance(value, str) else value)]
+        return _group_folders((basename(f), f) for f in fake)
+    return _group_folders((name, folder) for name, value in fake.items()
+                          for folder in ([value] if isinstance(value, str) else value))
+
+
+def _group_folders(named: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+    """``(generator, folder)`` pairs -> ``{generator: [folders]}``, in order; a name given twice gathers its folders."""
     folders: dict[str, list[str]] = {}
-    for name, folder in fake:
+    for name, folder in named:
         folders.setdefault(name, []).append(folder)
     return folders
 
@@ -678,13 +682,13 @@ def _parse_fractions(text: str) -> tuple[float, float, float]:
 def _parse_fakes(items: Sequence[str]) -> dict[str, list[str]]:
     """``NAME=PATH`` or ``PATH`` (named after its folder) -> {generator: folders}; a name given twice gathers its
     folders into one generator."""
-    fakes: dict[str, list[str]] = {}
-    for item in items:
+    def named(item: str) -> tuple[str, str]:
         name, sep, path = item.partition("=")
         if not sep or "/" in name or ":" in name:  # a plain path, which may itself hold '=' (s3://b/gen=x/)
-            name, path = basename(item), item
-        fakes.setdefault(name, []).append(path)
-    return fakes
+            return basename(item), item
+        return name, path
+
+    return _group_folders(named(item) for item in items)
 
 
 def build_from_args(args: argparse.Namespace, options: StorageOptions) -> pa.Table:

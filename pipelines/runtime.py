@@ -74,6 +74,11 @@ def init_ray(reserved_cpus: float = 0) -> None:
     quiet_ray_logs()
 
 
+def node_cpus() -> list[float]:
+    """CPUs of each alive node of the Ray cluster: what sizes work that must fit on one node (actors, trials)."""
+    return [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
+
+
 def check_gpus(needed: float, asked: str) -> None:
     """Refuse GPUs that a local Ray does not have (its actors would wait for them forever). On a cluster
     (``RAY_ADDRESS``) only say that the job waits: a cluster that scales GPU nodes from zero (as ``cluster.yaml``'s

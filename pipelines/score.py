@@ -63,7 +63,7 @@ from pipelines.console import progress_bar
 from pipelines.data import decode_images, read_manifest_dataset
 from pipelines.decode import DEFAULT_MAX_PIXELS
 from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input, table_from_parquet
-from pipelines.runtime import check_gpus, init_ray
+from pipelines.runtime import check_gpus, init_ray, node_cpus
 from pipelines.storage import Files, StorageOptions, absolute, basename, filesystem, is_s3, join
 from pipelines.transforms import ScoreTransformConfig, make_score_transform
 from spai_core.config import ConfigError, to_dict
@@ -572,8 +572,7 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
     table, skipped = input_table(cfg, options)
     model_id, provenance = check_weights(cfg.weights, options)
     init_ray()
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
-    plan = plan_actors(cfg, ray.cluster_resources(), node_cpus)
+    plan = plan_actors(cfg, ray.cluster_resources(), node_cpus())
     if plan.device == "cuda":
         asked = [f"--device {cfg.device}", *([f"--workers {cfg.workers}"] if cfg.workers else []),
                  *([f"--gpus {cfg.gpus:g}"] if cfg.gpus else [])]

@@ -40,7 +40,7 @@ from ray.tune.search import BasicVariantGenerator
 
 from pipelines import storage, tracking
 from pipelines.manifest import read_manifest
-from pipelines.runtime import check_gpus, init_ray
+from pipelines.runtime import check_gpus, init_ray, node_cpus
 from pipelines.train import (CONFIG_DIR, TrainConfig, epoch_metric_names, initial_model, load_train_config,
                              run_training)
 from spai_core.config import ConfigError, from_dict, to_dict
@@ -152,9 +152,8 @@ def default_concurrency(cpus_per_trial: float, gpus_per_trial: float) -> int:
     Each trial's decode tasks need a CPU on some node besides its workers', so a node keeps one: two trials on two
     2-CPU nodes held a CPU each and left 0.99 per node, and their 1-CPU decode tasks never started."""
     total = ray.cluster_resources()
-    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node["Alive"]]
     fits = [(total.get("CPU", 0.0) - DATA_CPUS) // cpus_per_trial,
-            sum(max(0.0, cpus - 1) // cpus_per_trial for cpus in node_cpus)]
+            sum(max(0.0, cpus - 1) // cpus_per_trial for cpus in node_cpus())]
     if gpus_per_trial:
         fits.append(total.get("GPU", 0.0) // gpus_per_trial)
     return max(1, int(min(fits)))
