@@ -31,14 +31,14 @@ import ray
 from PIL import Image
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
-from pipelines.data import decode_images, read_manifest_dataset
-from pipelines.manifest import rows_to_table, write_manifest
+from pipelines.data.dataset import decode_images, read_manifest_dataset
+from pipelines.data.manifest import rows_to_table, write_manifest
 
 PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "photos"
 MB = 1 << 20
 # The driver takes blocks as they come: re-batching full-resolution images (32 rows of 2048 px from 6-row blocks)
 # copies 400 MB per batch on the driver, a consumer's cost that no real consumer pays (training crops first).
-CONSUMER_PREFETCH = 2  # as pipelines.train.iter_decoded
+CONSUMER_PREFETCH = 2  # as pipelines.train.job.iter_decoded
 
 
 @dataclasses.dataclass

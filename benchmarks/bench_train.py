@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.train import CONFIG_DIR, load_train_config, run_training
+from pipelines.train.job import CONFIG_DIR, load_train_config, run_training
 
 
 @dataclass

@@ -240,15 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 # command -> "module:function"; each function takes the parsed argparse.Namespace
 COMMANDS = {
-    "manifest": "pipelines.manifest:main",
-    "validate": "pipelines.validate:main",
-    "train": "pipelines.train:main",
+    "manifest": "pipelines.data.manifest:main",
+    "validate": "pipelines.data.validate:main",
+    "train": "pipelines.train.job:main",
     "tune": "tune.search:main",
-    "score": "pipelines.score:main",
-    "evaluate": "pipelines.evaluate:main",
+    "score": "pipelines.score.job:main",
+    "evaluate": "pipelines.evaluate.report:main",
     "convert": "spai_core.checkpoint:convert_main",
-    "demo": "pipelines.demo:main",
-    "demo-data": "pipelines.demo_data:main",
+    "demo": "pipelines.demo.run:main",
+    "demo-data": "pipelines.demo.corpus:main",
 }
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.demo_data import DemoCorpusConfig, build_demo_corpus
+from pipelines.demo.corpus import DemoCorpusConfig, build_demo_corpus
 
 NCNN_GENERATOR = "waifu2x_upconv7"  # the fastest ncnn generator on CPU
 

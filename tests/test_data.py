@@ -12,13 +12,13 @@ import pytest
 import ray
 from PIL import Image
 
-from pipelines import manifest as m
-from pipelines.data import (MAX_ROWS_PER_BLOCK, ImageColumnBuilder, block_bounds, decode_block, decode_images,
+from pipelines.data import manifest as m
+from pipelines.data.dataset import (MAX_ROWS_PER_BLOCK, ImageColumnBuilder, block_bounds, decode_block, decode_images,
                             read_manifest_dataset, row_rng)
-from pipelines.decode import DEFAULT_MAX_PIXELS
-from pipelines.storage import StorageOptions
-from pipelines.train import iter_image_batches
-from pipelines.validate import validate_manifest
+from pipelines.data.decode import DEFAULT_MAX_PIXELS
+from pipelines.infra.storage import StorageOptions
+from pipelines.train.job import iter_image_batches
+from pipelines.data.validate import validate_manifest
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.images import to_rgb_array
 from test_manifest import make_photos

@@ -18,9 +18,9 @@ from PIL import Image
 
 pytest.importorskip("ncnn", reason="the demo generators need the `ncnn` package (pip install -e .[dev])")
 
-from pipelines import demo_data, demo_generators
-from pipelines.demo_data import DemoCorpusConfig, build_demo_corpus, config_hash, list_photos
-from pipelines.manifest import read_manifest, read_sidecar
+from pipelines.demo import corpus as demo_data, generators as demo_generators
+from pipelines.demo.corpus import DemoCorpusConfig, build_demo_corpus, config_hash, list_photos
+from pipelines.data.manifest import read_manifest, read_sidecar
 
 NCNN_GENERATOR = "waifu2x_upconv7"
 

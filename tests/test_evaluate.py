@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.evaluate import EvaluateError, evaluate, label_runs, write_report
+from pipelines.evaluate.report import EvaluateError, evaluate, label_runs, write_report
 from spai_cli.main import main as cli
 
 REALS = [0.1, 0.2, 0.3, 0.4]

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import manifest as m
-from pipelines.storage import StorageError
+from pipelines.data import manifest as m
+from pipelines.infra.storage import StorageError
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_cli.main import main as spai
 

@@ -25,10 +25,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from parity import FIXTURE, expected_rows, write_official_checkpoint
-from pipelines.manifest import rows_to_table, write_manifest
-from pipelines.runtime import ClusterError, check_gpus
-from pipelines.score import ActorPlan, ScoreConfig, ScoreError, Scorer, ScoreResult, WorkDir, plan_actors, score
-from pipelines.storage import Files, StorageOptions, read_bytes
+from pipelines.data.manifest import rows_to_table, write_manifest
+from pipelines.infra.runtime import ClusterError, check_gpus
+from pipelines.score.job import ActorPlan, ScoreConfig, ScoreError, Scorer, ScoreResult, WorkDir, plan_actors, score
+from pipelines.infra.storage import Files, StorageOptions, read_bytes
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.checkpoint import save_checkpoint
 from spai_core.detector import Detector
@@ -344,11 +344,11 @@ def test_actor_plan_follows_the_cluster():
 
 
 def test_gpus_a_local_ray_lacks_are_an_error_and_a_cluster_may_add_them(monkeypatch, capsys):
-    import pipelines.runtime
+    import pipelines.infra.runtime
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     gpus = {"GPU": 2.0}
-    monkeypatch.setattr(pipelines.runtime.ray, "cluster_resources", lambda: gpus)
+    monkeypatch.setattr(pipelines.infra.runtime.ray, "cluster_resources", lambda: gpus)
     check_gpus(2, "x")
     gpus["GPU"] = 0.0
     with pytest.raises(ClusterError, match="--gpus 1 needs 1 GPU.* local Ray has 0; ask for fewer, drop the GPU"):

@@ -7,9 +7,9 @@ import time
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines import storage
-from pipelines.decode import DecodeError
-from pipelines.storage import StorageError, StorageOptions
+from pipelines.infra import storage
+from pipelines.data.decode import DecodeError
+from pipelines.infra.storage import StorageError, StorageOptions
 from s3server import free_port, running_moto, s3_server, upload_folder  # noqa: F401 - pytest fixture
 
 

@@ -24,10 +24,10 @@ from safetensors.torch import load, load_file
 
 from corpus import learning_corpus, small_corpus  # noqa: F401  (session fixtures)
 from polling import wait_for
-from pipelines.manifest import read_manifest, write_manifest
-from pipelines.storage import StorageOptions
-from pipelines.tracking import TrackingError, resolve_tracking_uri
-from pipelines.train import (CONFIG_DIR, OptimConfig, TrainConfig, best_of, check_resumable, check_splits,
+from pipelines.data.manifest import read_manifest, write_manifest
+from pipelines.infra.storage import StorageOptions
+from pipelines.infra.tracking import TrackingError, resolve_tracking_uri
+from pipelines.train.job import (CONFIG_DIR, OptimConfig, TrainConfig, best_of, check_resumable, check_splits,
                              epoch_metrics, failure_summary, load_train_config, run_training, track_best)
 from spai_core.checkpoint import CheckpointError, convert, read_checkpoint, save_checkpoint
 from spai_core.config import ConfigError, to_dict
@@ -283,12 +283,12 @@ def test_ctrl_c_leaves_the_run_killed_and_resumable(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
     from ray.train.torch import TorchTrainer
 
-    import pipelines.runtime
+    import pipelines.infra.runtime
 
     rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g", "source": "s", "group": str(i)}
             for i, split in enumerate(["train", "train", "val", "val"])]
     manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
-    monkeypatch.setattr(pipelines.runtime, "init_ray", lambda reserved_cpus=0: None)
+    monkeypatch.setattr(pipelines.infra.runtime, "init_ray", lambda reserved_cpus=0: None)
 
     def interrupted(self):
         raise SystemExit(1)
@@ -305,12 +305,12 @@ def test_ctrl_c_leaves_the_run_killed_and_resumable(tmp_path, monkeypatch):
 def test_an_output_that_cannot_be_written_leaves_no_running_mlflow_run(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    import pipelines.runtime
+    import pipelines.infra.runtime
 
     rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g", "source": "s", "group": str(i)}
             for i, split in enumerate(["train", "train", "val", "val"])]
     manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
-    monkeypatch.setattr(pipelines.runtime, "init_ray", lambda reserved_cpus=0: None)
+    monkeypatch.setattr(pipelines.infra.runtime, "init_ray", lambda reserved_cpus=0: None)
     (tmp_path / "a_file").write_text("not a folder")
     cfg = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2", "workers=1"])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -326,8 +326,8 @@ def test_mlflow_down_at_the_end_keeps_the_weights_and_says_how_to_log_them(tmp_p
     from mlflow.exceptions import MlflowException
     from ray.train import Checkpoint
 
-    import pipelines.tracking
-    from pipelines.train import _export_weights
+    import pipelines.infra.tracking
+    from pipelines.train.job import _export_weights
 
     (tmp_path / "ckpt").mkdir()
     save_checkpoint(tmp_path / "ckpt" / "model.safetensors", build_model("spai_tiny"))
@@ -338,7 +338,7 @@ def test_mlflow_down_at_the_end_keeps_the_weights_and_says_how_to_log_them(tmp_p
     def unreachable(*args, **kwargs):
         raise MlflowException("API request to http://mlflow:5000/api/2.0/mlflow/runs/get failed")
 
-    monkeypatch.setattr(pipelines.tracking, "log_weights", unreachable)
+    monkeypatch.setattr(pipelines.infra.tracking, "log_weights", unreachable)
     with pytest.raises(TrackingError, match="training finished and its weights are in .*run the same command with "
                                             "--resume to log and register them"):
         _export_weights(result, str(tmp_path / "run"), TrainConfig(), StorageOptions(), "http://mlflow:5000", "id")
@@ -416,7 +416,7 @@ def test_local_tracking_stores_are_made_absolute_for_workers_elsewhere(tmp_path,
     for kept in (f"sqlite:///{tmp_path}/x.db", "databricks", "file:///abs/mlruns"):
         assert resolve_tracking_uri(kept) == kept
     (tmp_path / "m").mkdir()
-    from pipelines.tracking import start_run
+    from pipelines.infra.tracking import start_run
     start_run(resolve_tracking_uri("sqlite:///m/mlflow.db"), "e", "r", {"a": 1})  # raised before
 
 

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from pipelines.train import CONFIG_DIR, TrainConfig, configure_finetune, export_model, load_train_config, param_groups
+from pipelines.train.job import CONFIG_DIR, TrainConfig, configure_finetune, export_model, load_train_config, param_groups
 from spai_core.spai import SPAI, build_model
 from spai_core.svd import SVDLinear, is_attention_linear, svd_trainable_parameters
 

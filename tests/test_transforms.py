@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.transforms import (
+from pipelines.data.transforms import (
     AugmentConfig,
     ScoreTransformConfig,
     image_rng,

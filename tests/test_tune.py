@@ -19,10 +19,10 @@ import pytest
 import torch
 import yaml
 
-from pipelines.decode import decode_image
-from pipelines.demo_data import DemoCorpusConfig, build_demo_corpus
-from pipelines.manifest import read_manifest, write_manifest
-from pipelines.train import CONFIG_DIR, TrainConfig, load_train_config
+from pipelines.data.decode import decode_image
+from pipelines.demo.corpus import DemoCorpusConfig, build_demo_corpus
+from pipelines.data.manifest import read_manifest, write_manifest
+from pipelines.train.job import CONFIG_DIR, TrainConfig, load_train_config
 from spai_cli.main import build_parser
 from spai_cli.main import main as spai
 from spai_core.checkpoint import CheckpointError, load_model, save_checkpoint

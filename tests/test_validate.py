@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipelines import manifest as m
-from pipelines.decode import DecodeError, decode_image
-from pipelines.validate import DUPLICATES_SCHEMA, LEAKAGE_SCHEMA, ValidationReport, validate_manifest
+from pipelines.data import manifest as m
+from pipelines.data.decode import DecodeError, decode_image
+from pipelines.data.validate import DUPLICATES_SCHEMA, LEAKAGE_SCHEMA, ValidationReport, validate_manifest
 from spai_cli.main import main as spai
 from test_manifest import make_photos
 

@@ -1,6 +1,6 @@
 """``spai tune``: hyperparameter search over the training config with Ray Tune and ASHA, tracked in MLflow.
 
-Every trial is a real ``spai train`` run: a small Tune function trainable calls :func:`pipelines.train.run_training`,
+Every trial is a real ``spai train`` run: a small Tune function trainable calls :func:`pipelines.train.job.run_training`,
 whose Ray Train workers (distributed when a trial has several) report each epoch to Tune through
 ``TuneReportCallback``, the Train V2 / Tune interop. ASHA stops trials whose validation AUC trails their peers' at a
 rung. A search lives in ``<output>/<name>/``:
@@ -38,10 +38,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipelines import storage, tracking
-from pipelines.manifest import read_manifest
-from pipelines.runtime import check_gpus, init_ray, node_cpus
-from pipelines.train import (CONFIG_DIR, TrainConfig, epoch_metric_names, initial_model, load_train_config,
+from pipelines.infra import storage, tracking
+from pipelines.data.manifest import read_manifest
+from pipelines.infra.runtime import check_gpus, init_ray, node_cpus
+from pipelines.train.job import (CONFIG_DIR, TrainConfig, epoch_metric_names, initial_model, load_train_config,
                              run_training)
 from spai_core.config import ConfigError, from_dict, to_dict
 from tune.space import (AshaConfig, SearchSpace, check_space, load_space, plain, space_from_dict, trial_config,

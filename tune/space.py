@@ -8,7 +8,7 @@ A space file (``configs/search_space.yaml`` is the default) looks like::
       optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
       model.mask_radius: {type: randint, low: 8, high: 32}
 
-Every key of ``params`` must be a field of :class:`pipelines.train.TrainConfig`, and every value its distribution can
+Every key of ``params`` must be a field of :class:`pipelines.train.job.TrainConfig`, and every value its distribution can
 produce must give a valid config; both are checked when the space is loaded, so a typo fails before any trial runs.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pipelines.train import TrainConfig
+from pipelines.train.job import TrainConfig
 from spai_core.config import ConfigError, from_dict, read_yaml
 
 RANGED = ("loguniform", "uniform", "randint")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.console import progress_bar
+from pipelines.infra.console import progress_bar
 from spai_core.errors import UserError
 
 INSTALL_HINT = "install the demo extras: pip install -e .[demo]"

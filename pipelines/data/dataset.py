@@ -2,7 +2,7 @@
 
 Training, scoring and any other job that needs pixels builds on :func:`read_manifest_dataset` and
 :func:`decode_images`. Bad files never stop the stream: each output row carries ``error`` (null, or
-``"reason: message"`` with a reason from :data:`pipelines.decode.REASONS`, or ``transform_failed``) and the consumer
+``"reason: message"`` with a reason from :data:`pipelines.data.decode.REASONS`, or ``transform_failed``) and the consumer
 decides what to do with it (``ds.filter(expr=col("error").is_null())`` keeps the good rows; count the rest).
 
 Transforms run right after decoding, inside the same task, so when they crop (the training views) a full-resolution
@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 import ray.data
 from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray
 
-from pipelines.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
-from pipelines.manifest import ManifestError, conform, read_manifest
-from pipelines.storage import Files, StorageOptions
+from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
+from pipelines.data.manifest import ManifestError, conform, read_manifest
+from pipelines.infra.storage import Files, StorageOptions
 
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 

@@ -34,8 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from matplotlib.figure import Figure
 
-from pipelines.manifest import table_from_parquet
-from pipelines.storage import Files, StorageOptions, basename, join
+from pipelines.data.manifest import table_from_parquet
+from pipelines.infra.storage import Files, StorageOptions, basename, join
 from spai_core.errors import UserError
 from spai_core.metrics import binary_metrics, roc_points
 
@@ -359,7 +359,7 @@ def mlflow_metrics(report: EvalReport) -> dict[str, float]:
 def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None,
                experiment: str = "spai-evaluate") -> str:
     """Log metrics and report files to ``run_id`` (or a new run in ``experiment``); the run id."""
-    from pipelines import tracking  # MLflow is slow to import; only this path needs it
+    from pipelines.infra import tracking  # MLflow is slow to import; only this path needs it
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     own_run = run_id is None

@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipelines.decode import SNIFF_BYTES, sniff_image_format
-from pipelines.storage import (Files, StorageError, StorageOptions, absolute, basename, is_s3, join, parent,
+from pipelines.data.decode import SNIFF_BYTES, sniff_image_format
+from pipelines.infra.storage import (Files, StorageError, StorageOptions, absolute, basename, is_s3, join, parent,
                                relative_to)
 from spai_core.errors import UserError
 

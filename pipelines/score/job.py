@@ -14,7 +14,7 @@ any of this, so a wrong file stops the job before it starts.
 
 Output (our layout): the input columns (a name that clashes with a result column gets an ``input_`` prefix), then
 ``row_id``, ``score`` (sigmoid of the logit), ``logit``, ``tiles`` (224-px tiles pooled), ``error`` (null, or
-``"reason: message"``: a decode reason from :data:`pipelines.decode.REASONS`, ``transform_failed`` or
+``"reason: message"``: a decode reason from :data:`pipelines.data.decode.REASONS`, ``transform_failed`` or
 ``model_failed``), ``model_id`` (checkpoint hash), ``precision`` and ``options`` (JSON of every option that changes
 scores; ``spai evaluate`` labels degradation runs from it). Rows that failed keep null score and logit.
 With ``--official-csv`` the output is the official layout instead: the input CSV's columns (``image, split, class``
@@ -58,14 +58,14 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from pipelines import tracking
-from pipelines.console import progress_bar
-from pipelines.data import decode_images, read_manifest_dataset
-from pipelines.decode import DEFAULT_MAX_PIXELS
-from pipelines.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input, table_from_parquet
-from pipelines.runtime import check_gpus, init_ray, node_cpus
-from pipelines.storage import Files, StorageOptions, absolute, basename, filesystem, is_s3, join
-from pipelines.transforms import ScoreTransformConfig, make_score_transform
+from pipelines.infra import tracking
+from pipelines.infra.console import progress_bar
+from pipelines.data.dataset import decode_images, read_manifest_dataset
+from pipelines.data.decode import DEFAULT_MAX_PIXELS
+from pipelines.data.manifest import CORE_COLUMNS, NOTES_KEY, parquet_bytes, resolve_input, table_from_parquet
+from pipelines.infra.runtime import check_gpus, init_ray, node_cpus
+from pipelines.infra.storage import Files, StorageOptions, absolute, basename, filesystem, is_s3, join
+from pipelines.data.transforms import ScoreTransformConfig, make_score_transform
 from spai_core.config import ConfigError, to_dict
 from spai_core.detector import PRECISIONS, Detector, resolve_precision
 from spai_core.errors import UserError
@@ -401,7 +401,7 @@ def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
     """Stream ``todo`` through decode and the actor pool; finished rows go to the work directory as they come.
 
     Returns when (``time.monotonic()``) the first results came and how many rows they held, if any came."""
-    # width/height of a validated manifest let the input blocks be sized by pixels (see pipelines.data.block_bounds)
+    # width/height of a validated manifest let the input blocks be sized by pixels (see pipelines.data.dataset.block_bounds)
     ds = read_manifest_dataset(todo.select([c for c in (*CORE_COLUMNS, "row_id", "width", "height")
                                             if c in todo.column_names]))
     ds = decode_images(ds, make_score_transform(cfg.transform), cfg.seed, options, cfg.max_pixels)

@@ -9,12 +9,12 @@ import argparse
 import time
 from pathlib import Path
 
-from pipelines import tracking
-from pipelines.demo_data import build_demo_corpus
-from pipelines.evaluate import evaluate, log_report, read_scores, write_report
-from pipelines.manifest import read_sidecar
-from pipelines.score import ScoreConfig, score
-from pipelines.train import CONFIG_DIR, load_train_config, run_training
+from pipelines.infra import tracking
+from pipelines.demo.corpus import build_demo_corpus
+from pipelines.evaluate.report import evaluate, log_report, read_scores, write_report
+from pipelines.data.manifest import read_sidecar
+from pipelines.score.job import ScoreConfig, score
+from pipelines.train.job import CONFIG_DIR, load_train_config, run_training
 
 
 def _step(number: int, text: str) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.storage import Files, StorageError
+from pipelines.infra.storage import Files, StorageError
 from spai_core.images import to_rgb_array
 
 # Generous for camera photos (a 100 MP medium-format frame fits), small enough to refuse decompression bombs:

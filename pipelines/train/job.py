@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 import torch
 import yaml
 
-from pipelines import storage, tracking
-from pipelines.data import decode_images, read_manifest_dataset
-from pipelines.manifest import CORE_COLUMNS, read_manifest
-from pipelines.transforms import AugmentConfig, ScoreTransformConfig, make_score_transform, make_train_transform
+from pipelines.infra import storage, tracking
+from pipelines.data.dataset import decode_images, read_manifest_dataset
+from pipelines.data.manifest import CORE_COLUMNS, read_manifest
+from pipelines.data.transforms import AugmentConfig, ScoreTransformConfig, make_score_transform, make_train_transform
 from spai_core.checkpoint import load_backbone, load_state_strict, read_checkpoint, save_checkpoint
 from spai_core.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from spai_core.errors import UserError
@@ -39,7 +39,7 @@ from spai_core.metrics import binary_metrics
 from spai_core.spai import SPAI, ModelConfig, build_model, get_model_config
 from spai_core.svd import apply_svd, merge_svd
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 FINETUNE_MODES = ("head", "full", "svd")
 
 
@@ -528,7 +528,7 @@ def run_training(cfg: TrainConfig, manifest: str, output: str = "runs", name: st
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.runtime import check_gpus, init_ray
+    from pipelines.infra.runtime import check_gpus, init_ray
 
     options = storage.StorageOptions.from_env()
     # Workers of a running cluster (RAY_ADDRESS) work in another folder than this driver, and a resume may run elsewhere

@@ -3,7 +3,7 @@
 Reals are Lanczos down-scales and crops (non-integer factors, several resolutions) of the committed
 photos in ``pipelines/assets/photos`` (see ``ATTRIBUTION.md`` there). Fakes are made from a down-scaled
 copy of the same photos (paired content, so content is not a shortcut) by real CPU generators
-(:mod:`pipelines.demo_generators`): GAN super-resolution networks run with ``ncnn`` and a small
+(:mod:`pipelines.demo.generators`): GAN super-resolution networks run with ``ncnn`` and a small
 transposed-convolution autoencoder trained here on crops of the *train* photos only.
 
 Shortcuts removed on purpose:
@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines import demo_generators as gens
-from pipelines.console import progress_bar
-from pipelines.manifest import REAL, SPLITS, read_manifest, read_sidecar, rows_to_table, write_manifest
+from pipelines.demo import generators as gens
+from pipelines.infra.console import progress_bar
+from pipelines.data.manifest import REAL, SPLITS, read_manifest, read_sidecar, rows_to_table, write_manifest
 from spai_core.config import ConfigError, load_config, to_dict
 
 BUILDER = "spai demo-data"
 BUILDER_VERSION = 2  # bump when the corpus recipe changes, so old corpora are rebuilt
-ASSET_PHOTOS = Path(__file__).resolve().parent / "assets" / "photos"
+ASSET_PHOTOS = Path(__file__).resolve().parents[1] / "assets" / "photos"
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
 MARKER = ".spai-demo-corpus"  # marks a folder this builder owns (its images/ may be deleted on rebuild)
 EXTRA_COLUMNS = ("photo", "kind", "region", "width", "height", "resample_factor", "jpeg_quality")
@@ -434,7 +434,7 @@ def build_demo_corpus(output_dir: str | os.PathLike, cfg: DemoCorpusConfig | Non
 
 def main(args: argparse.Namespace) -> int:
     """``spai demo-data``: build (or reuse) the demo corpus and print what it holds."""
-    from pipelines.manifest import format_summary
+    from pipelines.data.manifest import format_summary
 
     overrides = [f"seed={args.seed}"] if getattr(args, "seed", None) is not None else []
     overrides += list(getattr(args, "overrides", None) or [])

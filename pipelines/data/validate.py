@@ -2,7 +2,7 @@
 
 Each row is read and decoded the way training will decode it; the job records width, height, format, byte size and
 the SHA-256 of the file content, and sorts rows into a validated manifest (the good ones, with those columns added)
-and a rejects table (with a reason from :data:`pipelines.decode.REASONS` and a message). No row is dropped:
+and a rejects table (with a reason from :data:`pipelines.data.decode.REASONS` and a message). No row is dropped:
 accepted + rejected = input. The same content appearing in more than one split is leakage (a test image that was
 also trained on inflates every metric), so it is reported with the URIs and splits involved; content carrying both
 labels (e.g. a copy of a real photo among the fakes) is a label conflict, reported alike, since the model is told both
@@ -24,12 +24,12 @@ import hashlib
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.console import progress_bar
-from pipelines.data import read_manifest_dataset
-from pipelines.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
-from pipelines.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, read_manifest, write_manifest
-from pipelines.runtime import init_ray
-from pipelines.storage import Files, StorageOptions, join
+from pipelines.infra.console import progress_bar
+from pipelines.data.dataset import read_manifest_dataset
+from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
+from pipelines.data.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, read_manifest, write_manifest
+from pipelines.infra.runtime import init_ray
+from pipelines.infra.storage import Files, StorageOptions, join
 
 # Rows per validation batch: each decodes a full-resolution image, so keep worker memory small.
 BATCH_SIZE = 4

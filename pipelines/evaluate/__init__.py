@@ -1,0 +1,1 @@
+"""Evaluation of scored tables: metrics per generator, ROC plots, reports, MLflow logging."""
