@@ -1,7 +1,12 @@
-"""Typed configs: dataclasses loaded from YAML with ``key=value`` command-line overrides.
+"""Typed configs: dataclasses built from defaults, a YAML file, flag values and ``key=value`` overrides.
 
-One mechanism serves every command: model configs (here), training, scoring and tuning configs (in
-``pipelines`` and ``tune``) are all dataclasses, so a saved run config can be re-loaded exactly.
+One mechanism serves every command. A command's config is a dataclass whose fields may be declared with
+:func:`option`, which records the help text and the command-line flag that sets the field (``spai_cli`` derives
+its flags from that, the way Ray's benchmarks derive theirs from a config class). :func:`load_config` applies, in
+order, the dataclass defaults, a YAML file, flag values and ``key=value`` overrides, then :func:`check_config` runs
+every ``validate()`` method of the (nested) config; a :class:`ConfigError` raised there with a ``field`` names the
+flag that sets it. :func:`dump_config` writes YAML that :func:`load_config` reads back to an equal config, so a
+saved run config reruns the same job.
 """
 from __future__ import annotations
 
@@ -19,7 +24,61 @@ T = TypeVar("T")
 
 
 class ConfigError(UserError, ValueError):
-    """A config file or override that does not fit the dataclass it is meant for."""
+    """A config file, flag or override that does not fit the dataclass it is meant for.
+
+    ``field`` is the offending field's name (dotted below the config that validates it); :func:`check_config`
+    rewrites it into the flag (and key) a user sets it with.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, short: str | None = None,
+           choices: Sequence[Any] | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its help text and, if ``flag`` is given, the command-line flag that sets it."""
+    metadata = {"help": help, "flag": flag, "short": short, "choices": tuple(choices) if choices else None}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def field_flag(cls: type, path: str) -> str | None:
+    """The flag that sets dotted field ``path`` of config class ``cls`` (None if it has none)."""
+    head, _, rest = path.partition(".")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if head not in fields:
+        return None
+    if rest:
+        inner = typing.get_type_hints(cls)[head]
+        return field_flag(inner, rest) if dataclasses.is_dataclass(inner) else None
+    return fields[head].metadata.get("flag")
+
+
+def check_config(cfg: T) -> T:
+    """Run ``validate()`` of ``cfg`` and of every nested config (innermost first); return ``cfg``.
+
+    A :class:`ConfigError` with a ``field`` comes out naming the flag and the key: ``--workers (workers): ...``.
+    """
+    _check(cfg, type(cfg), "")
+    return cfg
+
+
+def _check(cfg: Any, root: type, prefix: str) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            _check(value, root, f"{prefix}{f.name}.")
+    validate = getattr(cfg, "validate", None)
+    if validate is None:
+        return
+    try:
+        validate()
+    except ConfigError as exc:
+        if exc.field is None:
+            raise
+        key = prefix + exc.field
+        flag = field_flag(root, key)
+        raise ConfigError(f"{flag} ({key}): {exc}" if flag else f"{key}: {exc}", key) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -135,17 +194,65 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Load ``cls`` from defaults, then a YAML file (if given), then ``key=value`` overrides."""
+def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = (),
+                flags: Mapping[str, Any] | None = None) -> T:
+    """Build and check ``cls``: defaults <- YAML file (a path, or its mapping) <- ``flags`` <- ``key=value`` overrides.
+
+    ``flags`` maps dotted field names to values already parsed (what ``spai_cli`` collects from the command line).
+    A nested config class with a ``preset(name)`` classmethod takes its defaults from the preset its ``name`` key
+    names (a model config named ``spai_tiny`` starts from the tiny model's values, not the official ones).
+    """
     data = to_dict(cls())
+    layers: list[tuple[str, Mapping[str, Any]]] = []
     if path is not None:
-        _deep_update(data, read_yaml(path), str(path))
-    apply_overrides(data, overrides)
-    return from_dict(cls, data)
+        layers.append((str(path), path if isinstance(path, Mapping) else read_yaml(path)))
+    if flags:
+        layers.append(("flags", _nest(flags)))
+    layers.append(("overrides", apply_overrides(_skeleton(data), overrides)))
+    _apply_presets(cls, data, [layer for _, layer in layers])
+    for where, layer in layers:
+        _deep_update(data, layer, where)
+    return check_config(from_dict(cls, data))
+
+
+def _skeleton(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Empty sections shaped like ``data``, so overrides know which keys exist without copying values."""
+    return {k: _skeleton(v) if isinstance(v, dict) else _Unset for k, v in data.items()}
+
+
+class _Unset:
+    """Marks a key an override layer leaves alone."""
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return nested
+
+
+def _apply_presets(cls: type, data: dict[str, Any], layers: list[Mapping[str, Any]]) -> None:
+    """Start a section that has presets from the one the last layer naming it asks for."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        inner = hints[f.name]
+        if not dataclasses.is_dataclass(inner):
+            continue
+        sections = [layer[f.name] for layer in layers if isinstance(layer.get(f.name), Mapping)]
+        names = [s["name"] for s in sections if s.get("name", _Unset) is not _Unset]
+        if names and hasattr(inner, "preset"):
+            data[f.name] = to_dict(inner.preset(names[-1]))
+        _apply_presets(inner, data[f.name], sections)
 
 
 def _deep_update(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
     for key, value in update.items():
+        if value is _Unset:
+            continue
         if key not in base:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys are {sorted(base)}")
         if isinstance(base[key], dict) and isinstance(value, Mapping):
@@ -154,6 +261,6 @@ def _deep_update(base: dict[str, Any], update: Mapping[str, Any], where: str) ->
             base[key] = value
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write a config dataclass as YAML that :func:`load_config` reads back to an equal config."""
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def dump_config(cfg: Any) -> str:
+    """A config dataclass as YAML text that :func:`load_config` reads back to an equal config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

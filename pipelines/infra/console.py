@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import sys
 from typing import Any, TextIO
 
@@ -33,3 +34,35 @@ def progress_bar(enabled: bool = True, **kwargs: Any) -> tqdm:
     if sys.stderr.isatty():
         return tqdm(disable=not enabled, mininterval=1.0, **kwargs)
     return tqdm(disable=not enabled, file=_LineStream(sys.stderr), mininterval=LOG_INTERVAL_S, **kwargs)
+
+
+# The loggers of this project's packages: what they log at INFO is the console output of a command.
+PROJECT_LOGGERS = ("spai_core", "pipelines", "tune", "spai_cli")
+
+
+class _ConsoleHandler(logging.Handler):
+    """INFO lines as plain text on stdout (what a job reports); warnings and errors on stderr, marked as such."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if record.levelno >= logging.WARNING:
+                print(f"{record.levelname.lower()}: {message}", file=sys.stderr, flush=True)
+            else:
+                print(message, flush=True)
+        except Exception:  # logging must never take a job down
+            self.handleError(record)
+
+
+def log_to_console(level: int = logging.INFO) -> None:
+    """Show the project's log records at ``level`` and above on the console; idempotent (one handler per process).
+
+    The CLI calls this in its process; Ray workers that report to the user (rank 0 of training) call it too, since a
+    worker process starts with no handlers and Ray forwards its stdout and stderr to the driver.
+    """
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        logger.propagate = False
+        if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+            logger.addHandler(_ConsoleHandler())

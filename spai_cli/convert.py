@@ -1,0 +1,21 @@
+"""`spai convert`: its flags, and the call into the library."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert", help="convert weights between the official .pth layout and our .safetensors",
+                       description="official spai.pth -> ours.safetensors, or ours -> official layout (.pth) "
+                       "loadable by the official code. Direction is taken from the file suffixes.")
+    p.add_argument("src", help="weights to convert: official .pth or our .safetensors")
+    p.add_argument("dst", help="file to write: .safetensors (ours) or .pth (official layout)")
+    p.add_argument("--model", default=None, help="model config of an official file: spai_vit_b16 (default), or a "
+                   "smaller registered one for test weights")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from spai_core.checkpoint import convert_main
+
+    return int(convert_main(args) or 0)
