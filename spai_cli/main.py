@@ -35,6 +35,7 @@ COMMANDS = {
     "score": ("score", "score images (folder, CSV, manifest or s3:// prefix) with Ray Data"),
     "evaluate": ("evaluate", "metrics per generator (and per degradation) from a scored table"),
     "convert": ("convert", "convert weights between the official .pth layout and our .safetensors"),
+    "backbone": ("backbone", "pretrained backbone weights (real CLIP ViT-B/16 weights offline)"),
     "demo": ("demo", "offline demo: build corpus -> train -> score -> evaluate on this machine"),
     "demo-data": ("demo_data", "build only the offline demo corpus (photos + CPU generators)"),
 }

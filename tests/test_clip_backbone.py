@@ -225,3 +225,16 @@ def test_a_file_that_is_not_the_clip_export_is_a_user_error(tmp_path):
         clip_onnx.read_clip_onnx(not_onnx)
     with pytest.raises(ClipOnnxError, match="does not exist"):
         clip_onnx.read_clip_onnx(tmp_path / "missing.onnx")
+
+
+def test_cli_writes_the_same_file_as_the_library(converted, tmp_path, capsys):
+    from spai_cli.main import main
+
+    out = tmp_path / "clip.safetensors"
+    assert main(["backbone", "import-clip-onnx", str(packaged_onnx_path()), "--output", str(out)]) == 0
+    with safe_open(str(out), "pt") as cli_file, safe_open(str(converted[0]), "pt") as library_file:
+        assert cli_file.metadata() == library_file.metadata()  # header bytes are not: their order is not fixed
+        assert set(cli_file.keys()) == set(converted[1])
+        assert all(torch.equal(cli_file.get_tensor(k), v) for k, v in converted[1].items())
+    assert main(["backbone", "import-clip-onnx", str(tmp_path / "nope.onnx"), "-o", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
