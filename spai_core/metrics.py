@@ -1,16 +1,25 @@
 """Binary detection metrics shared by training validation, evaluation and tuning.
 
-Label convention as in SPAI: 1 = AI-generated (positive), 0 = real; scores are P(AI-generated), i.e. sigmoid of the
-logit. AUC and AP are exact (scikit-learn), matching the official torchmetrics ``BinaryAUROC`` /
-``BinaryAveragePrecision``; accuracy predicts positive iff ``score > threshold`` (strictly), as the official code does.
+Label convention as in SPAI: 1 = AI-generated (positive), 0 = real; scores are P(AI-generated), i.e.
+:func:`sigmoid` of the logit. AUC and AP are exact (scikit-learn), matching the official torchmetrics
+``BinaryAUROC`` / ``BinaryAveragePrecision``; accuracy predicts positive iff ``score > threshold`` (strictly), as the
+official code does. The paper's protocol pairs each generator's fakes with all the reals (:func:`generator_sets`,
+:func:`per_generator_metrics`), so that AUC and AP are defined per generator.
+
+scikit-learn is imported by the functions that use it: it takes about a second, which users of :func:`sigmoid` alone
+(the Detector) should not pay.
 """
 from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 ECE_BINS = 15
+
+
+def sigmoid(logits: ArrayLike) -> np.ndarray:
+    """P(AI-generated) of logits, in float64; exact for large magnitudes (no overflow, unlike ``1 / (1 + exp(-x))``)."""
+    return np.exp(-np.logaddexp(0.0, -np.asarray(logits, dtype=np.float64)))
 
 
 def _validated(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -33,6 +42,8 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_target: float) -> flo
     Where several ROC points share an FPR (a vertical step) the highest TPR reached at that FPR is used; between
     points the curve is linear, which for tied scores equals the expected TPR under random tie-breaking.
     """
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
     unique_fpr, starts = np.unique(fpr, return_index=True)
     # fpr is non-decreasing and tpr is non-decreasing along it, so the top of each step is its maximum.
@@ -63,6 +74,8 @@ def binary_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5)
     With a single class present AUC, AP and the TPRs are NaN (they need both classes) while accuracy and ECE are
     still reported, so single-class CSVs (e.g. one generator) can be evaluated like the official ``test`` does.
     """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
     y, s = _validated(labels, scores)
     n_pos = int(y.sum())
     n_neg = int(y.size - n_pos)
@@ -83,6 +96,8 @@ def binary_metrics(labels: ArrayLike, scores: ArrayLike, threshold: float = 0.5)
 
 def roc_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(fpr, tpr, thresholds)`` of the ROC curve for plotting (collinear points dropped)."""
+    from sklearn.metrics import roc_curve
+
     y, s = _validated(labels, scores)
     if y.min() == y.max():
         raise ValueError(
@@ -90,3 +105,22 @@ def roc_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.nda
             "evaluate this set together with a set of the other class"
         )
     return roc_curve(y, s)
+
+
+def generator_sets(labels: ArrayLike, generators: ArrayLike) -> dict[str, np.ndarray]:
+    """The evaluation sets of the SPAI protocol: for each generator of AI-generated rows (sorted by name), a boolean
+    mask of its fakes together with ALL the real rows. Reals are shared by every set, whatever their ``generators``
+    entry says (their source)."""
+    y = np.asarray(labels).reshape(-1)
+    g = np.asarray(generators, dtype=object).reshape(-1)
+    if y.shape != g.shape:
+        raise ValueError(f"labels and generators must have the same length, got {y.size} and {g.size}")
+    real = y == 0
+    return {name: real | ((y == 1) & (g == name)) for name in sorted(set(g[y == 1].tolist()))}
+
+
+def per_generator_metrics(labels: ArrayLike, scores: ArrayLike, generators: ArrayLike,
+                          threshold: float = 0.5) -> dict[str, dict[str, float]]:
+    """:func:`binary_metrics` of each generator's fakes against all the reals (:func:`generator_sets`)."""
+    y, s = np.asarray(labels).reshape(-1), np.asarray(scores, dtype=np.float64).reshape(-1)
+    return {name: binary_metrics(y[mask], s[mask], threshold) for name, mask in generator_sets(y, generators).items()}

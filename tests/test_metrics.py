@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from spai_core.metrics import binary_metrics, expected_calibration_error, roc_points
+from spai_core.metrics import (binary_metrics, expected_calibration_error, generator_sets, per_generator_metrics,
+                               roc_points, sigmoid)
 
 
 def assert_metrics(result: dict[str, float], expected: dict[str, float]) -> None:
@@ -110,3 +111,28 @@ def test_roc_points() -> None:
 def test_invalid_inputs_explain_the_problem(labels: list, scores: list, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         binary_metrics(labels, scores)
+
+
+def test_each_generator_is_judged_against_all_the_reals() -> None:
+    labels = [0, 0, 1, 1, 1, 0]
+    generators = ["coco", "raise", "sd", "gan", "sd", "raise"]
+    sets = generator_sets(labels, generators)
+    assert list(sets) == ["gan", "sd"]  # reals' sources are no generators of their own
+    assert sets["sd"].tolist() == [True, True, True, False, True, True]
+    assert sets["gan"].tolist() == [True, True, False, True, False, True]
+    scores = [0.1, 0.2, 0.9, 0.15, 0.8, 0.3]
+    metrics = per_generator_metrics(labels, scores, generators)
+    assert metrics["sd"]["auc"] == 1.0 and metrics["gan"]["auc"] == pytest.approx(1 / 3)  # 0.15 beats one real of three
+    assert (metrics["gan"]["n_pos"], metrics["gan"]["n_neg"]) == (1, 3)
+    assert per_generator_metrics([0, 0], [0.1, 0.2], ["a", "b"]) == {}  # no fakes, no generator sets
+    with pytest.raises(ValueError, match="same length"):
+        generator_sets([0, 1], ["a"])
+
+
+def test_sigmoid_is_exact_and_does_not_overflow() -> None:
+    logits = np.array([-3.0, 0.0, 2.5])
+    np.testing.assert_allclose(sigmoid(logits), 1 / (1 + np.exp(-logits)), rtol=1e-15)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1 / (1 + exp(800)) warns about the overflow
+        assert sigmoid([-800.0, 800.0]).tolist() == [0.0, 1.0]
+    assert sigmoid(np.float32(1.0)).dtype == np.float64

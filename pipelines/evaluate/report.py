@@ -1,7 +1,7 @@
 """``spai evaluate``: metrics per generator from score tables, the SPAI paper's protocol, with ROC plots and MLflow.
 
 Protocol: each fake generator is evaluated as its fakes against ALL real rows (so AUC and AP are defined per
-generator, as in the paper), with :func:`spai_core.metrics.binary_metrics`; ``overall`` is all fakes against all reals
+generator, as in the paper; :func:`spai_core.metrics.generator_sets`, which training's validation uses too); ``overall`` is all fakes against all reals
 and ``real`` the reals alone (its accuracy is the true-negative rate). Generators seen in training (``seen``) are listed
 apart from unseen ones, each group with its mean. Rows that failed to score (``error`` set) or have no label are left
 out and counted. Scores are probabilities (the sigmoid ``score`` column, not ``logit``), so values outside [0, 1] are
@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from pipelines.data.manifest import table_from_parquet
 from pipelines.infra.storage import Files, StorageOptions, basename, join
 from spai_core.errors import UserError
-from spai_core.metrics import binary_metrics, roc_points
+from spai_core.metrics import binary_metrics, generator_sets, roc_points
 
 METRICS = ("auc", "ap", "accuracy", "tpr_at_fpr_1", "tpr_at_fpr_5", "ece")
 HEADERS = {"auc": "AUC", "ap": "AP", "accuracy": "Acc", "tpr_at_fpr_1": "TPR@1%FPR", "tpr_at_fpr_5": "TPR@5%FPR",
@@ -233,13 +233,9 @@ def _check_threshold(threshold: float) -> None:
         raise EvaluateError(f"threshold must be strictly between 0 and 1 (scores are probabilities), got {threshold}")
 
 
-def _fake_generators(usable: UsableRows) -> set[str]:
-    return set(usable.generators[usable.labels == 1])
-
-
 def _check_seen(seen: Sequence[str] | None, runs: Mapping[str, UsableRows]) -> None:
     """Refuse seen generators absent from every table: a typo would silently file all generators as unseen."""
-    present = set().union(*map(_fake_generators, runs.values()))
+    present = set().union(*(generator_sets(u.labels, u.generators) for u in runs.values()))
     unknown = sorted(set(seen or ()) - present)
     if unknown:
         raise EvaluateError(f"seen generator(s) {unknown} have no scored AI-generated rows; the generators present "
@@ -250,14 +246,14 @@ def _evaluate_run(run: str, usable: UsableRows, threshold: float, seen: set[str]
                   ) -> tuple[list[dict], dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]]:
     labels, generators, scores, _ = usable
     real = labels == 0
-    fake_generators = sorted(_fake_generators(usable))
-    groups = [("", fake_generators)] if seen is None else [
-        ("seen", [g for g in fake_generators if g in seen]), ("unseen", [g for g in fake_generators if g not in seen])]
+    sets = generator_sets(labels, generators)
+    groups = [("", list(sets))] if seen is None else [
+        ("seen", [g for g in sets if g in seen]), ("unseen", [g for g in sets if g not in seen])]
     rows, curves = [], {}
     for group, names in groups:
         group_rows = []
         for name in names:
-            mask = real | ((labels == 1) & (generators == name))
+            mask = sets[name]
             group_rows.append(_metrics_row(run, name, group, labels[mask], scores[mask], threshold))
             if real.any():
                 curves[(run, name)] = roc_points(labels[mask], scores[mask])[:2]
