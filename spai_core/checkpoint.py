@@ -1,4 +1,4 @@
-"""Checkpoint I/O: the official ``spai.pth`` layout, MFM backbones, and our safetensors format.
+"""Checkpoint I/O: the official ``spai.pth`` layout, pretrained backbones, and our safetensors format.
 
 Loading is strict and safe:
 - strict: every parameter the model uses must be present with the right shape; keys the official model
@@ -10,7 +10,9 @@ Loading is strict and safe:
   pickle is refused with an error naming it.
 
 Our format is a ``.safetensors`` file whose metadata holds the model config (so the file alone rebuilds the
-model: mask radius, sizes) and free-form provenance (training run, epoch, metrics).
+model: backbone, mask radius, sizes) and free-form provenance (training run, epoch, metrics). The backbone is stored
+in timm's layout; the official file and our format 1 hold the MFM ViT's own (``q_bias``/``v_bias``), which
+``backbones.mfm`` maps both ways.
 """
 from __future__ import annotations
 
@@ -26,13 +28,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .backbones import load_backbone_weights, mfm
 from .config import from_dict
 from .errors import UserError
 from .filters import frequency_mask
 from .spai import SPAI, ModelConfig, build_model, get_model_config
 
 FORMAT_NAME = "spai-ray"
-FORMAT_VERSION = "1"
+# 2: the backbone in timm's layout and named in the config. 1: the MFM ViT in its own layout, adapted on load.
+FORMAT_VERSION = "2"
+_VIT = "mfvit.vit."  # the backbone's keys in a SPAI state dict
 # Official top-level keys that live under ``sca.`` in our module tree.
 _SCA_KEYS = ("patch_aggregator", "to_kv.", "to_out.")
 # Parameters the official model stores but never uses at inference (spec section 2).
@@ -178,6 +183,31 @@ def read_checkpoint(path: str | Path, config: ModelConfig | str | None = None) -
     return _from_official(path, weights, cfg, obj if wrapped else {})
 
 
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of any weights file as stored (safetensors, or a pickle read with the allow-list), e.g. a
+    pretrained backbone; a ``{'model': ...}`` or ``{'state_dict': ...}`` wrapper is unwrapped."""
+    path = Path(path)
+    if _is_safetensors(_read_head(path)):
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise _not_weights(path, exc) from None
+    obj = _read_torch_file(path)
+    for key in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _map_backbone(state: Mapping[str, torch.Tensor], mapping) -> dict[str, torch.Tensor]:
+    """``state`` with its backbone keys passed through a layout ``mapping`` (a checkpoint filter or its inverse)."""
+    vit = {k[len(_VIT):]: v for k, v in state.items() if k.startswith(_VIT)}
+    rest = {k: v for k, v in state.items() if not k.startswith(_VIT)}
+    return {**rest, **{_VIT + k: v for k, v in mapping(vit).items()}}
+
+
 def _fp32(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
@@ -194,6 +224,7 @@ def _from_official(path: Path, state: Mapping[str, Any], cfg: ModelConfig,
         cfg = dataclasses.replace(cfg, mask_radius=_radius_of_mask(path, state[_MASK_KEY], cfg.img_size))
     ours = {official_to_ours_key(k): v for k, v in state.items()
             if k != _MASK_KEY and not k.startswith(_OFFICIAL_UNUSED)}
+    ours = _map_backbone(ours, mfm.checkpoint_filter_fn)
     meta = {"source": str(path)}
     if "epoch" in wrapper:
         meta["epoch"] = int(wrapper["epoch"])
@@ -220,11 +251,17 @@ def _read_ours(path: Path) -> LoadedCheckpoint:
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: a safetensors file without our metadata; convert official weights with "
                               "`spai convert spai.pth spai.safetensors`")
+    version = meta.get("format_version", "1")
+    if version not in ("1", FORMAT_VERSION):
+        raise CheckpointError(f"{path}: {FORMAT_NAME} format {version}, newer than this version reads "
+                              f"({FORMAT_VERSION}); upgrade spai-ray")
     try:
         config, provenance = json.loads(meta["model_config"]), json.loads(meta.get("metadata", "{}"))
     except (KeyError, ValueError) as exc:  # only a hand-edited or foreign file gets here; ours always parses
         raise CheckpointError(f"{path}: its {FORMAT_NAME} metadata is damaged ({exc!r}); export it again") from None
     cfg = from_dict(ModelConfig, config, where=f"{path}:model_config")
+    if version == "1":  # config without a backbone: the MFM ViT, whose layout the filter adapts
+        state = _map_backbone(state, mfm.checkpoint_filter_fn)
     return LoadedCheckpoint(_fp32(state), cfg, provenance, FORMAT_NAME)
 
 
@@ -250,20 +287,12 @@ def load_state_strict(model: SPAI, state: Mapping[str, torch.Tensor], source: st
 
 
 def load_backbone(model: SPAI, path: str | Path) -> None:
-    """Load MFM-pretrained ViT weights (``encoder.`` prefix) into the backbone; every used ViT key must be there."""
-    ckpt = read_checkpoint(path, model.cfg)
-    vit_state = model.mfvit.vit.state_dict()
-    state = ckpt.state_dict
-    if ckpt.kind != "mfm-backbone":
-        prefix = "mfvit.vit."
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    used = {k: state[k] for k in vit_state if k in state}
-    missing = [k for k in vit_state if k not in state]
-    wrong = [k for k in used if used[k].shape != vit_state[k].shape]
-    if missing or wrong:
-        raise CheckpointError(f"{path}: backbone weights do not fit the ViT: missing {missing[:5]}, "
-                              f"wrong shape {wrong[:5]}")
-    model.mfvit.vit.load_state_dict(used, strict=True)
+    """Load pretrained weights into the model's backbone, strictly, through its registry entry's checkpoint filter:
+    a pretraining file (MFM's ``encoder.`` ViT, CLIP, timm) or the backbone of a full SPAI checkpoint."""
+    state = read_tensors(path)
+    if any(k.startswith(_VIT) for k in state):
+        state = {k[len(_VIT):]: v for k, v in state.items() if k.startswith(_VIT)}
+    load_backbone_weights(model.mfvit.vit, model.cfg.backbone, _fp32(state), str(path))
 
 
 def load_model(path: str | Path, config: ModelConfig | str | None = None) -> tuple[SPAI, LoadedCheckpoint]:
@@ -309,10 +338,12 @@ def save_official(path: str | Path, model: SPAI, epoch: int = 0) -> None:
     Only used parameters are written (plus the frequency mask); the official loader is non-strict and keeps
     its own initial values for the unused extras.
     """
-    if model.cfg.descriptor_norm:
-        raise CheckpointError(f"model {model.cfg.name} standardises its descriptors (descriptor_norm), which the "
-                              "official model has no layer for; keep it in our .safetensors format")
-    state = {ours_to_official_key(k): v.detach().float().cpu() for k, v in model.state_dict().items()}
+    if model.cfg.descriptor_norm or model.cfg.backbone != mfm.NAME:
+        raise CheckpointError(f"model {model.cfg.name} has no official layout: the official model has only the "
+                              f"{mfm.NAME} backbone (this one: {model.cfg.backbone}) and no descriptor_norm layer "
+                              f"(this one: {model.cfg.descriptor_norm}); keep it in our .safetensors format")
+    state = _map_backbone(model.state_dict(), mfm.to_official)
+    state = {ours_to_official_key(k): v.detach().float().cpu() for k, v in state.items()}
     state[_MASK_KEY] = model.mfvit.frequencies_mask.long().cpu()
     with _writing(path) as dst:
         torch.save({"model": state, "epoch": epoch}, str(dst))

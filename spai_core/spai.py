@@ -1,12 +1,14 @@
 """SPAI: spectral learning detector of AI-generated images (Karageorgiou et al., CVPR 2025).
 
 A tile is split into low/high-frequency images (``filters``); the original, low and high images go through
-one ViT (``vit``); the Frequency Restoration Estimator turns the three token stacks into a descriptor
-(72 similarity statistics + a spectral context vector); Spectral Context Attention pools any number of
-tile descriptors of one image; an MLP head gives one logit (sigmoid = P(AI-generated)).
+one timm ViT (``backbones``: the official MFM ViT-B/16, CLIP, any timm ViT); the Frequency Restoration
+Estimator turns the three token stacks into a descriptor (72 similarity statistics + a spectral context
+vector); Spectral Context Attention pools any number of tile descriptors of one image; an MLP head gives one
+logit (sigmoid = P(AI-generated)).
 
-Module and parameter names mirror the official ``PatchBasedMFViT`` so that official checkpoints map by
-name; see ``checkpoint.py`` for the strict loader.
+Module and parameter names outside the backbone mirror the official ``PatchBasedMFViT``, and the backbone keeps
+timm's, so official checkpoints map by name up to the backbone's checkpoint filter; see ``checkpoint.py`` for the
+strict loader.
 """
 from __future__ import annotations
 
@@ -18,13 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import create_backbone, embed, get_backbone_spec, shape_of
 from .config import ConfigError
 from .filters import frequency_mask, split_frequencies
 from .tiling import Offset, pad_to_min_size, tile_offsets
-from .vit import VisionTransformer, linear
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -32,12 +31,15 @@ class ModelConfig:
     """Architecture and inference options of a SPAI model; saved inside every checkpoint."""
 
     name: str = "spai_vit_b16"
+    backbone: str = "mfm_vit_b16"  # a name of backbones.list_backbones(), or timm:<model>
     img_size: int = 224  # tile size and FFT size
-    patch_size: int = 16
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
+    # The backbone's ViT shape; None takes the backbone's own, and a built model records the values. The test-sized
+    # configs shrink the MFM ViT-B/16 this way (random init: no pretrained weights exist at that size).
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
     proj_dim: int = 1024  # FRE projection width = spectral context vector size
     mask_radius: int = 16  # low-pass radius in frequency bins of the tile spectrum
     sca_heads: int = 12
@@ -54,6 +56,7 @@ class ModelConfig:
     descriptor_norm: bool = False
 
     def __post_init__(self) -> None:
+        get_backbone_spec(self.backbone)  # an unknown name fails here, with the names to use
         # A radius below 1 leaves the low band empty, one reaching the spectrum's corners the high band.
         if self.mask_radius < 1 or frequency_mask(self.img_size, self.mask_radius).all():
             widest = next(r for r in range(1, self.img_size) if frequency_mask(self.img_size, r + 1).all())
@@ -62,12 +65,26 @@ class ModelConfig:
 
     @property
     def descriptor_dim(self) -> int:
-        """6 similarity statistics per ViT layer + the spectral context vector (1096 for ViT-B)."""
+        """6 similarity statistics per ViT layer + the spectral context vector (1096 for ViT-B); needs ``depth``,
+        which a built model's config always has."""
         return 6 * self.depth + self.proj_dim
+
+    def backbone_args(self) -> dict:
+        """``create_backbone`` arguments for this config's tiles, drop path and any ViT shape it sets."""
+        shape = {k: getattr(self, k) for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")}
+        return {"img_size": self.img_size, "drop_path_rate": self.drop_path,
+                **{k: v for k, v in shape.items() if v is not None}}
+
+    @classmethod
+    def preset(cls, name: str) -> ModelConfig:
+        """The registered config ``name``: what a config file's ``model.name`` starts from (``spai_core.config``)."""
+        return get_model_config(name)
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
     "spai_vit_b16": ModelConfig(),
+    # The SVD fine-tuning seed's backbone: OpenAI CLIP ViT-B/16 (weights: backbones/clip_onnx.py converts them offline).
+    "spai_clip_b16": ModelConfig(name="spai_clip_b16", backbone="clip_vit_b16"),
     # Same code path at CPU-test size: 4 blocks of width 64, small projections and head.
     "spai_tiny": ModelConfig(name="spai_tiny", embed_dim=64, depth=4, num_heads=4, proj_dim=64, sca_heads=4,
                              sca_dim=64, head_mlp_ratio=1, drop_path=0.0),
@@ -77,7 +94,8 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
 
 
 def get_model_config(name: str, **overrides) -> ModelConfig:
-    """A copy of a registered config (``spai_vit_b16``, ``spai_small``, ``spai_tiny``) with field overrides."""
+    """A copy of a registered config (``spai_vit_b16``, ``spai_clip_b16``, ``spai_small``, ``spai_tiny``) with field
+    overrides."""
     if name not in MODEL_CONFIGS:
         raise ConfigError(f"unknown model config {name!r}; use one of the registered configs: "
                           f"{', '.join(sorted(MODEL_CONFIGS))}")
@@ -100,11 +118,7 @@ class Projector(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The Sequential keeps the official keys; running its linears through vit.linear fuses the first one's bias
-        # and GELU into the GEMM (the per-layer projectors are about a fifth of the encoder's FLOPs).
-        drop_in, fc1, _, drop_mid, fc2, last_act, drop_out = self.projector
-        x = linear(drop_in(self.norm1(x)), fc1, gelu=True)
-        return self.norm2(drop_out(last_act(linear(drop_mid(x), fc2))))
+        return self.norm2(self.projector(self.norm1(x)))
 
 
 class PerLayerProjector(nn.Module):
@@ -178,18 +192,19 @@ class FrequencyRestorationEstimator(nn.Module):
 class PatchEncoder(nn.Module):
     """Per-tile encoder (official ``MFViT``): FFT split, shared ViT on three images, FRE descriptor."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, vit: nn.Module):
         super().__init__()
-        self.vit = VisionTransformer(cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth, cfg.num_heads,
-                                     cfg.mlp_ratio, cfg.drop_path)
+        self.vit = vit
         self.features_processor = FrequencyRestorationEstimator(cfg)
         self.backbone_frozen = True
+        spec = get_backbone_spec(cfg.backbone)
         self.register_buffer("frequencies_mask", frequency_mask(cfg.img_size, cfg.mask_radius), persistent=False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
+        # The backbone's own normalisation, applied to each of the three images after the split.
+        self.register_buffer("mean", torch.tensor(spec.mean).view(3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(3, 1, 1), persistent=False)
 
     def set_mask_radius(self, radius: int) -> None:
-        self.frequencies_mask = frequency_mask(self.vit.patch_embed.img_size, radius).to(self.mean.device)
+        self.frequencies_mask = frequency_mask(self.frequencies_mask.shape[-1], radius).to(self.mean.device)
 
     def _backbone_grad(self) -> torch.autograd.grad_mode.set_grad_enabled:
         # A frozen backbone runs without autograd, so its activations are not kept for the backward pass.
@@ -198,17 +213,17 @@ class PatchEncoder(nn.Module):
     def forward(self, tiles: torch.Tensor) -> torch.Tensor:
         """``T x 3 x S x S`` tiles in [0, 1] -> ``T x descriptor_dim``.
 
-        The three images share one ViT pass; each block's tokens are reduced to statistics before the next block
-        runs, so activation memory is that of one layer, not of all ``depth`` layers.
+        The three images share one ViT pass; each block's tokens (prefix tokens dropped) are reduced to statistics
+        before the next block runs, so activation memory is that of one layer, not of all ``depth`` layers.
         """
         low, high = split_frequencies(tiles, self.frequencies_mask)
         with self._backbone_grad():
-            x = self.vit.embed((torch.cat([tiles, low, high]) - self.mean) / self.std)
+            x = embed(self.vit, (torch.cat([tiles, low, high]) - self.mean) / self.std)
         per_layer = []
         for layer, block in enumerate(self.vit.blocks):
             with self._backbone_grad():
                 x = block(x)
-            per_layer.append(self.features_processor.layer_statistics(layer, x[:, 1:]))
+            per_layer.append(self.features_processor.layer_statistics(layer, x[:, self.vit.num_prefix_tokens:]))
         return self.features_processor(per_layer)
 
 
@@ -255,9 +270,10 @@ class SPAI(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.cfg = cfg
+        vit = create_backbone(cfg.backbone, **cfg.backbone_args())
+        self.cfg = cfg = dataclasses.replace(cfg, **shape_of(vit))  # a saved config rebuilds this very shape
         self.sca = SpectralContextAttention(cfg.descriptor_dim, cfg.sca_heads, cfg.sca_dim, cfg.dropout)
-        self.mfvit = PatchEncoder(cfg)
+        self.mfvit = PatchEncoder(cfg, vit)
         # eps far below BatchNorm's 1e-5: the similarity statistics' variance across tiles is itself ~1e-5.
         self.descriptor_norm = (nn.BatchNorm1d(cfg.descriptor_dim, eps=1e-10, affine=False) if cfg.descriptor_norm
                                 else nn.Identity())

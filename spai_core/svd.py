@@ -14,23 +14,22 @@ Trainable weights per layer: ``(out + in + 1) * (k - r)`` (:func:`svd_trainable_
 free parameters: nothing keeps ``U_res`` / ``Vh_res`` orthonormal or orthogonal to the principal directions during
 training (the seed method does not either), so ``W_main`` stays fixed but the residual may drift into its span.
 
-Fused qkv. The SPAI ViT attention holds ``qkv = nn.Linear(768, 2304, bias=False)`` and separate ``q_bias`` / ``v_bias``
-parameters, plus ``proj = nn.Linear(768, 768)``. The fused qkv is decomposed as ONE 2304 x 768 matrix (k = 768,
-singular directions shared by q, k and v), which is what applying the method to the attention's linear modules
-literally does. Why not split per q/k/v: the three projections read the same 768-d token, so one right-singular
-basis ranks the input directions by their use across all of attention; it needs fewer residual parameters
-(3073 vs 3 x 1537 per residual direction); and the merged export keeps the official fused ``attn.qkv.weight``
-layout. The trade-off: "top r" ranks directions of the stacked spectrum, so q, k and v do not each keep exactly r
-of their own directions. ``q_bias`` / ``v_bias`` live on the attention module, not on the linear, and are left
-untouched: they stay as trainable or frozen as the caller set them.
+Fused qkv. SPAI's backbones are timm ViTs (the MFM ViT-B/16, CLIP ViT-B/16, ...), whose attention holds
+``qkv = nn.Linear(D, 3D)`` and ``proj = nn.Linear(D, D)`` (a CLIP file's separate q/k/v projections are fused by its
+checkpoint filter). The fused qkv is decomposed as ONE 3D x D matrix (k = D, singular directions shared by q, k and
+v), which is what applying the method to the attention's linear modules literally does. Why not split per q/k/v: the
+three projections read the same token, so one right-singular basis ranks the input directions by their use across
+all of attention; it needs fewer residual parameters (4D+1 vs 3 x (2D+1) per residual direction); and the merged
+export keeps timm's fused ``attn.qkv.weight`` layout. The trade-off: "top r" ranks directions of the stacked
+spectrum, so q, k and v do not each keep exactly r of their own directions.
 
-Biases in general are carried over as the same ``nn.Parameter`` (``proj`` has one), keeping its ``requires_grad``:
+Biases are carried over as the same ``nn.Parameter`` (``qkv`` and ``proj`` have one), keeping its ``requires_grad``:
 freeze the backbone before :func:`apply_svd` and only the residual factors train; unfreeze biases explicitly to
 train them too (then count them with ``svd_trainable_parameters(..., bias=True)``).
 
 Checkpoints: load pretrained weights before :func:`apply_svd` (the state dict keys change from ``weight`` to
 ``weight_main``/``U_res``/``S_res``/``Vh_res``); to reload an SVD checkpoint, build the model, apply SVD with the same
-rank, then load. :func:`merge_svd` turns the model back into plain linears with the official key layout for export
+rank, then load. :func:`merge_svd` turns the model back into plain linears in timm's key layout for export
 and for inference, where it also saves recombining the weight on every forward.
 """
 from __future__ import annotations

@@ -10,12 +10,16 @@ import subprocess
 import sys
 import types
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from spai_cli.main import main as spai
+from spai_core.backbones import BackboneError
 from spai_core.checkpoint import (CheckpointError, convert, load_backbone, load_model, ours_to_official_key,
                                   read_checkpoint, save_checkpoint, save_official)
 from spai_core.detector import Detector
@@ -28,12 +32,31 @@ NOT_WEIGHTS = "neither a readable safetensors file nor a PyTorch checkpoint .*no
 
 @pytest.fixture()
 def tiny():
+    """The tiny model with the MFM ViT's layout: random q and v biases, no key bias."""
     torch.manual_seed(0)
-    return build_model("spai_tiny").eval()
+    model = build_model("spai_tiny").eval()
+    with torch.no_grad():
+        for block in model.mfvit.vit.blocks:
+            q, k, v = block.attn.qkv.bias.view(3, -1)
+            q.normal_(std=0.5), k.zero_(), v.normal_(std=0.5)
+    return model
+
+
+def _mfm_layout(state):
+    """Our (timm) attention bias in the MFM/official layout, split here independently of the code under test."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("attn.qkv.bias"):
+            q, k, v = value.clone().chunk(3)
+            assert not k.any(), "a model built from MFM weights has no key bias"
+            out[key.replace("qkv.bias", "q_bias")], out[key.replace("qkv.bias", "v_bias")] = q, v
+        else:
+            out[key] = value.clone()
+    return out
 
 
 def _official_state(model):
-    state = {ours_to_official_key(k): v.clone() for k, v in model.state_dict().items()}
+    state = {ours_to_official_key(k): v for k, v in _mfm_layout(model.state_dict()).items()}
     state["mfvit.frequencies_mask"] = model.mfvit.frequencies_mask.long()
     state["mfvit.vit.fc_norm.weight"] = torch.ones(64)  # unused official extra: ignored by name
     return state
@@ -206,7 +229,8 @@ def test_unwritable_destinations_are_errors(suffix, tiny, tmp_path):
 
 def test_an_unknown_model_config_lists_the_registered_ones(tiny, tmp_path):
     save_official(tmp_path / "official.pth", tiny)
-    with pytest.raises(UserError, match="unknown model config 'bogus'; .*: spai_small, spai_tiny, spai_vit_b16$"):
+    names = "spai_clip_b16, spai_small, spai_tiny, spai_vit_b16"
+    with pytest.raises(UserError, match=f"unknown model config 'bogus'; .*: {names}$"):
         convert(tmp_path / "official.pth", tmp_path / "out.safetensors", "bogus")
 
 
@@ -236,6 +260,39 @@ def test_convert_both_ways_keeps_scores(tiny, tmp_path):
         np.testing.assert_array_equal(Detector(model, "cpu").logits(IMAGES), reference)
     raw = torch.load(tmp_path / "back.pth", weights_only=True)
     assert "patch_aggregator" in raw["model"] and "to_kv.weight" in raw["model"] and raw["epoch"] == 2
+    expected = _official_state(tiny)
+    del expected["mfvit.vit.fc_norm.weight"]
+    assert raw["model"].keys() == expected.keys()  # the official layout: q_bias/v_bias, no qkv.bias
+    for key, value in expected.items():
+        torch.testing.assert_close(raw["model"][key], value, rtol=0, atol=0)
+
+
+def test_official_export_drops_a_key_bias_exactly(tiny, tmp_path):
+    with torch.no_grad():  # full fine-tuning can move the key part of timm's fused bias; softmax ignores it
+        for block in tiny.mfvit.vit.blocks:
+            block.attn.qkv.bias.view(3, -1)[1].normal_(std=2.0)
+    save_official(tmp_path / "official.pth", tiny)
+    model, _ = load_model(tmp_path / "official.pth", "spai_tiny")
+    assert not any(b.attn.qkv.bias.view(3, -1)[1].any() for b in model.mfvit.vit.blocks)
+    np.testing.assert_allclose(Detector(model, "cpu").logits(IMAGES), Detector(tiny, "cpu").logits(IMAGES),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_format_1_checkpoints_still_load(tiny, tmp_path):
+    """Files written before the backbone moved to timm: the MFM layout, a config with no backbone field."""
+    config = dataclasses.asdict(tiny.cfg)
+    del config["backbone"]
+    meta = {"format": "spai-ray", "format_version": "1", "model_config": json.dumps(config),
+            "metadata": json.dumps({"epoch": 4})}
+    save_file({k: v.contiguous() for k, v in _mfm_layout(tiny.state_dict()).items()}, tmp_path / "v1.safetensors",
+              metadata=meta)
+    model, ckpt = load_model(tmp_path / "v1.safetensors")
+    assert ckpt.config == tiny.cfg and ckpt.metadata["epoch"] == 4
+    np.testing.assert_array_equal(Detector(model, "cpu").logits(IMAGES), Detector(tiny, "cpu").logits(IMAGES))
+    meta["format_version"] = "3"
+    save_file({"x": torch.zeros(1)}, tmp_path / "v3.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError, match="format 3, newer.*upgrade"):
+        load_model(tmp_path / "v3.safetensors")
 
 
 def test_descriptor_norm_statistics_round_trip_in_our_format_only(tmp_path):
@@ -263,16 +320,22 @@ def test_convert_cli(tiny, tmp_path):
 
 
 def test_mfm_backbone_loads_strictly(tiny, tmp_path):
-    vit = {f"encoder.{k}": v.clone() + 1 for k, v in tiny.mfvit.vit.state_dict().items()}
+    vit = {f"encoder.{k}": v + 1 for k, v in _mfm_layout(tiny.mfvit.vit.state_dict()).items()}
     vit["encoder.norm.weight"] = torch.ones(64)  # MFM extras are ignored
     vit["decoder.pred.weight"] = torch.ones(3)
     torch.save({"model": vit}, tmp_path / "mfm.pth")
     model = build_model("spai_tiny")
     load_backbone(model, tmp_path / "mfm.pth")
     torch.testing.assert_close(model.mfvit.vit.pos_embed, tiny.mfvit.vit.pos_embed + 1)
-    del vit["encoder.blocks.0.attn.q_bias"]
+    q, k, v = model.mfvit.vit.blocks[2].attn.qkv.bias.view(3, -1)
+    q_ref, _, v_ref = tiny.mfvit.vit.blocks[2].attn.qkv.bias.view(3, -1)
+    torch.testing.assert_close(torch.stack([q, v]), torch.stack([q_ref, v_ref]) + 1)
+    assert not k.any()  # MFM has no key bias
+    del vit["encoder.blocks.0.attn.v_bias"]
     torch.save({"model": vit}, tmp_path / "mfm_bad.pth")
-    with pytest.raises(CheckpointError, match="q_bias"):
+    with pytest.raises(BackboneError, match="missing key.*blocks.0.attn.qkv.bias"):
         load_backbone(build_model("spai_tiny"), tmp_path / "mfm_bad.pth")
+    with pytest.raises(BackboneError, match="shape mismatch"):
+        load_backbone(build_model("spai_small"), tmp_path / "mfm.pth")
     with pytest.raises(CheckpointError, match="backbone-only"):
         load_model(tmp_path / "mfm.pth", "spai_tiny")

@@ -1,4 +1,4 @@
-"""SVD fine-tuning on a toy transformer with realistically shaped attention linears (fused qkv 96->288, proj 96->96)."""
+"""SVD fine-tuning on a toy transformer of timm ViT blocks (the backbones' own: fused qkv 96->288, proj 96->96)."""
 from __future__ import annotations
 
 import copy
@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
 from spai_core.svd import (
@@ -19,41 +20,10 @@ from spai_core.svd import (
 DIM = 96
 
 
-class ToyAttention(nn.Module):
-    """The SPAI ViT attention layout: bias-free fused qkv, separate q/v biases, proj with bias."""
-
-    def __init__(self, dim: int = DIM, heads: int = 4) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
-        self.q_bias = nn.Parameter(torch.randn(dim) * 0.1)
-        self.v_bias = nn.Parameter(torch.randn(dim) * 0.1)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = x.shape
-        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        q, k, v = (self.qkv(x) + bias).reshape(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = torch.softmax(q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5, dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-
-
-class ToyBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(DIM)
-        self.attn = ToyAttention()
-        self.mlp = nn.Sequential(nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm(x))
-        return x + self.mlp(x)
-
-
 class ToyModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.blocks = nn.Sequential(ToyBlock(), ToyBlock())
+        self.blocks = nn.Sequential(*(Block(DIM, num_heads=4, mlp_ratio=2.0, qkv_bias=True) for _ in range(2)))
         self.head = nn.Linear(DIM, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +90,7 @@ def test_trainable_count_with_bias_is_explicit() -> None:
 
 def test_requires_grad_flags(model: ToyModel) -> None:
     model.requires_grad_(False)
+    qkv_bias = model.blocks[0].attn.qkv.bias
     model.blocks[1].attn.proj.bias.requires_grad_(True)  # a caller may choose to train a bias
     apply_svd(model, rank=32)
     layer = model.blocks[1].attn.proj
@@ -127,10 +98,10 @@ def test_requires_grad_flags(model: ToyModel) -> None:
     assert not layer.weight_main.requires_grad
     assert all(p.requires_grad for p in (layer.U_res, layer.S_res, layer.Vh_res))
     assert layer.bias.requires_grad and not model.blocks[0].attn.proj.bias.requires_grad, "bias keeps caller's flag"
-    assert not model.blocks[0].attn.q_bias.requires_grad and not model.head.weight.requires_grad
+    assert not model.head.weight.requires_grad
     qkv = model.blocks[0].attn.qkv
     assert (qkv.U_res.shape, qkv.S_res.shape, qkv.Vh_res.shape) == ((288, 64), (64,), (64, 96))
-    assert qkv.bias is None
+    assert qkv.bias is qkv_bias and not qkv.bias.requires_grad, "the fused qkv bias is carried over, frozen"
 
 
 def test_principal_part_is_the_top_singular_directions(model: ToyModel) -> None:

@@ -101,11 +101,14 @@ def create_backbone(name: str, weights: str | Path | Mapping[str, torch.Tensor] 
     test-sized models, which no pretrained weights fit)."""
     spec = get_backbone_spec(name)
     args = {**spec.model_args, **model_args}
-    model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, global_pool="", final_norm=False,
-                              img_size=img_size, drop_path_rate=drop_path_rate, **args)
+    needs = "SPAI reads per-block tokens and needs a timm VisionTransformer (vit_*, deit3_*, CLIP, DINOv2, SigLIP)"
+    try:  # other timm families reject the ViT-only arguments
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, global_pool="", final_norm=False,
+                                  img_size=img_size, drop_path_rate=drop_path_rate, **args)
+    except TypeError as exc:
+        raise BackboneError(f"backbone {name!r} cannot be built as a ViT ({exc}); {needs}") from None
     if not isinstance(model, VisionTransformer):
-        raise BackboneError(f"backbone {name!r} is a timm {type(model).__name__}; SPAI reads per-block tokens and "
-                            "needs a timm VisionTransformer (vit_*, deit_*, CLIP, DINOv2, SigLIP towers)")
+        raise BackboneError(f"backbone {name!r} is a timm {type(model).__name__}; {needs}")
     if weights is not None:
         load_backbone_weights(model, name, weights)
     return model
@@ -130,8 +133,9 @@ def load_backbone_weights(model: VisionTransformer, name: str, weights: str | Pa
     wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
     if missing or wrong:
-        raise BackboneError(f"{source} does not fit backbone {name!r}: {len(missing)} missing key(s), e.g. "
-                            f"{missing[:4]}; {len(wrong)} shape mismatch(es), e.g. {wrong[:2]}. Give the weights of "
+        problems = ([f"{len(missing)} missing key(s), e.g. {missing[:4]}"] if missing else []) + (
+            [f"{len(wrong)} shape mismatch(es), e.g. {wrong[:2]}"] if wrong else [])
+        raise BackboneError(f"{source} does not fit backbone {name!r}: {'; '.join(problems)}. Give the weights of "
                             "that backbone, or set the model's backbone to the one they are for")
     skipped = [k for k in state if k not in expected]
     if skipped:
@@ -156,4 +160,4 @@ def shape_of(model: VisionTransformer) -> dict[str, Any]:
 
 
 # Model families register their entries on import (as timm's model modules do).
-from . import mfm  # noqa: E402,F401
+from . import clip, mfm  # noqa: E402,F401
