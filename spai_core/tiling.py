@@ -13,14 +13,14 @@ import torch
 Offset = tuple[int, int]
 
 
-def _reflect101(length: int, before: int, after: int) -> np.ndarray:
-    """Source indices for reflect-101 padding of any width (repeated reflection, like OpenCV)."""
-    idx = np.arange(-before, length + after)
-    if length == 1:
-        return np.zeros_like(idx)
-    period = 2 * (length - 1)
-    idx = np.mod(idx, period)
-    return np.where(idx >= length, period - idx, idx)
+def reflect101(index: np.ndarray, size: int) -> np.ndarray:
+    """Map indices (any distance outside ``0..size-1``) back inside like OpenCV's ``BORDER_REFLECT_101``: the edge
+    pixel is not repeated, and reflection repeats for pads wider than the image."""
+    if size == 1:
+        return np.zeros_like(index)
+    period = 2 * (size - 1)
+    index = np.mod(index, period)
+    return np.where(index >= size, period - index, index)
 
 
 def pad_to_min_size(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
@@ -34,8 +34,8 @@ def pad_to_min_size(image: torch.Tensor, size: int) -> tuple[torch.Tensor, tuple
     padding = (top, pad_h - top, left, pad_w - left)
     if pad_h == 0 and pad_w == 0:
         return image, padding
-    rows = torch.from_numpy(_reflect101(height, top, pad_h - top)).to(image.device)
-    cols = torch.from_numpy(_reflect101(width, left, pad_w - left)).to(image.device)
+    rows = torch.from_numpy(reflect101(np.arange(-top, height + pad_h - top), height)).to(image.device)
+    cols = torch.from_numpy(reflect101(np.arange(-left, width + pad_w - left), width)).to(image.device)
     return image.index_select(-2, rows).index_select(-1, cols), padding
 
 

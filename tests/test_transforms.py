@@ -13,16 +13,17 @@ from PIL import Image
 from pipelines.data.transforms import (
     AugmentConfig,
     ScoreTransformConfig,
-    image_rng,
     largest_inscribed_rect,
     make_score_transform,
     make_train_transform,
     resize_bilinear,
     rotate_crop,
+    row_rng,
     score_transform,
     train_views,
 )
 from spai_core.config import ConfigError, load_config
+from spai_core.tiling import reflect101
 
 OFF = dict(hflip_p=0.0, vflip_p=0.0, rotate_p=0.0, blur_p=0.0, noise_p=0.0, jpeg_p=0.0)
 
@@ -68,7 +69,7 @@ def test_transforms_pickle_for_ray_workers(photo: np.ndarray) -> None:
     score = make_score_transform(ScoreTransformConfig(noise_sigma=3.0))
     assert score is not None
     restored_score = pickle.loads(pickle.dumps(score))
-    assert np.array_equal(score(photo, image_rng("a.jpg")), restored_score(photo, image_rng("a.jpg")))
+    assert np.array_equal(score(photo, row_rng(0, "a.jpg")), restored_score(photo, row_rng(0, "a.jpg")))
 
 
 def test_flips_mirror_the_same_crop(photo: np.ndarray) -> None:
@@ -166,7 +167,7 @@ def test_resize_to_sets_the_shorter_side(shape: tuple[int, int], expected: tuple
 
 def test_resize_to_on_a_real_photo(photo: np.ndarray) -> None:
     for image in (photo, photo.transpose(1, 0, 2)):
-        out = score_transform(np.ascontiguousarray(image), ScoreTransformConfig(resize_to=300), image_rng("x"))
+        out = score_transform(np.ascontiguousarray(image), ScoreTransformConfig(resize_to=300), row_rng(0, "x"))
         assert min(out.shape[:2]) == 300
         assert abs(out.shape[0] / out.shape[1] - image.shape[0] / image.shape[1]) < 0.01
 
@@ -174,12 +175,12 @@ def test_resize_to_on_a_real_photo(photo: np.ndarray) -> None:
 def test_score_transform_keeps_resolution_without_padding() -> None:
     small = np.random.default_rng(0).integers(0, 256, size=(100, 80, 3), dtype=np.uint8)
     cfg = ScoreTransformConfig(jpeg_quality=90, blur_sigma=1.0, noise_sigma=2.0)
-    assert score_transform(small, cfg, image_rng("small")).shape == (100, 80, 3)
-    assert score_transform(small, ScoreTransformConfig(scale=0.5), image_rng("small")).shape == (50, 40, 3)
+    assert score_transform(small, cfg, row_rng(0, "small")).shape == (100, 80, 3)
+    assert score_transform(small, ScoreTransformConfig(scale=0.5), row_rng(0, "small")).shape == (50, 40, 3)
 
 
 def test_jpeg_degradation_changes_pixels_and_keeps_size(photo: np.ndarray) -> None:
-    out = score_transform(photo, ScoreTransformConfig(jpeg_quality=50), image_rng("p"))
+    out = score_transform(photo, ScoreTransformConfig(jpeg_quality=50), row_rng(0, "p"))
     assert out.shape == photo.shape and out.dtype == np.uint8
     assert not np.array_equal(out, photo)
     assert np.abs(out.astype(np.int16) - photo).mean() < 10, "quality 50 should stay close to the original"
@@ -187,7 +188,8 @@ def test_jpeg_degradation_changes_pixels_and_keeps_size(photo: np.ndarray) -> No
 
 def test_noise_sigma_statistics() -> None:
     flat = np.full((300, 300, 3), 128, np.uint8)
-    residual = score_transform(flat, ScoreTransformConfig(noise_sigma=5.0), image_rng("flat")).astype(np.float64) - 128
+    noisy = score_transform(flat, ScoreTransformConfig(noise_sigma=5.0), row_rng(0, "flat"))
+    residual = noisy.astype(np.float64) - 128
     assert abs(residual.mean()) < 0.1
     assert abs(residual.std() - 5.0) < 0.1
     channels = residual.reshape(-1, 3).T
@@ -198,7 +200,7 @@ def test_degradations_are_seeded_per_image(photo: np.ndarray) -> None:
     cfg = ScoreTransformConfig(noise_sigma=3.0)
 
     def noisy(key: str, seed: int = 0) -> np.ndarray:
-        return score_transform(photo, cfg, image_rng(key, seed))
+        return score_transform(photo, cfg, row_rng(seed, key))
 
     assert np.array_equal(noisy("a.jpg", 7), noisy("a.jpg", 7))
     assert not np.array_equal(noisy("a.jpg"), noisy("b.jpg"))
@@ -214,14 +216,22 @@ def test_configs_load_from_overrides_and_reject_bad_values() -> None:
     cfg = load_config(AugmentConfig, overrides=["crop_scale=[0.3, 1.0]", "jpeg_p=0"])
     assert cfg.crop_scale == (0.3, 1.0) and cfg.jpeg_p == 0.0
     assert dataclasses.asdict(load_config(ScoreTransformConfig, overrides=["resize_to=512"]))["resize_to"] == 512
-    with pytest.raises(ValueError, match="probability"):
-        AugmentConfig(hflip_p=1.5)
-    with pytest.raises(ValueError, match="crop_scale"):
-        AugmentConfig(crop_scale=(0.9, 0.2))
-    with pytest.raises(ValueError, match="jpeg_quality"):
-        ScoreTransformConfig(jpeg_quality=0)
+    with pytest.raises(ConfigError, match="^hflip_p: must be a probability"):
+        load_config(AugmentConfig, overrides=["hflip_p=1.5"])
+    with pytest.raises(ConfigError, match="^crop_scale: must be two values"):
+        make_train_transform(AugmentConfig(crop_scale=(0.9, 0.2)))  # a config built in Python is checked too
+    with pytest.raises(ConfigError, match=r"^--jpeg-quality \(jpeg_quality\): must be in 1..100"):
+        make_score_transform(ScoreTransformConfig(jpeg_quality=0))
     with pytest.raises(ConfigError):
         load_config(AugmentConfig, overrides=["views=2.5"])
+
+
+def test_reflect101_matches_numpy_reflect_for_pads_wider_than_the_image() -> None:
+    row = np.arange(3)
+    for before, after in ((0, 0), (2, 1), (7, 9)):
+        indices = reflect101(np.arange(-before, row.size + after), row.size)
+        assert indices.tolist() == np.pad(row, (before, after), mode="reflect").tolist()
+    assert reflect101(np.arange(-2, 3), 1).tolist() == [0] * 5
 
 
 def test_rejects_non_rgb_uint8_input() -> None:

@@ -11,7 +11,6 @@ augmentations do not depend on how rows fall into blocks, workers or retries.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Iterator
 
@@ -23,6 +22,7 @@ from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray
 
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
 from pipelines.data.manifest import ManifestError, conform, read_manifest
+from pipelines.data.transforms import row_rng
 from pipelines.infra.storage import Files, StorageOptions
 
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -45,12 +45,6 @@ DEFAULT_ROWS_PER_BLOCK = 64
 # Columns decode_images adds; input columns of the same name (a validated manifest's width/height, a CSV's image
 # path) are replaced, since the manifest table keeps the originals.
 DECODED_COLUMNS = ("image", "height", "width", "error")
-
-
-def row_rng(seed: int, uri: str) -> np.random.Generator:
-    """The random generator of one row: a function of ``(seed, uri)`` only, so results ignore block layout."""
-    digest = int.from_bytes(hashlib.sha256(uri.encode()).digest()[:8], "little")
-    return np.random.default_rng([seed, digest])
 
 
 def read_manifest_dataset(uri_or_table: str | pa.Table, options: StorageOptions | None = None,

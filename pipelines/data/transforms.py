@@ -21,19 +21,20 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from spai_core.config import ConfigError
+from spai_core.config import ConfigError, check_config, option
+from spai_core.tiling import reflect101
 
 Transform = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 def _check_probability(name: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be a probability in [0, 1], got {value}")
+        raise ConfigError(f"must be a probability in [0, 1], got {value}", name)
 
 
 def _check_range(name: str, bounds: tuple[float, float], low: float, high: float) -> None:
     if len(bounds) != 2 or not low <= bounds[0] <= bounds[1] <= high:
-        raise ConfigError(f"{name} must be two values (min, max) with {low} <= min <= max <= {high}, got {bounds}")
+        raise ConfigError(f"must be two values (min, max) with {low} <= min <= max <= {high}, got {bounds}", name)
 
 
 @dataclasses.dataclass
@@ -60,21 +61,22 @@ class AugmentConfig:
     jpeg_p: float = 0.5
     jpeg_quality: tuple[int, int] = (50, 100)
 
-    def __post_init__(self) -> None:
-        if self.views < 1 or self.size < 1:
-            raise ConfigError(f"views and size must be >= 1, got views={self.views}, size={self.size}")
+    def validate(self) -> None:
+        for name in ("views", "size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be >= 1, got {getattr(self, name)}", name)
         for name in ("hflip_p", "vflip_p", "rotate_p", "blur_p", "noise_p", "jpeg_p"):
             _check_probability(name, getattr(self, name))
         _check_range("crop_scale", self.crop_scale, 1e-6, 1.0)
         _check_range("crop_ratio", self.crop_ratio, 1e-6, math.inf)
         _check_range("blur_kernel", self.blur_kernel, 1, math.inf)
         if (self.blur_kernel[0] | 1) > self.blur_kernel[1]:
-            raise ConfigError(f"blur_kernel {self.blur_kernel} contains no odd kernel size; widen it, e.g. (3, 9)")
+            raise ConfigError(f"{self.blur_kernel} contains no odd kernel size; widen it, e.g. (3, 9)", "blur_kernel")
         _check_range("blur_sigma", self.blur_sigma, 1e-6, math.inf)
         _check_range("noise_var", self.noise_var, 0.0, math.inf)
         _check_range("jpeg_quality", self.jpeg_quality, 1, 100)
         if not 0.0 <= self.rotate_limit <= 180.0:
-            raise ConfigError(f"rotate_limit must be in [0, 180] degrees, got {self.rotate_limit}")
+            raise ConfigError(f"must be in [0, 180] degrees, got {self.rotate_limit}", "rotate_limit")
 
 
 @dataclasses.dataclass
@@ -83,24 +85,28 @@ class ScoreTransformConfig:
 
     Degradations run in the official test-transform order: JPEG, blur, noise, scale; then ``resize_to``. The result
     keeps its resolution otherwise (no crop, no pad: the model pads sides < 224 itself). Noise is random, so callers
-    seed it per image (:func:`image_rng`) to make robustness runs independent of worker count and order.
+    seed it per image (:func:`row_rng`) to make robustness runs independent of worker count and order.
     """
 
-    resize_to: int | None = None  # shorter side becomes exactly N, up- or down-scaling (official --resize-to)
-    jpeg_quality: int | None = None  # 1..100
-    blur_sigma: float | None = None  # kernel covers +-3 sigma
-    noise_sigma: float | None = None  # standard deviation on the 0..255 scale, independent per channel
-    scale: float | None = None  # resize factor applied to both sides
+    resize_to: int | None = option(None, flag="--resize-to", help="resize so the SHORTER side is N, up or down "
+                                   "(official behaviour)")
+    jpeg_quality: int | None = option(None, flag="--jpeg-quality", help="degradation: re-encode as JPEG at this "
+                                      "quality (1..100)")
+    blur_sigma: float | None = option(None, flag="--blur-sigma", help="degradation: Gaussian blur sigma (the kernel "
+                                      "covers +-3 sigma)")
+    noise_sigma: float | None = option(None, flag="--noise-sigma", help="degradation: Gaussian noise sigma (0-255 "
+                                       "scale, independent per channel)")
+    scale: float | None = option(None, flag="--scale", help="degradation: resize both sides by this factor")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.resize_to is not None and self.resize_to < 1:
-            raise ConfigError(f"resize_to must be a positive number of pixels or null, got {self.resize_to}")
+            raise ConfigError(f"must be a positive number of pixels or null, got {self.resize_to}", "resize_to")
         if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"jpeg_quality must be in 1..100 or null, got {self.jpeg_quality}")
+            raise ConfigError(f"must be in 1..100 or null, got {self.jpeg_quality}", "jpeg_quality")
         for name in ("blur_sigma", "noise_sigma", "scale"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be > 0 or null (off), got {value}")
+                raise ConfigError(f"must be > 0 or null (off), got {value}", name)
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -184,15 +190,6 @@ def largest_inscribed_rect(height: int, width: int, angle: float) -> tuple[int, 
     return y0, y1, x0, x1
 
 
-def _reflect101(index: np.ndarray, size: int) -> np.ndarray:
-    """Map out-of-range indices back inside like OpenCV ``BORDER_REFLECT_101`` (edge pixel not repeated)."""
-    if size == 1:
-        return np.zeros_like(index)
-    period = 2 * (size - 1)
-    index = np.abs(index) % period
-    return np.where(index >= size, period - index, index)
-
-
 def rotate_crop(image: np.ndarray, angle: float) -> np.ndarray:
     """Rotate counter-clockwise by ``angle`` degrees about the centre (bilinear, reflect-101 border) and crop to the
     largest inscribed rectangle, so the result has no border fill. Only the kept pixels are computed.
@@ -207,8 +204,8 @@ def rotate_crop(image: np.ndarray, angle: float) -> np.ndarray:
     left, top = np.floor(src_x), np.floor(src_y)
     wx, wy = (src_x - left)[..., None], (src_y - top)[..., None]
     left, top = left.astype(np.intp), top.astype(np.intp)
-    x_a, x_b = _reflect101(left, width), _reflect101(left + 1, width)
-    y_a, y_b = _reflect101(top, height), _reflect101(top + 1, height)
+    x_a, x_b = reflect101(left, width), reflect101(left + 1, width)
+    y_a, y_b = reflect101(top, height), reflect101(top + 1, height)
     pixels = image.astype(np.float32)
     upper = pixels[y_a, x_a] * (1 - wx) + pixels[y_a, x_b] * wx
     lower = pixels[y_b, x_a] * (1 - wx) + pixels[y_b, x_b] * wx
@@ -304,7 +301,7 @@ def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
 def score_transform(image: np.ndarray, cfg: ScoreTransformConfig, rng: np.random.Generator) -> np.ndarray:
     """Apply the enabled degradations (JPEG, blur, noise, scale) and ``resize_to``, in the official order.
 
-    ``rng`` only drives the noise; pass a generator seeded per image (:func:`image_rng`) for reproducible runs.
+    ``rng`` only drives the noise; pass a generator seeded per image (:func:`row_rng`) for reproducible runs.
     """
     _check_image(image)
     if cfg.jpeg_quality is not None:
@@ -321,9 +318,10 @@ def score_transform(image: np.ndarray, cfg: ScoreTransformConfig, rng: np.random
     return image
 
 
-def image_rng(key: str, seed: int = 0) -> np.random.Generator:
-    """A generator determined by ``seed`` and an image key (e.g. its path), stable across processes and machines
-    (unlike ``hash()``, which Python salts per process)."""
+def row_rng(seed: int, key: str) -> np.random.Generator:
+    """The random generator of one image: a function of ``seed`` and its key (its uri) only, so results ignore block
+    layout, worker count and order, and stay the same across processes and machines (unlike ``hash()``, which Python
+    salts per process)."""
     digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
     return np.random.default_rng([seed, digest])
 
@@ -335,11 +333,11 @@ def _call_with_config(fn: Callable, cfg: object, image: np.ndarray, rng: np.rand
 
 def make_train_transform(cfg: AugmentConfig) -> Transform:
     """``f(image, rng) -> (views, size, size, 3)`` uint8 for training; picklable for Ray workers."""
-    return functools.partial(_call_with_config, train_views, cfg)
+    return functools.partial(_call_with_config, train_views, check_config(cfg))
 
 
 def make_score_transform(cfg: ScoreTransformConfig) -> Transform | None:
     """``f(image, rng) -> image`` for scoring, or None when ``cfg`` enables nothing so callers can skip the work."""
-    if all(value is None for value in dataclasses.asdict(cfg).values()):
+    if all(value is None for value in dataclasses.asdict(check_config(cfg)).values()):
         return None
     return functools.partial(_call_with_config, score_transform, cfg)
