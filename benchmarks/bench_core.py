@@ -10,11 +10,21 @@ timed per precision in each case's own process, right after the case.
     python benchmarks/bench_core.py --device cuda --images 16  # on a GPU: "of peak" is then the MFU
 
 On a GPU, timings synchronise the device, and memory is the device's peak allocation instead of the process RSS.
+
+Side by side with an older version of the code (rows tagged with its name; ``vs naive`` and ``max|dlogit|`` are then
+against this tree's naive loop), on the same weights, which both trees must load (the parity fixture's recipe, in the
+official layout, fits any version)::
+
+    git archive 93c6783 spai_core | tar -x -C /tmp/old       # 93c6783: the last hand-written ViT with oneDNN kernels
+    python -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path; from parity import *; \
+        write_official_checkpoint(Path('/tmp/parity.pth'))"
+    python benchmarks/bench_core.py --weights /tmp/parity.pth --baseline /tmp/old --sizes 1024 --images 1
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -27,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spai_core.checkpoint import load_model
 from spai_core.detector import Detector, image_to_tensor
 from spai_core.metrics import binary_metrics
 from spai_core.spai import ModelConfig, build_model
@@ -99,7 +110,7 @@ def run_case(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_model(args.model).eval()
+    model = load_model(args.weights)[0] if args.weights else build_model(args.model).eval()
     images = test_images(SIZES[args.size], args.images)
     detector = Detector(model, device, args.precision, feature_batch=args.feature_batch)  # moves the model there
     def run(batch: list[np.ndarray]) -> np.ndarray:
@@ -122,11 +133,15 @@ def run_case(args: argparse.Namespace) -> dict:
             "matmul_peak": matmul_peak(args.precision, device)}
 
 
-def subprocess_case(args: argparse.Namespace, method: str, size: str, precision: str, images: int) -> dict:
+def subprocess_case(args: argparse.Namespace, method: str, size: str, precision: str, images: int,
+                    tree: Path | None = None) -> dict:
+    """One case in a fresh process, importing ``spai_core`` from ``tree`` when given (else this checkout's)."""
     cmd = [sys.executable, __file__, "--case", "--model", args.model, "--threads", str(args.threads), "--method",
            method, "--size", size, "--precision", precision, "--images", str(images), "--device", args.device]
     cmd += ["--feature-batch", str(args.feature_batch)] if args.feature_batch else []
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd += ["--weights", str(args.weights)] if args.weights else []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tree or ""), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -141,6 +156,10 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                         help="where the model runs (default: cuda when there is one)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a checkpoint to load instead of a seeded random --model (needed with --baseline)")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="a folder holding an older spai_core package, measured beside this one")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="224", help=argparse.SUPPRESS)
@@ -153,20 +172,26 @@ def main() -> None:
     print(f"model {args.model} on {where}; 'of peak' divides by a {PEAK_SIZE}^3 matmul in the case's "
           "precision timed in the case's own process right after it, since this machine's clock drifts by 10-20% "
           "over minutes")
+    if args.baseline and not args.weights:
+        parser.error("--baseline needs --weights: two versions build different random models from one seed")
     memory = "peak GPU GiB" if args.device == "cuda" else "peak RSS GiB"
-    header = ["size", "method", "prec", "img/s", "tiles/s", "GFLOP/s", "matmul GFLOP/s", "of peak", memory,
+    header = ["size", "code", "method", "prec", "img/s", "tiles/s", "GFLOP/s", "matmul GFLOP/s", "of peak", memory,
               "vs naive", "max|dlogit|"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    trees = [("this", None)] + ([(args.baseline.name, args.baseline)] if args.baseline else [])
+    cases = [("naive", "fp32")] + [("ours", p) for p in args.precisions]
     for size in args.sizes:
-        naive = subprocess_case(args, "naive", size, "fp32", args.images)
-        rows = [("naive", "fp32", naive)] + [("ours", p, subprocess_case(args, "ours", size, p, args.images))
-                                             for p in args.precisions]
-        for method, precision, r in rows:
-            delta = np.abs(np.array(r["logits"]) - np.array(naive["logits"])).max()
-            print(f"| {size} | {method} | {precision} | {r['images_per_s']:.3f} | {r['tiles_per_s']:.2f} | "
-                  f"{r['gflop_per_s']:.0f} | {r['matmul_peak']:.0f} | {r['gflop_per_s'] / r['matmul_peak']:.2f} | "
-                  f"{r['peak_memory_gib']:.2f} | "
-                  f"{r['images_per_s'] / naive['images_per_s']:.2f}x | {delta:.2e} |", flush=True)
+        naive = None
+        # Each case runs in both trees back to back, so that load from other processes hits both alike.
+        for method, precision in cases:
+            rows = [(code, subprocess_case(args, method, size, precision, args.images, tree)) for code, tree in trees]
+            naive = naive or rows[0][1]  # this tree's naive loop is the reference for every row
+            for code, r in rows:
+                delta = np.abs(np.array(r["logits"]) - np.array(naive["logits"])).max()
+                print(f"| {size} | {code} | {method} | {precision} | {r['images_per_s']:.3f} | "
+                      f"{r['tiles_per_s']:.2f} | {r['gflop_per_s']:.0f} | {r['matmul_peak']:.0f} | "
+                      f"{r['gflop_per_s'] / r['matmul_peak']:.2f} | {r['peak_memory_gib']:.2f} | "
+                      f"{r['images_per_s'] / naive['images_per_s']:.2f}x | {delta:.2e} |", flush=True)
     if "bf16" in args.precisions:
         report_bf16_auc(args)
 
@@ -174,7 +199,7 @@ def main() -> None:
 def report_bf16_auc(args: argparse.Namespace) -> None:
     """bf16 vs fp32 scores of one model on real photos: max |delta logit| and the ranking (AUC of fp32 labels)."""
     torch.manual_seed(0)
-    model = build_model(args.model).eval()
+    model = load_model(args.weights)[0] if args.weights else build_model(args.model).eval()
     images = test_images(SIZES["512"], 8)
     fp32 = Detector(model, args.device, "fp32", feature_batch=args.feature_batch).logits(images)
     bf16 = Detector(model, args.device, "bf16", feature_batch=args.feature_batch).logits(images)

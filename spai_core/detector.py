@@ -18,10 +18,9 @@ from .spai import SPAI, ModelConfig
 from .tiling import tile_offsets
 
 PRECISIONS = ("fp32", "bf16")
-# Tiles encoded at once on CPU unless asked otherwise (the official 400 is sized for GPUs). The ViT-B GEMMs run near
-# the matmul peak from 4 tiles (12 sequences, 2364 rows) on: with packed weights and freed memory kept, 4, 8 and 16
-# tiles take the same time per 1024-px image on a 2-core Zen 5 (fp32 5.6 s, bf16 3.1 s), so the smallest batch is
-# taken, which keeps activations near 250 MB.
+# Tiles encoded at once on CPU unless asked otherwise (the official 400 is sized for GPUs). The ViT-B GEMMs reach their
+# speed from 4 tiles (12 sequences, 2364 rows) on: 4, 8 and 16 tiles took the same time per 1024-px image on a 2-core
+# Zen 5 (measured with freed memory kept), so the smallest batch is taken, which keeps activations near 250 MB.
 CPU_FEATURE_BATCH = 4
 
 
