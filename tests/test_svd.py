@@ -176,3 +176,37 @@ def test_merge_of_a_bare_svd_linear() -> None:
     assert isinstance(merged, nn.Linear)
     torch.testing.assert_close(merged.weight, linear.weight, atol=1e-6, rtol=1e-5)
     assert merged.bias is linear.bias
+
+
+@pytest.mark.parametrize("config", ["spai_tiny", "spai_clip_b16"])
+def test_svd_on_spai_backbones_is_exact_trains_residuals_and_merges(config: str) -> None:
+    """On the timm backbones themselves (the MFM ViT's layout, and CLIP's pre-norm QuickGELU tower at test size):
+    q/k/v (fused) and out projections split exactly, only the residuals learn, and the merged export computes the
+    trained model with the plain layout. Compared on tile descriptors, which the backbone feeds directly."""
+    from spai_core.spai import build_model, get_model_config
+
+    torch.manual_seed(0)
+    model = build_model(get_model_config(config, embed_dim=48, depth=2, num_heads=3, dropout=0.0)).eval()
+    plain = copy.deepcopy(model)
+    tiles = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    vit = model.mfvit.vit
+    vit.requires_grad_(False)
+    model.mfvit.backbone_frozen = False  # the backbone runs with autograd, so the residuals get gradients
+    assert apply_svd(vit, rank=48) == [f"blocks.{b}.attn.{n}" for b in range(2) for n in ("qkv", "proj")]
+    with torch.no_grad():
+        torch.testing.assert_close(model.mfvit(tiles), plain.mfvit(tiles), atol=1e-5, rtol=1e-5)  # full rank: exact
+    merge_svd(vit)
+    apply_svd(vit, rank=20)
+    optimizer = torch.optim.AdamW([p for p in vit.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model.mfvit(tiles)[:, :12].sum().backward()  # the similarity statistics: functions of the backbone alone
+        optimizer.step()
+    trained = {n for n, p in vit.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and {n.rsplit(".", 1)[-1] for n in trained} == {"U_res", "S_res", "Vh_res"}
+    with torch.no_grad():
+        tuned = model.mfvit(tiles)
+        assert not torch.allclose(tuned, plain.mfvit(tiles), atol=1e-3), "training should have changed the output"
+        merged = merge_svd(copy.deepcopy(model))
+        torch.testing.assert_close(merged.mfvit(tiles), tuned, atol=1e-5, rtol=1e-5)
+    assert merged.state_dict().keys() == plain.state_dict().keys()
