@@ -17,7 +17,7 @@ from pipelines.data.dataset import (MAX_ROWS_PER_BLOCK, ImageColumnBuilder, bloc
                             read_manifest_dataset, row_rng)
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.infra.storage import StorageOptions
-from pipelines.train.job import iter_image_batches
+from pipelines.train.data import iter_image_batches
 from pipelines.data.validate import validate_manifest
 from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
 from spai_core.images import to_rgb_array

@@ -30,7 +30,7 @@ import ray
 from corpus import small_corpus  # noqa: F401  (the session fixture)
 from polling import wait_for
 from pipelines.data.manifest import read_manifest
-from pipelines.train.job import CONFIG_DIR
+from pipelines.train.config import CONFIG_DIR
 from s3server import s3_server, upload_folder  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.slow
