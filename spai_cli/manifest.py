@@ -1,7 +1,16 @@
-"""`spai manifest`: its flags, and the call into the library."""
+"""`spai manifest`: one subcommand per dataset layout, its flags derived from the layout's config."""
 from __future__ import annotations
 
 import argparse
+
+from pipelines.data.config import LAYOUTS
+from spai_cli.options import add_config_options, config_from_args
+
+LAYOUT_HELP = {
+    "genimage": "<root>/<generator>/{train,val}/{ai,nature} (all 8 generators)",
+    "csv": "official SPAI CSV (image,class,split; extra columns kept)",
+    "folders": "real and fake folders, searched recursively",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -9,40 +18,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "manifest",
         help="build a Parquet manifest from GenImage folders, SPAI CSVs or real/fake folders",
         description="Build one Parquet manifest (uri, label, split, generator, source, group) from a dataset "
-        "layout on disk or under an s3:// prefix, and write a JSON sidecar with counts. "
-        "Run `spai validate` on it next to find corrupt or duplicated images.",
+        "layout on disk or under an s3:// prefix, and write a JSON sidecar with counts and the config "
+        "(_config.yaml: --config reruns the build). Run `spai validate` on it next to find corrupt or duplicated "
+        "images.",
     )
     kinds = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
-    gen = kinds.add_parser("genimage", help="<root>/<generator>/{train,val}/{ai,nature} (all 8 generators)")
-    gen.add_argument("root", help="GenImage root directory or s3:// prefix")
-    gen.add_argument("--generators", nargs="*", default=None,
-                     help="generator folders to include, by folder or short name (sdv5, glide...; default: all)")
-    gen.add_argument("--val-fraction", type=float, default=0.0,
-                     help="move this fraction of each generator's train groups to val (GenImage's val is used as test)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the --val-fraction split")
-    csv = kinds.add_parser("csv", help="official SPAI CSV (image,class,split; extra columns kept)")
-    csv.add_argument("csv", help="CSV file (local or s3://)")
-    csv.add_argument("--root", default=None, help="root dir for relative image paths (default: the CSV's folder)")
-    csv.add_argument("--generator", default=None, help="generator name for all rows (default: a `generator` column "
-                     "if present, else 'real' for class 0 and 'unknown' for class 1)")
-    fold = kinds.add_parser("folders", help="real and fake folders, searched recursively")
-    fold.add_argument("--real", nargs="+", required=True, help="folder(s) or s3:// prefixes of real images")
-    fold.add_argument("--fake", nargs="+", required=True,
-                      help="folder(s) of generated images; NAME=PATH names the generator (default: folder name), "
-                      "and folders given one name are one generator")
-    fold.add_argument("--balance", action="store_true", help="subsample reals to the number of fakes")
-    fold.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test fractions, split by group (seeded)")
-    fold.add_argument("--seed", type=int, default=0, help="seed of the split (and of --balance)")
-    fold.add_argument("--group-by", choices=["stem", "folder"], default="stem",
-                      help="what never straddles splits: the file stem minus generator tags (beach_sdxl.png -> beach), "
-                      "or the parent folder")
-    for k in (gen, csv, fold):
-        k.add_argument("--output", "-o", required=True, help="manifest path (directory) or s3:// URI")
-        k.add_argument("--source", default=None, help="dataset name for the `source` column")
+    for layout, cls in LAYOUTS.items():
+        add_config_options(kinds.add_parser(layout, help=LAYOUT_HELP[layout]), cls,
+                           config_help="config YAML, e.g. the _config.yaml of a manifest built before (flags and "
+                           "KEY=VALUE overrides given beside it win)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.data.manifest import main
+    from pipelines.data.manifest import build_manifest
 
-    return int(main(args) or 0)
+    build_manifest(config_from_args(LAYOUTS[args.layout], args))
+    return 0

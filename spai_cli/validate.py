@@ -1,7 +1,10 @@
-"""`spai validate`: its flags, and the call into the library."""
+"""`spai validate`: its flags, derived from the library's config, and the call into the library."""
 from __future__ import annotations
 
 import argparse
+
+from pipelines.data.config import ValidateConfig
+from spai_cli.options import add_config_options, config_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -9,16 +12,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="A Ray Data job that decodes every image of a manifest, records width, height, "
                        "format, bytes and a content hash, writes rejects (missing, zero-byte, truncated, not an "
                        "image, decompression bomb, unreadable) with their reason, and reports content duplicated "
-                       "across splits (leakage).")
-    p.add_argument("manifest", help="manifest path or s3:// URI")
-    p.add_argument("--output", "-o", default=None,
-                   help="where to write the validated manifest (default: <manifest>.validated)")
-    p.add_argument("--max-pixels", type=int, default=None,
-                   help="decompression-bomb limit in pixels (default: 134217728, 16384 x 8192)")
+                       "across splits (leakage). The validated manifest keeps the job's _config.yaml: --config "
+                       "reruns it.")
+    add_config_options(p, ValidateConfig)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.data.validate import main
+    from pipelines.data.validate import run_validation
 
-    return int(main(args) or 0)
+    run_validation(config_from_args(ValidateConfig, args))
+    return 0

@@ -1,10 +1,19 @@
-"""Polling helper shared by the tests that wait on subprocesses, servers and clusters."""
+"""Helpers for the tests that wait on subprocesses, servers and clusters: a free port, and polling."""
 from __future__ import annotations
 
+import socket
 import time
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on right now, on every interface (so also on 127.0.0.1 and this machine's
+    address, where a Ray head listens); also handy as an unreachable endpoint."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 1.0) -> T:

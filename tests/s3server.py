@@ -1,14 +1,13 @@
 """A real S3 endpoint for tests: moto in server mode on a free loopback port, plus a folder uploader.
 
-Import the fixture into a test module (``from s3server import s3_server, upload_folder``). While it is active,
-the standard AWS variables point at the server (endpoint, dummy credentials, region), so code under test configures
-itself exactly as it would against AWS; start Ray after it so workers inherit them.
+``conftest.py`` serves it as the ``s3_server`` fixture: one moto process for the session, emptied after each module,
+and while a module uses it the standard AWS variables point at it (endpoint, dummy credentials, region), so code
+under test configures itself exactly as it would against AWS.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,14 +18,9 @@ from pathlib import Path
 import boto3
 import pytest
 
+from polling import free_port
+
 STARTUP_TIMEOUT_S = 30
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (also handy as an unreachable endpoint)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _wait_until_up(endpoint: str, process: subprocess.Popen) -> None:
@@ -61,17 +55,22 @@ def running_moto(extra_env: Mapping[str, str] | None = None) -> Iterator[str]:
         process.wait()
 
 
-@pytest.fixture(scope="module")
-def s3_server() -> Iterator[str]:
-    """Start moto on 127.0.0.1, point the AWS environment at it, yield its endpoint URL, then stop it."""
-    with running_moto() as endpoint, pytest.MonkeyPatch.context() as env:
+def reset_moto(endpoint: str) -> None:
+    """Forget every bucket and key, so the next module starts from an empty server."""
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10).close()
+
+
+@contextlib.contextmanager
+def aws_env_for(endpoint: str) -> Iterator[None]:
+    """The standard AWS variables pointing at ``endpoint`` with dummy credentials, while the block runs."""
+    with pytest.MonkeyPatch.context() as env:
         env.setenv("AWS_ENDPOINT_URL", endpoint)
         env.setenv("AWS_ACCESS_KEY_ID", "testing")
         env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         env.setenv("AWS_DEFAULT_REGION", "us-east-1")
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
             env.delenv(name, raising=False)
-        yield endpoint
+        yield
 
 
 def upload_folder(endpoint: str, folder: str | os.PathLike, bucket: str, prefix: str = "") -> str:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,20 +17,12 @@ from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.infra.storage import StorageOptions
 from pipelines.train.data import iter_image_batches
 from pipelines.data.validate import validate_manifest
-from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
+from s3server import upload_folder
 from spai_core.images import to_rgb_array
 from test_manifest import make_photos
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session(s3_server):  # noqa: F811 - the fixture; Ray starts after it so workers see the S3 settings
-    with pytest.MonkeyPatch.context() as env:
-        # Workers unpickle the transforms defined here by module name, so they must be able to import this file.
-        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(Path(__file__).parent), os.getenv("PYTHONPATH")])))
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +187,7 @@ def test_decode_block_emits_tables_within_max_bytes_and_keeps_every_row(manifest
     assert [u for p in parts for u in p.column("uri").to_pylist()] == table.column("uri").to_pylist()
 
 
-def test_s3_corpus_gives_the_same_rows_as_disk(s3_server, corpus):  # noqa: F811
+def test_s3_corpus_gives_the_same_rows_as_disk(s3_server, corpus):
     """Manifest from the s3:// prefix -> validate on S3 -> stream: same rows, hashes and pixels as the files on disk."""
     prefix = upload_folder(s3_server, corpus, "images", "corpus")
     local = m.from_folders([str(corpus / "real")], {"gan": str(corpus / "fake")})

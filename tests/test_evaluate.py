@@ -18,12 +18,7 @@ FAKES = {"sdxl": [0.6, 0.7, 0.8, 0.9],  # above every real: AUC 1
          "flux": [0.05, 0.15, 0.25, 0.35]}  # beats 0+1+2+3 of 16 real pairs: AUC 6/16
 
 
-@pytest.fixture(autouse=True)
-def mlflow_store(tmp_path, monkeypatch) -> str:
-    """`spai evaluate` logs to MLflow by default: here to a store of each test's own, not ./mlruns of the checkout."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+pytestmark = pytest.mark.usefixtures("mlflow_store")  # `spai evaluate` logs to MLflow by default
 
 
 def score_table(fakes: dict[str, list[float]] = FAKES, jpeg_quality: int | None = None) -> pa.Table:

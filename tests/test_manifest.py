@@ -13,7 +13,7 @@ from PIL import Image
 
 from pipelines.data import manifest as m
 from pipelines.infra.storage import StorageError
-from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
+from s3server import upload_folder
 from spai_cli.main import main as spai
 
 GENIMAGE_FOLDERS = {
@@ -276,7 +276,7 @@ def test_cli_builds_folders_manifest(folders, tmp_path, capsys):
     assert code == 0
     assert "wrote 6 rows" in capsys.readouterr().out
     sidecar = json.loads((out / m.SIDECAR).read_text())
-    assert sidecar["build"]["builder"] == "folders" and sidecar["build"]["arguments"]["seed"] == 5
+    assert sidecar["build"]["builder"] == "folders" and sidecar["build"]["config"]["seed"] == 5
     assert sidecar["build"]["notes"]["balanced"] == {"reals_found": 8, "reals_kept": 3}
     assert spai(["manifest", "csv", str(tmp_path / "missing.csv"), "--output", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -335,9 +335,54 @@ def test_summary_notes_when_no_real_image_shares_a_group_with_a_fake():
 
 def test_folders_of_one_generator_name_are_one_generator(folders):
     """e.g. a generator's train/ and val/ folders, or ``--fake up=a/fake up=b/fake``."""
-    fakes = m._parse_fakes([f"up={folders / 'waifu2x'}", f"up={folders / 'cugan'}", str(folders / "cugan")])
+    fakes = m.parse_fakes([f"up={folders / 'waifu2x'}", f"up={folders / 'cugan'}", str(folders / "cugan")])
     assert fakes == {"up": [str(folders / "waifu2x"), str(folders / "cugan")], "cugan": [str(folders / "cugan")]}
     table = m.from_folders([str(folders / "real")], {"up": fakes["up"]})
     assert table.column("generator").to_pylist().count("up") == 6
     assert m.from_folders([str(folders / "real")], [str(folders / "cugan"), str(folders / "cugan")]).equals(
         m.from_folders([str(folders / "real")], {"cugan": [str(folders / "cugan")] * 2}))
+
+
+def test_overlapping_folders_list_each_file_once_and_hidden_files_are_counted(folders, tmp_path, caplog):
+    """A folder given twice, or inside another of its class, lists its images and skipped files once; hidden files
+    are skipped and said so (how many, and why)."""
+    root = tmp_path / "data"
+    shutil.copytree(folders / "real", root / "real")
+    shutil.copytree(folders / "waifu2x", root / "waifu2x")
+    (root / "real" / "notes.txt").write_text("not an image")
+    (root / "real" / ".DS_Store").write_bytes(b"\0")
+    (root / "waifu2x" / "._photo0_waifu2x.png").write_bytes(b"\0")
+    table = m.from_folders([str(root / "real"), str(root / "real"), str(root / "real" / "a")], [str(root / "waifu2x")])
+    assert table.num_rows == 8 + 3 and len(set(table.column("uri").to_pylist())) == table.num_rows
+    notes = json.loads(table.schema.metadata[m.NOTES_KEY])
+    assert notes["skipped"]["count"] == 1 and notes["skipped"]["examples"] == [str(root / "real" / "notes.txt")]
+    assert notes["hidden"]["count"] == 2 and "starts with '.'" in notes["hidden"]["why"]
+    assert "skipped 2 file(s) whose name or folder starts with '.'" in caplog.text
+
+
+def test_an_existing_manifest_is_replaced_only_with_overwrite(folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["manifest", "folders", "--real", str(folders / "real"), "--fake", str(folders / "cugan"), "-o", str(out)]
+    assert spai(args) == 0
+    first = (out / m.SIDECAR).read_text()
+    assert spai(args + ["--seed", "3"]) == 2
+    assert "already holds a manifest; pass --overwrite" in capsys.readouterr().err
+    assert (out / m.SIDECAR).read_text() == first  # left as it was
+    assert spai(args + ["--seed", "3", "--overwrite"]) == 0
+    assert m.read_sidecar(str(out))["build"]["config"]["seed"] == 3
+
+
+def test_a_saved_config_rebuilds_the_same_manifest_and_a_bad_value_names_its_flag(folders, tmp_path, capsys):
+    out = tmp_path / "first"
+    assert spai(["manifest", "folders", "--real", str(folders / "real"), "--fake", f"w2x={folders / 'waifu2x'}",
+                 "--split", "0.5,0.25,0.25", "--seed", "4", "--group-by", "folder", "-o", str(out)]) == 0
+    saved = out / m.CONFIG_FILE
+    assert spai(["manifest", "folders", "--config", str(saved), "-o", str(tmp_path / "again")]) == 0
+    assert m.read_manifest(str(tmp_path / "again")).equals(m.read_manifest(str(out)))
+    capsys.readouterr()
+    assert spai(["manifest", "folders", "--config", str(saved), "--split", "0.5,0.6,0.1", "-o", str(tmp_path / "x")]) \
+        == 2
+    assert capsys.readouterr().err.startswith("error: --split (split): split fractions must be three non-negative")
+    assert spai(["manifest", "genimage", "--output", str(tmp_path / "g")]) == 2
+    assert "ROOT (root): give the GenImage root" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "g").exists()

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,11 +26,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from corpus import small_corpus  # noqa: F401  (the session fixture)
-from polling import wait_for
+from polling import free_port, wait_for
 from pipelines.data.manifest import read_manifest
 from pipelines.train.config import CONFIG_DIR
-from s3server import s3_server, upload_folder  # noqa: F401  (the module fixture)
+from s3server import upload_folder
 
 pytestmark = pytest.mark.slow
 
@@ -58,12 +56,6 @@ class RayNodes:
         """Lose a node the hard way: SIGKILL its raylet, object store and workers (the node's process group)."""
         os.killpg(self.processes[name].pid, signal.SIGKILL)
         self.processes[name].wait(timeout=30)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -171,7 +163,7 @@ def node_of(actor: dict) -> str:
     return actor["Address"]["NodeID"]
 
 
-def test_train_and_score_across_nodes(small_corpus, s3_server, tmp_path):  # noqa: F811
+def test_train_and_score_across_nodes(small_corpus, s3_server, tmp_path):
     manifest, rows = s3_manifest(s3_server, small_corpus, tmp_path)
     with ray_cluster(("node_a", "node_b"), tmp_path) as cluster:
         done = run_cli(train_args(manifest, "mn", "epochs=1"), cluster.address, tmp_path, timeout=480)
@@ -202,7 +194,7 @@ def test_train_and_score_across_nodes(small_corpus, s3_server, tmp_path):  # noq
     assert out.num_rows == rows and out.column("error").null_count == rows
 
 
-def test_training_survives_losing_a_node(small_corpus, s3_server, tmp_path):  # noqa: F811
+def test_training_survives_losing_a_node(small_corpus, s3_server, tmp_path):
     """A worker node is killed after the first committed checkpoint; the run restarts on the spare node and ends."""
     manifest, _ = s3_manifest(s3_server, small_corpus, tmp_path)
     epochs = 2

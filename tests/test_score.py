@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import os
 import re
 import signal
@@ -29,31 +28,15 @@ from pipelines.data.manifest import rows_to_table, write_manifest
 from pipelines.infra.runtime import ClusterError, check_gpus
 from pipelines.score.job import ActorPlan, ScoreConfig, ScoreError, Scorer, ScoreResult, WorkDir, plan_actors, score
 from pipelines.infra.storage import Files, StorageOptions, read_bytes
-from s3server import s3_server, upload_folder  # noqa: F401 - pytest fixture
+from s3server import upload_folder
 from spai_core.checkpoint import save_checkpoint
 from spai_core.detector import Detector
 from spai_core.errors import UserError
 from spai_core.images import to_rgb_array
 from spai_core.spai import build_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session", "module_mlflow_store")]
 BAD_FILES = {"zero.jpg": b"", "text.jpg": b"this is a text file, not a JPEG", "cut.jpg": None}  # None: truncated
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_session(s3_server):  # noqa: F811 - the fixture; Ray starts after it so workers see the S3 settings
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def mlflow_store(tmp_path_factory) -> str:
-    """Every scoring job records an MLflow run: here in a store of the module's own, not ./mlruns of the checkout."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +185,7 @@ def test_manifest_input_keeps_columns_and_renames_clashes(weights, corpus, expec
     assert out.schema.field("label").type == pa.int8() and set(out.column("generator").to_pylist()) == {"real", "gen"}
 
 
-def test_s3_input_weights_and_output(s3_server, weights, corpus, expected, tmp_path):  # noqa: F811
+def test_s3_input_weights_and_output(s3_server, weights, corpus, expected, tmp_path):
     source = upload_folder(s3_server, corpus, "spai-test", "corpus")
     upload_folder(s3_server, weights.parent, "spai-test", "weights")
     output = "s3://spai-test/runs/scores.parquet"

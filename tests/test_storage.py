@@ -1,8 +1,12 @@
 """Local and S3 (moto server) file access, and errors that tell the user what is wrong and what to do."""
 from __future__ import annotations
 
+import functools
+import http.server
 import pickle
+import threading
 import time
+from collections.abc import Iterator
 
 import pyarrow.fs as pafs
 import pytest
@@ -10,7 +14,8 @@ import pytest
 from pipelines.infra import storage
 from pipelines.data.decode import DecodeError
 from pipelines.infra.storage import StorageError, StorageOptions
-from s3server import free_port, running_moto, s3_server, upload_folder  # noqa: F401 - pytest fixture
+from polling import free_port
+from s3server import running_moto, upload_folder
 
 
 @pytest.fixture()
@@ -123,3 +128,45 @@ def test_errors_survive_pickling_with_their_fields():
     decode = pickle.loads(pickle.dumps(DecodeError("truncated", "image file is truncated")))
     assert (decode.reason, decode.message, str(decode)) == ("truncated", "image file is truncated",
                                                             "truncated: image file is truncated")
+
+
+@pytest.fixture()
+def web_server(tmp_path) -> Iterator[str]:
+    """A plain HTTP file server on loopback (an empty folder): it answers 404 to every S3 request."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_an_endpoint_that_is_not_s3_is_not_called_a_missing_bucket(web_server, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    options = StorageOptions(endpoint_url=web_server, region="us-east-1", max_attempts=1)
+    with pytest.raises(StorageError, match=f"{web_server} answered HTTP 404 without an S3 error.*does not look like "
+                       "an S3 server.*AWS_ENDPOINT_URL") as caught:
+        storage.list_files("s3://bucket/prefix", options)
+    assert caught.value.reason == "not_s3" and "aws s3 mb" not in str(caught.value)
+
+
+def test_a_missing_s3_key_says_nothing_of_the_working_directory(s3_server, tmp_path):
+    prefix = upload_folder(s3_server, tmp_path, "keys")  # an empty bucket
+    with pytest.raises(StorageError, match="s3://keys/gone.jpg does not exist") as caught:
+        storage.read_bytes(f"{prefix}/gone.jpg")
+    assert caught.value.reason == "not_found" and "working directory" not in str(caught.value)
+
+
+def test_a_dead_endpoint_fails_in_seconds_with_the_default_retries(monkeypatch):
+    """Before, the SDK's five attempts with back-off took 3-15 s on a closed port (38 s on an unreachable address)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(StorageError, match=f"cannot reach the S3 endpoint {endpoint}") as caught:
+        storage.list_files("s3://bucket/prefix", StorageOptions(endpoint_url=endpoint, region="us-east-1"))
+    assert caught.value.reason == "unreachable" and time.monotonic() - start < 2
+    assert "\n" not in str(caught.value)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import struct
 import zlib
@@ -13,7 +12,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 
 from pipelines.data import manifest as m
 from pipelines.data.decode import DecodeError, decode_image
@@ -24,13 +22,7 @@ from test_manifest import make_photos
 MAX_PIXELS = 100_000  # the 400x300 photo (120k pixels) is over it, the 64x48 ones are far below
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -21,7 +21,7 @@ import ray.data
 from ray.data.extensions import ArrowTensorArray, ArrowVariableShapedTensorArray
 
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
-from pipelines.data.manifest import ManifestError, conform, read_manifest
+from pipelines.data.manifest import ManifestError, conform, read_manifest, split_rows
 from pipelines.data.transforms import row_rng
 from pipelines.infra.storage import Files, StorageOptions
 
@@ -61,7 +61,7 @@ def read_manifest_dataset(uri_or_table: str | pa.Table, options: StorageOptions 
     else:
         table = read_manifest(uri_or_table, options, split)
     if split is not None:
-        table = table.filter(pc.equal(table.column("split"), split))
+        table = split_rows(table, split)
         if table.num_rows == 0:
             raise ManifestError(f"the manifest has no rows of split {split!r}; check the split name (train, val or "
                                 "test) or rebuild the manifest")

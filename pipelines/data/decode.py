@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipelines.data.config import DEFAULT_MAX_PIXELS  # Pillow's own limit yields to it (see _pixel_limit)
 from pipelines.infra.storage import Files, StorageError
 from spai_core.images import to_rgb_array
 
-# Generous for camera photos (a 100 MP medium-format frame fits), small enough to refuse decompression bombs:
-# the RGB array of an image this size is 384 MiB. Pillow's own limit yields to this one (see _pixel_limit).
-DEFAULT_MAX_PIXELS = 16384 * 16384 // 2
 
 REASONS = ("missing", "zero_byte", "not_an_image", "truncated", "decompression_bomb", "unreadable")
 
@@ -95,13 +94,18 @@ def _pixel_limit(max_pixels: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = before
 
 
+def _bomb(size: str, max_pixels: int) -> DecodeError:
+    return DecodeError("decompression_bomb", f"{size} exceeds max_pixels={max_pixels}; raise it with --max-pixels "
+                       "if the image is genuine")
+
+
 def _open(data: bytes, max_pixels: int) -> Image.Image:
     """PIL's lazy open (header only), with its failures named."""
     try:
         return Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:  # a frame or header beyond what _pixel_limit lets Pillow take
-        raise DecodeError("decompression_bomb", f"{exc} (max_pixels={max_pixels}); raise max_pixels (--max-pixels) if "
-                          "the image is genuine") from exc
+    except Image.DecompressionBombError as exc:  # beyond what _pixel_limit lets Pillow take, so beyond max_pixels
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))  # Pillow's message quotes its own limit, not ours
+        raise _bomb(f"{claimed.group(1)} pixels" if claimed else "the image's size", max_pixels) from exc
     except UnidentifiedImageError as exc:
         sniffed = sniff_image_format(data[:SNIFF_BYTES])
         if sniffed is None:
@@ -130,8 +134,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     with _pixel_limit(max_pixels), _open(data, max_pixels) as img:
         width, height = img.size
         if width * height > max_pixels:
-            raise DecodeError("decompression_bomb", f"{width} x {height} = {width * height} pixels exceeds "
-                              f"max_pixels={max_pixels}; raise max_pixels (--max-pixels) if the image is genuine")
+            raise _bomb(f"{width} x {height} = {width * height} pixels", max_pixels)
         info = {"width": width, "height": height, "format": img.format, "mode": img.mode, "bytes": len(data)}
         try:
             img.load()

@@ -16,20 +16,24 @@ as the manifest's dataset.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import hashlib
+import logging
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.data.config import ValidateConfig
 from pipelines.infra.console import progress_bar
 from pipelines.data.dataset import read_manifest_dataset
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
 from pipelines.data.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, read_manifest, write_manifest
 from pipelines.infra.runtime import init_ray
-from pipelines.infra.storage import Files, StorageOptions, join
+from pipelines.infra.storage import Files, StorageOptions, absolute, join
+from spai_core.config import dump_config, to_dict
+
+logger = logging.getLogger(__name__)
 
 # Rows per validation batch: each decodes a full-resolution image, so keep worker memory small.
 BATCH_SIZE = 4
@@ -142,10 +146,11 @@ def default_output(uri: str) -> str:
 
 def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                       options: StorageOptions | None = None, progress: bool = True) -> ValidationReport:
-    """Decode every image of a manifest with Ray Data; write the validated manifest, rejects, leakage and duplicates
-    tables."""
+    """Decode every image of a manifest with Ray Data; write the validated manifest (with the job's
+    :class:`ValidateConfig` beside it), rejects, leakage and duplicates tables."""
     options = options or StorageOptions.from_env()
     output_uri = output_uri or default_output(uri)
+    cfg = ValidateConfig(absolute(uri), absolute(output_uri), max_pixels)
     manifest = read_manifest(uri, options)
     # A validated manifest already has the check columns: drop them so every row is checked afresh, not trusted.
     manifest = manifest.drop_columns([name for name in CHECK_SCHEMA.names if name in manifest.column_names])
@@ -174,10 +179,10 @@ def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int =
     leakage = with_several(duplicated, "splits").select(LEAKAGE_SCHEMA.names)
     conflicts = with_several(duplicated, "labels")
     reasons = dict(collections.Counter(rejects.column("reason").to_pylist()))
-    write_manifest(accepted, output_uri, {"builder": "validate", "arguments": {
-        "manifest": uri, "max_pixels": max_pixels}, "notes": {
+    write_manifest(accepted, output_uri, {"builder": "validate", "config": to_dict(cfg), "notes": {
         "rejected": reasons, "leakage_hashes": leakage.num_rows, "duplicates_within_split": copies,
-        "label_conflict_hashes": conflicts.num_rows, "duplicated_hashes": duplicated.num_rows}}, options)
+        "label_conflict_hashes": conflicts.num_rows, "duplicated_hashes": duplicated.num_rows}}, options,
+        config_yaml=dump_config(cfg))
     files = Files(options)
     rejects_uri, leakage_uri, duplicates_uri = (join(output_uri, name)
                                                 for name in (REJECTS_FILE, LEAKAGE_FILE, DUPLICATES_FILE))
@@ -189,7 +194,8 @@ def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int =
         reasons=reasons, leakage=leakage, duplicates=copies, conflicts=conflicts, duplicated=duplicated.num_rows)
 
 
-def main(args: argparse.Namespace) -> int:
-    """``spai validate MANIFEST``: run the job and print its summary."""
-    print(validate_manifest(args.manifest, args.output, args.max_pixels or DEFAULT_MAX_PIXELS).summary())
-    return 0
+def run_validation(cfg: ValidateConfig, progress: bool = True) -> ValidationReport:
+    """``spai validate``: run the job ``cfg`` describes and log its summary."""
+    report = validate_manifest(cfg.manifest, cfg.output, cfg.max_pixels, progress=progress)
+    logger.info("%s", report.summary())
+    return report

@@ -23,12 +23,11 @@ config is reused) or ``spai demo-data -o DIR``.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
+import logging
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,9 @@ from PIL import Image
 from pipelines.demo import generators as gens
 from pipelines.infra.console import progress_bar
 from pipelines.data.manifest import REAL, SPLITS, read_manifest, read_sidecar, rows_to_table, write_manifest
-from spai_core.config import ConfigError, load_config, to_dict
+from spai_core.config import ConfigError, dump_config, option, to_dict
+
+logger = logging.getLogger(__name__)
 
 BUILDER = "spai demo-data"
 BUILDER_VERSION = 2  # bump when the corpus recipe changes, so old corpora are rebuilt
@@ -57,7 +58,7 @@ ALIGN = 16  # output sides are multiples of this for every image (x4 generators 
 class DemoCorpusConfig:
     """How the demo corpus is built. Every field is part of the reuse hash."""
 
-    seed: int = 0
+    seed: int = option(0, flag="--seed", help="corpus seed")
     photos_dir: str | None = None  # folder of real photos; None: the committed pipelines/assets/photos
     max_photos: int | None = None  # use a seeded subset of this many photos (None: all)
     split_fractions: list[float] = field(default_factory=lambda: [0.5, 0.15, 0.35])  # train/val/test, by photo
@@ -354,7 +355,7 @@ def build_demo_corpus(output_dir: str | os.PathLike, cfg: DemoCorpusConfig | Non
     digest = config_hash(cfg, photos)
     if not rebuild and _reusable(manifest_uri, digest):
         if progress:
-            print(f"demo corpus up to date (config {digest}): {manifest_uri}", file=sys.stderr)
+            logger.info("demo corpus up to date (config %s): %s", digest, manifest_uri)
         return manifest_uri
 
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
@@ -425,32 +426,24 @@ def build_demo_corpus(output_dir: str | os.PathLike, cfg: DemoCorpusConfig | Non
         "packages": _package_versions(),
         "bytes": sum(os.path.getsize(r["uri"]) for r in rows),
     }
-    return write_manifest(rows_to_table(rows, extras=EXTRA_COLUMNS), manifest_uri, build_info)
+    return write_manifest(rows_to_table(rows, extras=EXTRA_COLUMNS), manifest_uri, build_info,
+                          config_yaml=dump_config(cfg))
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def main(args: argparse.Namespace) -> int:
-    """``spai demo-data``: build (or reuse) the demo corpus and print what it holds."""
+def make_demo_corpus(output_dir: str | os.PathLike, cfg: DemoCorpusConfig, progress: bool = True,
+                     rebuild: bool = False) -> str:
+    """``spai demo-data``: build (or reuse) the corpus, log what it holds, return its manifest URI."""
     from pipelines.data.manifest import format_summary
 
-    overrides = [f"seed={args.seed}"] if getattr(args, "seed", None) is not None else []
-    overrides += list(getattr(args, "overrides", None) or [])
-    cfg = load_config(DemoCorpusConfig, getattr(args, "config", None), overrides)
     started = time.perf_counter()
-    uri = build_demo_corpus(args.output, cfg, progress=not getattr(args, "quiet", False),
-                            rebuild=bool(getattr(args, "rebuild", False)))
-    table = read_manifest(uri)
-    sidecar = read_sidecar(uri) or {}
-    build = sidecar.get("build", {})
-    print(format_summary(table))
-    print(f"seen generators: {', '.join(build.get('seen_generators', []))}; held out (test only): "
-          f"{', '.join(build.get('held_out_generators', [])) or 'none'}")
-    print(f"{table.num_rows} images, {build.get('bytes', 0) / 1e6:.1f} MB, "
-          f"{time.perf_counter() - started:.0f} s; manifest: {uri}")
-    return 0
+    uri = build_demo_corpus(output_dir, cfg, progress=progress, rebuild=rebuild)
+    table, build = read_manifest(uri), (read_sidecar(uri) or {}).get("build", {})
+    logger.info("%s", format_summary(table))
+    logger.info("seen generators: %s; held out (test only): %s", ", ".join(build.get("seen_generators", [])),
+                ", ".join(build.get("held_out_generators", [])) or "none")
+    logger.info("%d images, %.1f MB, %.0f s; manifest: %s", table.num_rows, build.get("bytes", 0) / 1e6,
+                time.perf_counter() - started, uri)
+    return uri
 
 
-__all__ = ["DemoCorpusConfig", "build_demo_corpus", "config_hash", "list_photos", "main", "split_photos"]
+__all__ = ["DemoCorpusConfig", "build_demo_corpus", "config_hash", "list_photos", "make_demo_corpus", "split_photos"]

@@ -30,11 +30,10 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from matplotlib.figure import Figure
 
-from pipelines.data.manifest import table_from_parquet
+from pipelines.data.manifest import present_splits, split_rows, table_from_parquet
 from pipelines.infra.storage import Files, StorageOptions, basename, join
 from spai_core.errors import UserError
 from spai_core.metrics import binary_metrics, generator_sets, roc_points
@@ -160,13 +159,13 @@ class UsableRows(NamedTuple):
 
 def _select_split(table: pa.Table, run: str, split: str | None) -> tuple[pa.Table, list[str]]:
     """The rows of ``split`` (all rows when None), and the splits the returned rows pool when there are several."""
-    present = sorted(set(table.column("split").to_pylist()) - {None}) if "split" in table.column_names else []
+    present = present_splits(table)
     if split is None:
         return table, present if len(present) > 1 else []
     if split not in present:
         where = f"its splits are {', '.join(present)}" if present else "it has no split column, so drop --split"
         raise EvaluateError(f"score table {run!r} has no rows of split {split!r}; {where}")
-    return table.filter(pc.equal(table.column("split"), split)), []
+    return split_rows(table, split), []
 
 
 def _arrays(table: pa.Table, run: str) -> UsableRows:

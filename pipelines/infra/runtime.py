@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-import socket
-import sys
 
 import ray
 
+from pipelines.infra.net import connect_error
 from spai_core.errors import UserError
 
-CONNECT_TIMEOUT_S = 10.0
+logger = logging.getLogger(__name__)
+
 # Polls Ray's State API, which needs the dashboard that a local Ray here does not start: without one it warns every
 # few seconds for the whole run, and it has nothing to do there (the local Ray ends with the driver, placement groups
 # too). With a dashboard its queries succeed, so raising its level hides nothing on a cluster but a flaky State API.
@@ -21,25 +21,10 @@ RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 # Ray Train logs each worker's every report (its whole metrics dict) under a logger named by the module's file path,
 # outside "ray.train", so its LoggingConfig does not reach it
 TRAIN_REPORT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
-# Ray Train's watcher of draining nodes: a cluster drains nodes before it takes them away (spot instances, scale-down),
-# a local Ray never does. Its actor's restart policy makes Ray log an error-level line at every run start.
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class ClusterError(UserError, ConnectionError):
     """``RAY_ADDRESS`` names a cluster this machine cannot reach."""
-
-
-def connect_error(host: str, port: int) -> OSError | None:
-    """Why a TCP connection to ``host:port`` fails within :data:`CONNECT_TIMEOUT_S`, or None when it opens.
-
-    For services whose clients retry for minutes before saying anything (Ray's GCS client, MLflow's HTTP client).
-    """
-    try:
-        socket.create_connection((host.strip("[]"), port), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as exc:
-        return exc
-    return None
 
 
 def check_reachable(address: str) -> None:
@@ -60,10 +45,8 @@ def init_ray(reserved_cpus: float = 0) -> None:
     """
     if ray.is_initialized():
         return
-    if not sys.stdout.isatty():  # Ray colours the prefix of each worker line it forwards; a log file keeps the codes
-        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = os.environ.get("RAY_ADDRESS")
-    runtime_env: dict = {"worker_process_setup_hook": setup_worker}
+    runtime_env = {"worker_process_setup_hook": quiet_ray_logs}
     if address:  # "auto" joins a cluster started on this machine with `ray start`
         check_reachable(address)
         try:
@@ -75,21 +58,8 @@ def init_ray(reserved_cpus: float = 0) -> None:
                                "https://docs.ray.io/en/latest/ray-security/token-auth.html") from exc
     else:  # always a fresh local Ray: silently joining some other job's cluster would mix resources and logs
         cpus = max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2)
-        runtime_env["env_vars"] = {PREEMPTION_WATCHER_ENV: "0"}
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     quiet_ray_logs()
-
-
-def local_capacity() -> tuple[int, int] | None:
-    """(CPU cores, GPUs) of this machine when :func:`init_ray` would start a local Ray on it; None when it joins a
-    cluster (``RAY_ADDRESS``) or Ray is already up. What a job asks of a local Ray is checked against this before
-    starting it: Ray would start every worker process it is asked for, however few cores there are, and wait forever
-    for GPUs it lacks."""
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return None
-    import torch
-
-    return os.cpu_count() or 1, torch.cuda.device_count()
 
 
 def node_cpus() -> list[float]:
@@ -105,22 +75,11 @@ def check_gpus(needed: float, asked: str) -> None:
     if have >= needed:
         return
     if os.environ.get("RAY_ADDRESS"):
-        print(f"[spai] {asked} needs {needed:g} GPU(s) and the Ray cluster has {have:g} now: waiting for its "
-              "autoscaler to add GPU nodes (Ctrl-C if it has none to add)", file=sys.stderr, flush=True)
+        logger.warning("%s needs %g GPU(s) and the Ray cluster has %g now: waiting for its autoscaler to add GPU "
+                       "nodes (Ctrl-C if it has none to add)", asked, needed, have)
         return
     raise ClusterError(f"{asked} needs {needed:g} GPU(s) but the local Ray has {have:g}; ask for fewer, drop the GPU "
                        "options to run on CPU, or set RAY_ADDRESS to a Ray cluster with GPUs")
-
-
-def setup_worker() -> None:
-    """Ray's setup hook of every worker process: quiet logs, and the GCS address of the cluster it belongs to.
-
-    Ray Train's placement-group cleaner (an actor) finds its cluster through the State API, which without an address
-    looks for running Ray instances on the machine; with a second local Ray there it finds two and dies with a long
-    traceback. The worker's own GCS address settles it.
-    """
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-    quiet_ray_logs()
 
 
 def quiet_ray_logs() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ import botocore.config
 import botocore.exceptions
 import pyarrow.fs as pafs
 
+from pipelines.infra.net import connect_error
 from spai_core.errors import UserError
 
 T = TypeVar("T")
@@ -26,14 +28,17 @@ T = TypeVar("T")
 S3_PREFIX = "s3://"
 _DENIED_CODES = frozenset({"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                            "InvalidToken", "AllAccessDisabled"})
-_MISSING_BUCKET_CODES = frozenset({"404", "NoSuchBucket"})
+# Seconds to open a connection to S3. The SDKs wait longer and retry with back-off, so a dead endpoint took 15-40 s
+# to fail; a live one answers a connect in milliseconds, even across regions.
+S3_CONNECT_TIMEOUT_S = 3.0
 
 
 class StorageError(UserError, OSError):
     """A file or bucket that cannot be used, with a message that says what to do.
 
     ``reason`` is one of ``not_found``, ``missing_bucket``, ``access_denied``, ``no_credentials``, ``unreachable``,
-    ``invalid_uri`` or ``io_error``, so callers can record it per row; ``uri`` is the path that failed.
+    ``not_s3`` (the endpoint answers, but not as S3), ``invalid_uri`` or ``io_error``, so callers can record it per
+    row; ``uri`` is the path that failed.
     """
 
     def __init__(self, reason: str, uri: str, message: str):
@@ -121,10 +126,25 @@ def _boto_session(options: StorageOptions, uri: str) -> boto3.Session:
                            "~/.aws/config or ~/.aws/credentials, or set AWS_PROFILE to an existing one") from exc
 
 
+def _check_endpoint(options: StorageOptions, uri: str) -> None:
+    """Fail in seconds on a custom endpoint nothing answers on (AWS's own endpoints are left to the SDK)."""
+    if not options.endpoint_url:
+        return
+    parsed = urllib.parse.urlparse(options.endpoint_url if "://" in options.endpoint_url
+                                   else f"https://{options.endpoint_url}")
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    if parsed.hostname and (exc := connect_error(parsed.hostname, port, S3_CONNECT_TIMEOUT_S)):
+        raise StorageError("unreachable", uri, f"cannot reach the S3 endpoint {options.endpoint_url} to read {uri} "
+                           f"({exc}); check AWS_ENDPOINT_URL, that the server is running and that "
+                           "this machine can reach it")
+
+
 def _s3_filesystem(options: StorageOptions, uri: str) -> pafs.S3FileSystem:
     """A pyarrow S3 file system with credentials from boto3's chain (env, profile, SSO, instance role...)."""
+    _check_endpoint(options, uri)
     session = _boto_session(options, uri)
-    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts)}
+    kwargs: dict = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=options.max_attempts),
+                    "connect_timeout": S3_CONNECT_TIMEOUT_S}
     region = options.region or session.region_name
     if region:
         kwargs["region"] = region
@@ -143,13 +163,17 @@ def _endpoint_name(options: StorageOptions) -> str:
 
 
 def _diagnose_bucket(bucket: str, uri: str, options: StorageOptions) -> StorageError | None:
-    """Ask S3 once (boto3 head_bucket) why ``bucket`` is unusable; None when the bucket is fine."""
-    config = botocore.config.Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5,
-                                    read_timeout=10)
+    """Ask S3 once why ``bucket`` is unusable; None when the bucket is fine.
+
+    A one-key listing, not ``head_bucket``: an S3 server answers a GET with a named error (``NoSuchBucket``), while
+    a HEAD's bare 404 is what any web server (or a proxy standing in for an unreachable host) answers too.
+    """
+    config = botocore.config.Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                                    connect_timeout=S3_CONNECT_TIMEOUT_S, read_timeout=10)
     where = _endpoint_name(options)
     try:
         client = _boto_session(options, uri).client("s3", endpoint_url=options.endpoint_url, config=config)
-        client.head_bucket(Bucket=bucket)
+        client.list_objects_v2(Bucket=bucket, MaxKeys=1)
     except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError) as exc:
         return StorageError("unreachable", uri, f"cannot reach the S3 endpoint {where} to read {uri} ({exc}); check "
                             "AWS_ENDPOINT_URL, that the server is running and that this machine can reach it")
@@ -157,19 +181,28 @@ def _diagnose_bucket(bucket: str, uri: str, options: StorageOptions) -> StorageE
         return StorageError("no_credentials", uri, f"no AWS credentials found to read {uri}; set "
                             "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")
     except botocore.exceptions.ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _MISSING_BUCKET_CODES:
-            return StorageError("missing_bucket", uri, f"bucket {bucket!r} does not exist at {where}: create it "
-                                f"(aws s3 mb s3://{bucket}) or fix the URI {uri}")
-        if code in _DENIED_CODES:
-            return StorageError("access_denied", uri, f"access to bucket {bucket!r} at {where} was denied ({code}): "
-                                "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) "
-                                "and the bucket policy")
-        return StorageError("io_error", uri, f"S3 refused bucket {bucket!r} at {where} ({code}: {exc}); check "
-                            "the bucket name, the region (AWS_REGION) and the endpoint (AWS_ENDPOINT_URL)")
+        return _client_error(exc, bucket, uri, where)
     except botocore.exceptions.BotoCoreError as exc:
         return StorageError("io_error", uri, f"S3 at {where} failed for {uri}: {exc}")
     return None
+
+
+def _client_error(exc: botocore.exceptions.ClientError, bucket: str, uri: str, where: str) -> StorageError:
+    """The StorageError for an error answer about ``bucket``."""
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    if code == "NoSuchBucket":
+        return StorageError("missing_bucket", uri, f"bucket {bucket!r} does not exist at {where}: create it "
+                            f"(aws s3 mb s3://{bucket}) or fix the URI {uri}")
+    if code.isdigit() and code not in ("403", "301"):  # an HTTP status with no S3 error in the body
+        return StorageError("not_s3", uri, f"{where} answered HTTP {code} without an S3 error to a listing of "
+                            f"bucket {bucket!r}: it does not look like an S3 server (a web server or proxy?); check "
+                            "AWS_ENDPOINT_URL (scheme, host and port)")
+    if code in _DENIED_CODES:
+        return StorageError("access_denied", uri, f"access to bucket {bucket!r} at {where} was denied ({code}): "
+                            "check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) "
+                            "and the bucket policy")
+    return StorageError("io_error", uri, f"S3 refused bucket {bucket!r} at {where} ({code}: {exc}); check "
+                        "the bucket name, the region (AWS_REGION) and the endpoint (AWS_ENDPOINT_URL)")
 
 
 def _translate(exc: OSError, uri: str, action: str, options: StorageOptions) -> StorageError:
@@ -186,6 +219,9 @@ def _translate(exc: OSError, uri: str, action: str, options: StorageOptions) -> 
     if isinstance(exc, FileNotFoundError) and os.path.islink(uri):
         return StorageError("not_found", uri, f"{uri} is a broken symbolic link (to {os.readlink(uri)}, which does "
                             "not exist); fix or remove the link")
+    if isinstance(exc, FileNotFoundError) and is_s3(uri):
+        return StorageError("not_found", uri, f"{uri} does not exist (bucket {_split_s3(uri)[0]!r} has no such key "
+                            "or prefix); check the path")
     if isinstance(exc, FileNotFoundError):
         return StorageError("not_found", uri, f"{uri} does not exist; check the path (and the working directory "
                             "for relative paths)")
@@ -254,14 +290,19 @@ class Files:
         return _translate(FileNotFoundError(uri), uri, "read", self.options)
 
     def list(self, uri: str, recursive: bool = True, suffixes: Iterable[str] | None = None) -> list[str]:
-        """Full URIs of the files under ``uri`` (sorted), or ``[uri]`` when it is a file.
+        """Full URIs of the files under ``uri`` (sorted), or ``[uri]`` when it is a file; see :meth:`listing`."""
+        return self.listing(uri, recursive, suffixes).files
 
-        Names starting with ``.`` (``.DS_Store``, macOS ``._x.jpg`` forks, hidden folders) are metadata, not data,
-        and are skipped. ``suffixes`` keeps only names ending with one of them (case-insensitive).
+    def listing(self, uri: str, recursive: bool = True, suffixes: Iterable[str] | None = None) -> Listing:
+        """The files under ``uri`` (sorted full URIs, or ``[uri]`` when it is a file), and the hidden ones left out.
+
+        Names starting with ``.`` (``.DS_Store``, macOS ``._x.jpg`` forks, hidden folders) are metadata, not data:
+        they are left out, and listed in :attr:`Listing.hidden` (a hidden local folder as itself, unopened) so that
+        a caller can say so. ``suffixes`` keeps only names ending with one of them (case-insensitive).
         """
         info = self.info(uri)
         if info.type == pafs.FileType.File:
-            return [uri]
+            return Listing([uri], [])
         if info.type == pafs.FileType.NotFound:
             raise self.missing(uri)
         base = self.resolve(uri)[1].rstrip("/")
@@ -272,15 +313,22 @@ class Files:
         else:
             paths = self.call(uri, "list", lambda fs, path: list(_local_files(path, recursive)))
         wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
-        found = []
+        found, hidden = [], []
         for path in paths:
-            relative = path[len(base):].lstrip("/")
-            if any(p.startswith(".") for p in relative.split("/")):
-                continue
-            if wanted is not None and not path.lower().endswith(wanted):
-                continue
-            found.append(S3_PREFIX + path if is_s3(uri) else path)
-        return sorted(found)
+            full = S3_PREFIX + path if is_s3(uri) else path
+            if any(p.startswith(".") for p in path[len(base):].lstrip("/").split("/")):
+                hidden.append(full)
+            elif wanted is None or path.lower().endswith(wanted):
+                found.append(full)
+        return Listing(sorted(found), sorted(hidden))
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What :meth:`Files.listing` found: the files, and the hidden entries it left out."""
+
+    files: list[str]
+    hidden: list[str]
 
 
 def _local_files(folder: str, recursive: bool) -> Iterator[str]:
@@ -290,7 +338,9 @@ def _local_files(folder: str, recursive: bool) -> Iterator[str]:
         raise exc
 
     for directory, folders, names in os.walk(folder, onerror=fail, followlinks=True):
-        folders[:] = [f for f in folders if not f.startswith(".")]  # hidden: skipped by the caller anyway
+        # A hidden folder is not opened (a .git folder alone can hold thousands of files); the caller reports it.
+        yield from (os.path.join(directory, f) for f in folders if f.startswith("."))
+        folders[:] = [f for f in folders if not f.startswith(".")]
         for name in names:
             path = os.path.join(directory, name)
             if os.path.isfile(path) or not os.path.exists(path):  # not sockets or FIFOs

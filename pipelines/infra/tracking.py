@@ -12,7 +12,7 @@ from typing import Any, Iterator, Mapping
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipelines.infra.runtime import connect_error
+from pipelines.infra.net import connect_error
 from spai_core.errors import UserError
 
 DEFAULT_STORE = "mlruns"
