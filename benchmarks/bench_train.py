@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines.train.job import CONFIG_DIR, load_train_config, run_training
+from pipelines.train.config import CONFIG_DIR, TrainConfig
+from pipelines.train.run import run_training
+from spai_core.config import load_config
 
 
 @dataclass
@@ -31,17 +33,18 @@ class Measurement:
 
 def throughput(manifest: str, workers: int, gpus_per_worker: float, overrides: list[str], epochs: int) -> float:
     """Last-epoch training images/s of one run."""
-    cfg = load_train_config(CONFIG_DIR / "tiny.yaml", [*overrides, f"epochs={epochs}", "patience=null"])
-    cfg.workers, cfg.gpus_per_worker = workers, gpus_per_worker
     with tempfile.TemporaryDirectory() as tmp:
-        result = run_training(cfg, manifest, output=tmp, name=f"bench-{workers}", mlflow_uri=f"sqlite:///{tmp}/db",
-                              experiment="bench-train")
+        job = {"manifest": manifest, "output": tmp, "name": f"bench-{workers}", "workers": workers,
+               "gpus_per_worker": gpus_per_worker, "tracking.uri": f"sqlite:///{tmp}/db",
+               "tracking.experiment": "bench-train"}
+        cfg = load_config(TrainConfig, CONFIG_DIR / "tiny.yaml", [*overrides, f"epochs={epochs}", "patience=null"], job)
+        result = run_training(cfg)
         history = MlflowClient(result.tracking_uri).get_metric_history(result.mlflow_run_id, "train_images_per_s")
     return max(history, key=lambda m: m.step).value
 
 
 def measure(manifest: str, overrides: list[str], epochs: int) -> list[Measurement]:
-    views = load_train_config(CONFIG_DIR / "tiny.yaml", overrides).augment.views
+    views = load_config(TrainConfig, CONFIG_DIR / "tiny.yaml", overrides).augment.views
     devices = [("cpu", 0.0)] + ([("cuda", 1.0)] if torch.cuda.is_available() else [])
     rows = []
     for device, gpus in devices:

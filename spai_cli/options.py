@@ -14,7 +14,7 @@ import types
 import typing
 from typing import Any, Iterator
 
-from spai_core.config import load_config
+from spai_core.config import has_flags, load_config
 
 CONFIG_DEST = "config"
 OVERRIDES_DEST = "overrides"
@@ -27,7 +27,8 @@ def _flag_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses
     for f in dataclasses.fields(cls):
         annotation = hints[f.name]
         if dataclasses.is_dataclass(annotation):
-            yield from _flag_fields(annotation, f"{prefix}{f.name}.")
+            if has_flags(f):
+                yield from _flag_fields(annotation, f"{prefix}{f.name}.")
         elif f.metadata.get("flag"):
             yield prefix + f.name, f, annotation
 
@@ -66,7 +67,9 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, config_help: 
         kwargs: dict[str, Any] = {"dest": _FLAG_PREFIX + name, "default": argparse.SUPPRESS,
                                   "help": meta["help"] + _default_text(cls, name)}
         if not meta["flag"].startswith("-"):  # a flag like "MANIFEST" is a positional argument, optional with --config
-            parser.add_argument(_FLAG_PREFIX + name, metavar=meta["flag"], nargs="?", type=kind,
+            listed = typing.get_origin(kind) in (list, tuple)  # SCORES...: any number of them
+            parser.add_argument(_FLAG_PREFIX + name, metavar=meta["flag"], nargs="*" if listed else "?",
+                                type=(typing.get_args(kind) or (str,))[0] if listed else kind,
                                 default=argparse.SUPPRESS, help=kwargs["help"])
             continue
         if kind is bool:

@@ -1,33 +1,48 @@
-"""`spai train`: its flags, and the call into the library."""
+"""`spai train`: its flags (derived from the training config), and the call into the library."""
 from __future__ import annotations
 
 import argparse
+import logging
+
+from spai_cli.options import add_config_options, config_from_args, flag_values
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from pipelines.train.config import TrainConfig
+
     p = sub.add_parser("train", help="train or fine-tune SPAI with Ray Train (DDP), tracked in MLflow",
                        description="Train SPAI on a manifest with Ray Train. The YAML config holds the recipe "
                        "(configs/spai.yaml is the official one, configs/tiny.yaml a CPU-sized one); key=value "
-                       "overrides change any field, e.g. optim.lr=1e-4 model.mask_radius=24.")
-    p.add_argument("--config", "-c", default=None, help="training config YAML (default: the official recipe)")
-    p.add_argument("--manifest", "-m", required=True, help="manifest path or s3:// URI with train and val rows")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP ranks; default: the config's "
-                   "`workers`, 1 in the official recipe)")
-    p.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU, gloo; default: the "
-                   "config's `gpus_per_worker`)")
-    p.add_argument("--output", "-o", default=None, help="run directory or s3:// URI (default: runs/)")
-    p.add_argument("--name", default=None, help="run name (default: generated)")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns; "
-                   "a --resume continues in the store the run started in)")
-    p.add_argument("--experiment", default="spai-train", help="MLflow experiment name (default: spai-train)")
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run with this --name/--output")
-    p.add_argument("--init", default=None, help="start from weights: official spai.pth or our checkpoint")
-    p.add_argument("--backbone", default=None, help="MFM ViT-B/16 backbone weights (mfm_pretrain_vit_base.pth)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+                       "overrides change any field, e.g. optim.lr=1e-4 model.mask_radius=24. Every run saves its "
+                       "config as <output>/<name>/config.yaml: --config of that file reruns the job.")
+    add_config_options(p, TrainConfig, config_help="training config YAML, e.g. a run's saved config.yaml (default: "
+                       "the official recipe; with --resume, the run's own config)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run with this --name/--output "
+                   "(from its last checkpoint, in the MLflow store it started in unless --mlflow-uri says otherwise)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.train.job import main
+    from pipelines.train.config import OFFICIAL_RECIPE, TrainConfig
+    from pipelines.train.run import run_training, saved_config
+    from pipelines.infra import tracking
+    from spai_core.config import ConfigError
 
-    return int(main(args) or 0)
+    base = OFFICIAL_RECIPE
+    if args.resume:
+        flags = flag_values(args)
+        if not flags.get("name"):
+            raise ConfigError("--resume needs the --name of the run to continue (its folder under --output)")
+        base = saved_config(flags.get("output", TrainConfig().output), flags["name"])
+    result = run_training(config_from_args(TrainConfig, args, base=base), resume=args.resume)
+    logger.info(f"[spai train] run directory: {result.run_dir}")
+    if result.best_checkpoint:
+        logger.info(f"[spai train] best checkpoint (epoch {int(result.best_metrics['epoch'])}, val AUC "
+                    f"{result.best_metrics.get('val_auc', float('nan')):.4f}): {result.best_checkpoint}")
+    if result.last_checkpoint:
+        logger.info(f"[spai train] last epoch's weights: {result.last_checkpoint}")
+    if result.tracking_uri:
+        logger.info(tracking.ui_hint(result.tracking_uri))
+    return 0

@@ -1,38 +1,53 @@
-"""`spai tune`: its flags, and the call into the library."""
+"""`spai tune`: its flags (derived from the search config), and the call into the library."""
 from __future__ import annotations
 
 import argparse
+import logging
+
+from spai_cli.options import CONFIG_DEST, OVERRIDES_DEST, add_config_options, flag_values
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from tune.config import TuneConfig
+
     p = sub.add_parser("tune", help="search hyperparameters with Ray Tune + ASHA; every trial is a real train run",
                        description="Hyperparameter search over the training config with Ray Tune and ASHA. "
                        "configs/search_space.yaml is the default space (lr, mask radius, weight decay and batch "
-                       "size; epochs are ASHA's max_t).")
-    p.add_argument("--config", "-c", default=None, help="base training config YAML")
-    p.add_argument("--manifest", "-m", required=True, help="manifest path or s3:// URI with train and val rows")
+                       "size; epochs are ASHA's max_t). Every search saves its config as <output>/<name>/config.yaml: "
+                       "--config of that file reruns the search.")
+    add_config_options(p, TuneConfig, config_help="base training config YAML of every trial (default: the official "
+                       "recipe), or a search's saved config.yaml")
     p.add_argument("--space", default=None, help="search space YAML (default: configs/search_space.yaml)")
-    p.add_argument("--trials", type=int, default=8, help="number of trials to sample (default: 8)")
-    p.add_argument("--max-concurrent", type=int, default=None,
-                   help="trials running at once (default: as many as the cluster's CPUs/GPUs hold)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs per trial, split over its workers "
-                   "(default: 0, CPU)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers (DDP ranks) per trial "
-                   "(default: 1)")
-    p.add_argument("--output", "-o", default=None, help="search directory or s3:// URI (default: runs/tune)")
-    p.add_argument("--name", default=None, help="search name, its folder under --output (default: generated)")
-    p.add_argument("--mlflow-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)")
-    p.add_argument("--experiment", default="spai-tune", help="MLflow experiment name (default: spai-tune)")
-    p.add_argument("--init", default=None, help="every trial starts from these weights: official spai.pth or our "
-                   "checkpoint")
-    p.add_argument("--backbone", default=None, help="MFM ViT-B/16 backbone weights (mfm_pretrain_vit_base.pth) of "
-                   "every trial; the official recipe needs them")
-    p.add_argument("--resume", action="store_true", help="resume an interrupted search without re-running trials")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base training config")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted search (its --name) without "
+                   "re-running finished trials")
+    # KEY=VALUE (added above) are overrides of the base training config, e.g. optim.warmup_epochs=1
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from tune.search import main
+    from pipelines.infra import tracking
+    from spai_core.config import ConfigError, load_config
+    from tune.config import TuneConfig, search_layers
+    from tune.search import resume_search, run_search, saved_search
 
-    return int(main(args) or 0)
+    flags = flag_values(args)
+    overrides = [f"train.{item}" for item in getattr(args, OVERRIDES_DEST) or ()]
+    if args.resume:
+        if not flags.get("name"):
+            raise ConfigError("--resume needs the --name of the search to continue (its folder under --output)")
+        saved = saved_search(flags.get("output", TuneConfig().output), flags["name"])
+        result = resume_search(load_config(TuneConfig, saved, overrides, flags))
+    else:
+        layers = search_layers(getattr(args, CONFIG_DEST), args.space)
+        result = run_search(load_config(TuneConfig, layers, overrides, flags))
+    logger.info(f"[spai tune] search directory: {result.search_dir}")
+    if result.best:
+        logger.info(f"[spai tune] best trial {result.best.trial_id}: {result.best.best_value:.4f} at epoch "
+                    f"{result.best.best_epoch} with {result.best.params}")
+        logger.info(f"[spai tune] best config: {result.best_config}\n[spai tune] best checkpoint: "
+                    f"{result.best_checkpoint}")
+    if result.tracking_uri:
+        logger.info(tracking.ui_hint(result.tracking_uri))
+    return 0

@@ -51,8 +51,19 @@ def field_flag(cls: type, path: str) -> str | None:
         return None
     if rest:
         inner = typing.get_type_hints(cls)[head]
-        return field_flag(inner, rest) if dataclasses.is_dataclass(inner) else None
+        return field_flag(inner, rest) if dataclasses.is_dataclass(inner) and has_flags(fields[head]) else None
     return fields[head].metadata.get("flag")
+
+
+def section(default_factory: Any, *, flags: bool = True) -> Any:
+    """A nested config field; ``flags=False`` keeps its fields' flags off the command line of the config holding it
+    (a search's base training config is set by file and ``key=value``, not by the flags of ``spai train``)."""
+    return dataclasses.field(default_factory=default_factory, metadata={"flags": flags})
+
+
+def has_flags(f: dataclasses.Field) -> bool:
+    """Whether the flags of nested config field ``f`` belong to the command line (see :func:`section`)."""
+    return f.metadata.get("flags", True)
 
 
 def check_config(cfg: T) -> T:
@@ -106,7 +117,10 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         items = [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or annotation is dict:
-        return dict(value)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        item_type = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, item_type, f"{where}.{k}") for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -209,16 +223,18 @@ def load_config(cls: type[T], path: str | Path | Mapping[str, Any] | None = None
         layers.append((str(path), path if isinstance(path, Mapping) else read_yaml(path)))
     if flags:
         layers.append(("flags", _nest(flags)))
-    layers.append(("overrides", apply_overrides(_skeleton(data), overrides)))
+    layers.append(("overrides", apply_overrides(_skeleton(cls, data), overrides)))
     _apply_presets(cls, data, [layer for _, layer in layers])
     for where, layer in layers:
-        _deep_update(data, layer, where)
+        _deep_update(cls, data, layer, where)
     return check_config(from_dict(cls, data))
 
 
-def _skeleton(data: Mapping[str, Any]) -> dict[str, Any]:
-    """Empty sections shaped like ``data``, so overrides know which keys exist without copying values."""
-    return {k: _skeleton(v) if isinstance(v, dict) else _Unset for k, v in data.items()}
+def _skeleton(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    """Empty sections shaped like ``data`` (of config class ``cls``), so overrides know which keys exist without
+    copying values."""
+    hints = typing.get_type_hints(cls)
+    return {k: _skeleton(hints[k], v) if dataclasses.is_dataclass(hints[k]) else _Unset for k, v in data.items()}
 
 
 class _Unset:
@@ -250,14 +266,17 @@ def _apply_presets(cls: type, data: dict[str, Any], layers: list[Mapping[str, An
         _apply_presets(inner, data[f.name], sections)
 
 
-def _deep_update(base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
+def _deep_update(cls: type, base: dict[str, Any], update: Mapping[str, Any], where: str) -> None:
+    """Merge ``update`` into ``base``, the dict of config class ``cls``: sections key by key, any other value (a
+    mapping-valued field too) replaced whole."""
+    hints = typing.get_type_hints(cls)
     for key, value in update.items():
         if value is _Unset:
             continue
         if key not in base:
             raise ConfigError(f"{where}: unknown key {key!r}; known keys are {sorted(base)}")
-        if isinstance(base[key], dict) and isinstance(value, Mapping):
-            _deep_update(base[key], value, f"{where}.{key}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, Mapping):
+            _deep_update(hints[key], base[key], value, f"{where}.{key}")
         else:
             base[key] = value
 

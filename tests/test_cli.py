@@ -35,9 +35,9 @@ PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "photos"
      "{tmp}/none does not exist"),
     (["demo-data", "--output", "{tmp}/d", "not_a_key=1"], "not_a_key"),  # ConfigError
     (["train", "-c", "{tmp}/nope.yaml", "-m", "{tmp}/m"], "config {tmp}/nope.yaml does not exist"),
-    (["train", "-m", "{tmp}/m", "epochs=0"], "need epochs >= 1"),  # values checked as the config is built
-    (["train", "-m", "{tmp}/m", "workers=0"], "workers >= 1"),
-    (["train", "-m", "{tmp}/m", "optim.lr=-1"], "optim needs lr > 0"),
+    (["train", "-m", "{tmp}/m", "epochs=0"], "epochs: must be at least 1, got 0"),  # values checked as the config is built
+    (["train", "-m", "{tmp}/m", "workers=0"], "--workers (workers): must be at least 1, got 0"),
+    (["train", "-m", "{tmp}/m", "optim.lr=-1"], "optim.lr: must be above 0, got -1.0"),
     (["train", "-m", "{tmp}/m", "model.mask_radius=500"], "mask_radius must be 1 to 156 for 224-px tiles"),
     (["train", "-m", "{tmp}/m", "optim.lr=[1"], "override value '[1' is not valid YAML"),
     (["tune", "-m", "{tmp}/m", "--space", "{tmp}/bad.yaml"], "search space {tmp}/bad.yaml is not valid YAML"),

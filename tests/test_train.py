@@ -4,6 +4,7 @@ Every test runs the entry point as a subprocess, the way a user does, on the sha
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,10 +26,13 @@ from polling import free_port, wait_for
 from pipelines.data.manifest import read_manifest, write_manifest
 from pipelines.infra.storage import StorageOptions
 from pipelines.infra.tracking import TrackingError, resolve_tracking_uri
-from pipelines.train.job import (CONFIG_DIR, OptimConfig, TrainConfig, best_of, check_resumable, check_splits,
-                             epoch_metrics, failure_summary, load_train_config, run_training, track_best)
+from pipelines.infra.resume import check_resumable
+from pipelines.train.config import CONFIG_DIR, OptimConfig, TrainConfig
+from pipelines.train.epochs import best_of, epoch_metrics, failure_summary, track_best
+from pipelines.train.run import RESUMABLE_CHANGES, Tracked, check_splits, export_weights, run_training
+from spai_cli.main import main as spai
 from spai_core.checkpoint import CheckpointError, convert, read_checkpoint, save_checkpoint
-from spai_core.config import ConfigError, to_dict
+from spai_core.config import ConfigError, dump_config, load_config, to_dict
 from spai_core.detector import Detector
 from spai_core.metrics import binary_metrics
 from spai_core.spai import build_model
@@ -172,22 +176,47 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(small_corpus, tmp_path):
     assert sorted(set(epochs_seen)) == list(range(epochs))
 
 
-@pytest.fixture(scope="module")
-def two_epoch_run(small_corpus, tmp_path_factory) -> tuple[Path, str, dict[str, torch.Tensor]]:
-    """One 2-epoch run shared by the resume and reproducibility tests: (runs folder, its output, its best weights).
+@contextlib.contextmanager
+def another_local_ray(folder: Path):
+    """A second Ray instance on this machine, as another user's ``ray start --head`` would leave one; its processes
+    are ours to end (``ray stop`` would end every Ray on the machine)."""
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                             f"--port={free_port()}", "--num-cpus=1", "--include-dashboard=false",
+                             f"--temp-dir={folder}", "--disable-usage-stats"], env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: list(folder.glob("session_*/logs/gcs_server.out")), 120, "the other Ray's GCS")
+        yield
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
 
-    The weights are read into memory at once (``load_file`` maps the file), because the resume test later continues
-    this run in place.
+
+@pytest.fixture(scope="module")
+def two_epoch_run(small_corpus, tmp_path_factory) -> tuple[Path, str, dict[str, torch.Tensor], str]:
+    """One 2-epoch run shared by the resume and reproducibility tests: (runs folder, its output, its best weights,
+    its saved config.yaml). It runs beside another local Ray instance, as on a shared machine.
+
+    The weights and config are read into memory at once (``load_file`` maps the file), because the resume test later
+    continues this run in place.
     """
     runs = tmp_path_factory.mktemp("two_epochs") / "runs"
-    done = spai_train(train_command(small_corpus, runs, "r", *TWO_EPOCHS), runs.parent)
+    with another_local_ray(tmp_path_factory.mktemp("other_ray")):
+        done = spai_train(train_command(small_corpus, runs, "r", *TWO_EPOCHS), runs.parent)
     assert done.returncode == 0, done.stdout[-6000:]
-    return runs, done.stdout, load((runs / "r" / "best.safetensors").read_bytes())
+    return (runs, done.stdout, load((runs / "r" / "best.safetensors").read_bytes()),
+            (runs / "r" / "config.yaml").read_text())
 
 
 def test_resume_continues_and_a_taken_name_is_refused(small_corpus, two_epoch_run, tmp_path):
-    runs, output, _ = two_epoch_run
+    runs, output, *_ = two_epoch_run
     assert printed_epochs(output) == [0, 1]  # each line once: Ray Train's print patch once echoed every line twice
+    # The output went to a pipe: plain text, without the colour codes Ray puts around each worker line's prefix
+    assert "\x1b[" not in output
+    # Ray Train's placement-group cleaner once found two Ray instances here and died with a 30-line traceback
+    assert "Found multiple active Ray instances" not in output and "Traceback" not in output, output[-6000:]
+    # and Ray logged an error-level line for Ray Train's preemption watcher, which a local Ray has no use for
+    assert "has constructor arguments in the object store" not in output
     # progress within each epoch: every step but the last, whose numbers the epoch line gives
     progress = [PROGRESS_LINE.search(line).groups() for line in log_lines(output, PROGRESS_LINE)]
     steps = int(progress[0][2])
@@ -213,11 +242,15 @@ def test_resume_continues_and_a_taken_name_is_refused(small_corpus, two_epoch_ru
     assert_mlflow_run(f"sqlite:///{runs.parent}/mlruns/mlflow.db", "r", 3)
 
 
-def test_a_seeded_run_is_reproducible(small_corpus, two_epoch_run, tmp_path):
-    """Same seed, same manifest -> the same weights, bit for bit (Ray Data once reordered batches between runs)."""
-    first = two_epoch_run[2]
-    done = spai_train(train_command(small_corpus, tmp_path / "runs", "again", *TWO_EPOCHS), tmp_path)
+def test_a_saved_config_reruns_the_same_run(two_epoch_run, tmp_path):
+    """The run's config.yaml alone (another name, untracked) gives the same weights, bit for bit: the saved config is
+    the whole job, and a seeded run is reproducible (Ray Data once reordered batches between runs)."""
+    _, _, first, config = two_epoch_run
+    (tmp_path / "config.yaml").write_text(config)
+    done = spai_train([SPAI, "train", "--config", str(tmp_path / "config.yaml"), "--output", str(tmp_path / "runs"),
+                       "--name", "again", "--no-mlflow"], tmp_path)
     assert done.returncode == 0, done.stdout[-6000:]
+    assert not (tmp_path / "mlruns").exists() and "MLflow" not in done.stdout
     again = load_file(tmp_path / "runs" / "again" / "best.safetensors")
     assert first.keys() == again.keys()
     for key, tensor in first.items():
@@ -264,14 +297,84 @@ def test_splits_that_cannot_train_are_refused_before_ray_starts():
     assert "with labels []" in check_splits(manifest([0, 1, 0, 1], []), cfg)[0]
 
 
-def test_a_bad_init_file_fails_before_the_run_is_recorded(tmp_path):
+def four_row_manifest(tmp_path: Path, train: int = 2) -> str:
+    """A manifest of ``train`` train and 2 val rows, both classes in each; the images need not exist (nothing here
+    decodes them)."""
     rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g", "source": "s", "group": str(i)}
-            for i, split in enumerate(["train", "train", "val", "val"])]
-    manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
+            for i, split in enumerate(["train"] * train + ["val", "val"])]
+    return write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
+
+
+def tiny_job(manifest: str, tmp_path: Path, **flags) -> TrainConfig:
+    """The tiny recipe with one worker, as the CLI builds it from flags (dotted keys)."""
+    return load_config(TrainConfig, CONFIG_DIR / "tiny.yaml", ["batch_size=2", "workers=1"],
+                       {"manifest": manifest, "output": str(tmp_path / "runs"), "name": "r", **flags})
+
+
+def refused_before_ray(capsys, *argv: str) -> str:
+    """Run ``spai`` in this process; it must exit 2 with one error line, no traceback, and no Ray started."""
+    import ray
+
+    assert not ray.is_initialized()
+    assert spai(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and not ray.is_initialized(), err
+    return err
+
+
+@pytest.mark.parametrize("values, message", [
+    # before: cfg.workers was set after validation, and a ZeroDivisionError came out of the driver
+    (["--workers", "0"], "error: --workers (workers): must be at least 1, got 0"),
+    # before: 100 workers silently split a batch of 72 into 1 image each (a global batch of 100)
+    (["--workers", "100"], "error: --workers (workers): 100 worker(s) cannot split batch_size=72 (the images per "
+                           "step over all workers) evenly; use batch_size=100,"),
+    (["--workers", "5"], "use batch_size=70 or batch_size=75, or a worker count that divides it"),
+    (["workers=100"], "error: --workers (workers): 100 worker(s) cannot split"),  # one path for flags and overrides
+    # before: reported as 'batch_size -4 is smaller than workers 1'
+    (["batch_size=-4"], "error: batch_size: must be at least 1, got -4"),
+    # before: Ray retried starting the workers every 60 s for 10 minutes
+    (["--gpus-per-worker", "-1"], "error: --gpus-per-worker (gpus_per_worker): must be 0 or more, got -1.0"),
+])
+def test_a_wrong_value_fails_before_ray_starts_naming_the_flag(values, message, tmp_path, capsys):
+    err = refused_before_ray(capsys, "train", "--manifest", four_row_manifest(tmp_path), "--output",
+                             str(tmp_path / "runs"), "batch_size=72", *values)
+    assert message in err
+
+
+def test_more_workers_or_gpus_than_a_local_ray_has_are_refused_before_it_starts(tmp_path, capsys, monkeypatch):
+    """Before: a local Ray was started with CPUs for every worker (98 worker processes on 2 cores, then Ray's OOM
+    killer), and GPU workers waited forever."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cores = os.cpu_count()
+    job = ["train", "--config", str(CONFIG_DIR / "tiny.yaml"), "--manifest", four_row_manifest(tmp_path, 4 * cores),
+           "--output", str(tmp_path / "runs"), f"batch_size={2 * cores}"]
+    err = refused_before_ray(capsys, *job, "--workers", str(2 * cores))
+    assert f"needs {2 * cores} CPUs, but this machine has {cores}; use --workers {cores} or fewer" in err
+    if not torch.cuda.is_available():
+        err = refused_before_ray(capsys, *job, "--workers", "1", "--gpus-per-worker", "1")
+        assert "--workers 1 --gpus-per-worker 1 needs 1 GPU(s), but this machine has 0" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resume_that_changes_the_recipe_fails_before_ray_starts(tmp_path, capsys):
+    """Before: the comparison ran after Ray had started (18-20 s)."""
+    cfg = tiny_job(four_row_manifest(tmp_path), tmp_path)
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "spai_run.json").write_text(json.dumps({"mlflow_run_id": None, "tracking_uri": None,
+                                                   "config": to_dict(cfg)}))
+    (run / "config.yaml").write_text(dump_config(cfg))
+    err = refused_before_ray(capsys, "train", "--output", str(tmp_path / "runs"), "--name", "r", "--resume",
+                             "seed=3", "epochs=40")  # the run's own config, one change it may make, one it may not
+    assert "run r was started with other settings than this command asks for: seed: 0 before, 3 now. Drop" in err
+
+
+def test_a_bad_init_file_fails_before_the_run_is_recorded(tmp_path):
+    manifest = four_row_manifest(tmp_path)
     (tmp_path / "bad.safetensors").write_bytes(b"<html>404 Not Found</html>")
-    cfg = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2", "workers=1"])
+    cfg = tiny_job(manifest, tmp_path, init=str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError, match="bad.safetensors: neither a readable safetensors file"):
-        run_training(cfg, manifest, str(tmp_path / "runs"), "r", init=str(tmp_path / "bad.safetensors"))
+        run_training(cfg)
     assert not (tmp_path / "runs").exists()  # the corrected command is not refused as 'already holds a run'
 
 
@@ -283,19 +386,16 @@ def test_ctrl_c_leaves_the_run_killed_and_resumable(tmp_path, monkeypatch):
 
     import pipelines.infra.runtime
 
-    rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g", "source": "s", "group": str(i)}
-            for i, split in enumerate(["train", "train", "val", "val"])]
-    manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
+    manifest = four_row_manifest(tmp_path)
     monkeypatch.setattr(pipelines.infra.runtime, "init_ray", lambda reserved_cpus=0: None)
 
     def interrupted(self):
         raise SystemExit(1)
 
     monkeypatch.setattr(TorchTrainer, "fit", interrupted)
-    cfg = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2", "workers=1"])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, manifest, str(tmp_path / "runs"), "r", mlflow_uri=uri)
+        run_training(tiny_job(manifest, tmp_path, **{"tracking.uri": uri}))
     run_id = json.loads((tmp_path / "runs" / "r" / "spai_run.json").read_text())["mlflow_run_id"]
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
 
@@ -305,15 +405,12 @@ def test_an_output_that_cannot_be_written_leaves_no_running_mlflow_run(tmp_path,
 
     import pipelines.infra.runtime
 
-    rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g", "source": "s", "group": str(i)}
-            for i, split in enumerate(["train", "train", "val", "val"])]
-    manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
+    manifest = four_row_manifest(tmp_path)
     monkeypatch.setattr(pipelines.infra.runtime, "init_ray", lambda reserved_cpus=0: None)
     (tmp_path / "a_file").write_text("not a folder")
-    cfg = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2", "workers=1"])
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with pytest.raises(OSError):
-        run_training(cfg, manifest, str(tmp_path / "a_file" / "runs"), "r", mlflow_uri=uri)
+        run_training(tiny_job(manifest, tmp_path, output=str(tmp_path / "a_file" / "runs"), **{"tracking.uri": uri}))
     (run,) = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("spai-train").experiment_id])
     assert run.info.status == "FAILED"
 
@@ -325,7 +422,6 @@ def test_mlflow_down_at_the_end_keeps_the_weights_and_says_how_to_log_them(tmp_p
     from ray.train import Checkpoint
 
     import pipelines.infra.tracking
-    from pipelines.train.job import _export_weights
 
     (tmp_path / "ckpt").mkdir()
     save_checkpoint(tmp_path / "ckpt" / "model.safetensors", build_model("spai_tiny"))
@@ -339,17 +435,18 @@ def test_mlflow_down_at_the_end_keeps_the_weights_and_says_how_to_log_them(tmp_p
     monkeypatch.setattr(pipelines.infra.tracking, "log_weights", unreachable)
     with pytest.raises(TrackingError, match="training finished and its weights are in .*run the same command with "
                                             "--resume to log and register them"):
-        _export_weights(result, str(tmp_path / "run"), TrainConfig(), StorageOptions(), "http://mlflow:5000", "id")
+        export_weights(result, str(tmp_path / "run"), TrainConfig(), StorageOptions(), Tracked("http://mlflow:5000", "id"))
     assert (tmp_path / "run" / "best.safetensors").is_file() and (tmp_path / "run" / "last.safetensors").is_file()
 
 
 def test_a_resume_may_change_how_long_a_run_is_not_what_it_learns():
     recorded = json.loads(json.dumps(to_dict(TrainConfig())))  # as the run marker holds it: tuples became lists
-    check_resumable(recorded, {**to_dict(TrainConfig()), "epochs": 50, "workers": 4})
-    changed = to_dict(TrainConfig(optim=OptimConfig(lr=1e-2), seed=3))
-    with pytest.raises(ConfigError, match=r"changes optim.lr: 0.0005 before, 0.01 now; seed: 0 before, 3 now\. "
-                                          r"Drop those overrides"):
-        check_resumable(recorded, changed)
+    check_resumable(recorded, {**to_dict(TrainConfig()), "epochs": 50, "workers": 4, "tracking": {"uri": "x"}},
+                    RESUMABLE_CHANGES)
+    changed = to_dict(TrainConfig(optim=OptimConfig(lr=1e-2), seed=3, epochs=50))
+    with pytest.raises(ConfigError, match=r"^run r was started with other settings than this command asks for: "
+                                          r"optim.lr: 0.0005 before, 0.01 now; seed: 0 before, 3 now\. Drop them$"):
+        check_resumable(recorded, changed, RESUMABLE_CHANGES, "run r", "Drop them")
 
 
 def test_an_undefined_val_auc_neither_improves_nor_stales_a_run():

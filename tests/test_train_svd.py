@@ -6,7 +6,9 @@ import copy
 import pytest
 import torch
 
-from pipelines.train.job import CONFIG_DIR, TrainConfig, configure_finetune, export_model, load_train_config, param_groups
+from pipelines.train.config import CONFIG_DIR, TrainConfig
+from pipelines.train.model import configure_finetune, export_model, param_groups
+from spai_core.config import load_config
 from spai_core.spai import SPAI, build_model
 from spai_core.svd import SVDLinear, is_attention_linear, svd_trainable_parameters
 
@@ -14,7 +16,7 @@ FULL_RANK = 64  # spai_tiny: qkv is 192 x 64 and proj 64 x 64, so min(out, in) =
 
 
 def tiny_config(*overrides: str) -> TrainConfig:
-    return load_train_config(CONFIG_DIR / "tiny.yaml", list(overrides))
+    return load_config(TrainConfig, CONFIG_DIR / "tiny.yaml", overrides)
 
 
 def tiny_model(seed: int = 0) -> SPAI:

@@ -9,6 +9,7 @@ passed the first rung with a higher AUC, so ASHA must stop it there.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -22,15 +23,18 @@ import yaml
 from pipelines.data.decode import decode_image
 from pipelines.demo.corpus import DemoCorpusConfig, build_demo_corpus
 from pipelines.data.manifest import read_manifest, write_manifest
-from pipelines.train.job import CONFIG_DIR, TrainConfig, load_train_config
+from pipelines.train.config import CONFIG_DIR, TrainConfig
 from spai_cli.main import build_parser
 from spai_cli.main import main as spai
+from spai_cli.options import config_from_args
 from spai_core.checkpoint import CheckpointError, load_model, save_checkpoint
-from spai_core.config import ConfigError, to_dict
+from spai_core.config import ConfigError, check_config, from_dict, load_config, read_yaml, to_dict
 from spai_core.metrics import binary_metrics
 from spai_core.spai import build_model
-from tune.search import TIME_ATTR, check_metric, trial_status
-from tune.space import check_space, load_space, space_from_dict, trial_config, tune_param_space
+from tune.config import DEFAULT_SPACE, TuneConfig, search_layers
+from tune.report import TIME_ATTR, SearchResult, trial_status
+from tune.search import check_metric
+from tune.space import SearchSpace, check_space, trial_config, tune_param_space
 
 MAX_T = 3
 # Training that leaves the seeded initial weights as they are (see the module docstring); one view keeps steps cheap.
@@ -39,15 +43,24 @@ OVERRIDES = ["batch_size=8", "patience=null", "keep_checkpoints=2", "augment.vie
              "optim.lr=1e-10", "optim.warmup_lr=1e-10", "optim.min_lr=1e-10", "model.descriptor_norm=false"]
 
 
+def tiny(*overrides: str) -> TrainConfig:
+    return load_config(TrainConfig, CONFIG_DIR / "tiny.yaml", overrides)
+
+
 def base_dict(**changes) -> dict:
-    return {**to_dict(load_train_config(CONFIG_DIR / "tiny.yaml")), **changes}
+    return {**to_dict(tiny()), **changes}
+
+
+def space_from_dict(data: dict) -> SearchSpace:
+    """A search space as ``spai tune`` reads one: typed, then checked."""
+    return check_config(from_dict(SearchSpace, data))
 
 
 # ----------------------------------------------------------------------------------------------- schema (fast)
 
 
 def test_space_schema_and_errors(tmp_path):
-    space = load_space(CONFIG_DIR / "search_space.yaml")
+    space = space_from_dict(read_yaml(DEFAULT_SPACE))
     base = base_dict(epochs=space.scheduler.max_t, workers=1)
     check_space(space, base)
     assert set(tune_param_space(space)) == set(space.params)
@@ -59,6 +72,8 @@ def test_space_schema_and_errors(tmp_path):
         with pytest.raises(ConfigError) as info:
             check_space(space_from_dict({"params": params, "scheduler": scheduler or {"max_t": 4}}), base)
         return str(info.value)
+
+    assert error({}).startswith("params: must map dotted training-config paths to distributions")
 
     assert "'optim.lrr' is not a training config field" in error({"optim.lrr": {"type": "uniform", "low": 0,
                                                                                 "high": 1}})
@@ -83,7 +98,7 @@ def test_a_scheduler_metric_training_never_reports_is_refused():
     for metric in ("val_auc", "val_loss", "best_val_auc", "val_ece", "val_auc_glide", "val_accuracy_sdv5"):
         check_metric(metric, manifest)
     for metric in ("val_acu", "val_auc_midjourney", "val_auc_real"):
-        with pytest.raises(ConfigError, match=f"scheduler.metric '{metric}' is not reported.*val_auc_glide"):
+        with pytest.raises(ConfigError, match=f"space.scheduler.metric: '{metric}' is not reported.*val_auc_glide"):
             check_metric(metric, manifest)
 
 
@@ -93,24 +108,58 @@ def test_every_trial_gets_the_init_weights_and_a_bad_file_fails_before_the_searc
     rows = [{"uri": f"/x/{i}.png", "label": i % 2, "split": split, "generator": "g" if i % 2 else "real",
              "source": "s", "group": str(i)} for i, split in enumerate(["train", "train", "val", "val"])]
     manifest = write_manifest(rows, str(tmp_path / "m"), {"builder": "test"})
-    base = load_train_config(CONFIG_DIR / "tiny.yaml", ["batch_size=2"])
-    space = space_from_dict({"params": {"optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-3}},
-                             "scheduler": {"max_t": 3}})
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"params": {"optim.lr": {"type": "uniform", "low": 1e-4,
+                                                                                 "high": 1e-3}},
+                                                         "scheduler": {"max_t": 3}}))
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "init.safetensors", build_model(base.model))
-    monkeypatch.setattr(tune.search, "init_ray", lambda reserved_cpus=0: None)  # no Ray: nothing here needs one
-    monkeypatch.setattr(tune.search, "default_concurrency", lambda cpus_per_trial, gpus_per_trial: 1)
-    monkeypatch.setattr(tune.search, "make_tuner", lambda plan, search_dir, options: None)
-    monkeypatch.setattr(tune.search, "_fit", lambda tuner, plan, search_dir, options: plan)  # the plan, not a search
+    save_checkpoint(tmp_path / "init.safetensors", build_model(tiny().model))
+    searches = []  # what each run_search would have handed to Tune
+    monkeypatch.setattr(tune.search, "start_ray", lambda cfg: 1)  # no Ray: nothing here needs one
+    monkeypatch.setattr(tune.search, "make_tuner", lambda search, options: None)
+
+    def no_trials(tuner, search, options) -> SearchResult:
+        searches.append(search)
+        return SearchResult(search.dir, [], None, None, None, search.parent_run_id, search.tracking_uri)
+
+    monkeypatch.setattr(tune.search, "_fit", no_trials)
     monkeypatch.chdir(tmp_path)
-    plan = tune.search.run_search(base, manifest, space, 1, max_concurrent=1, output="out", name="s",
-                                  mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", init="init.safetensors")
-    assert plan.setup.init == str(tmp_path / "init.safetensors") and plan.setup.backbone is None
+    command = ["tune", "--config", str(CONFIG_DIR / "tiny.yaml"), "--manifest", manifest, "--space", "space.yaml",
+               "--trials", "1", "--max-concurrent", "1", "--output", "out", "--mlflow-uri",
+               f"sqlite:///{tmp_path}/mlflow.db", "batch_size=2"]
+    assert spai([*command, "--name", "s", "--init", "init.safetensors"]) == 0
+    (search,) = searches
+    assert search.setup.base["init"] == str(tmp_path / "init.safetensors") and search.setup.base["backbone_weights"] \
+        is None
+    assert search.setup.base["batch_size"] == 2 and search.setup.base["epochs"] == 3
+
+    # the saved config is the whole search: --config of it runs the same one again (under another name)
+    assert spai(["tune", "--config", str(tmp_path / "out" / "s" / "config.yaml"), "--name", "again"]) == 0
+    assert dataclasses.replace(searches[1].cfg, name="s") == search.cfg
+    assert searches[1].dir == str(tmp_path / "out" / "again")
+
     (tmp_path / "bad.safetensors").write_bytes(b"<html>404</html>")
     with pytest.raises(CheckpointError, match="bad.safetensors"):
-        tune.search.run_search(base, manifest, space, 1, max_concurrent=1, output="out", name="t",
-                               init="bad.safetensors")
+        tune.search.run_search(load_config(TuneConfig, search_layers(str(CONFIG_DIR / "tiny.yaml"), "space.yaml"),
+                                           ["train.batch_size=2"], {"manifest": manifest, "output": "out",
+                                                                    "name": "t", "init": "bad.safetensors"}))
     assert not (tmp_path / "out" / "t").exists()
+
+
+@pytest.mark.parametrize("values, message", [
+    (["--workers-per-trial", "0"], "error: --workers-per-trial (workers_per_trial): must be at least 1, got 0"),
+    (["--gpus-per-worker", "-1"], "error: --gpus-per-worker (gpus_per_worker): must be 0 or more, got -1.0"),
+    (["--trials", "0"], "error: --trials (trials): must be at least 1, got 0"),
+    (["--workers-per-trial", "5"], "error: --workers-per-trial (workers_per_trial): the base training config does "
+                                   "not fit 5 worker(s) per trial"),  # 5 workers cannot split batch_size=8
+    (["batch_size=-4"], "error: train.batch_size: must be at least 1, got -4"),
+])
+def test_a_wrong_value_fails_before_ray_starts_naming_the_flag(values, message, tmp_path, capsys):
+    import ray
+
+    assert spai(["tune", "--config", str(CONFIG_DIR / "tiny.yaml"), "--manifest", str(tmp_path / "m"), "--output",
+                 str(tmp_path / "out"), *values]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not ray.is_initialized(), err
 
 
 def test_concurrency_leaves_each_node_a_cpu_for_decoding(monkeypatch):
@@ -178,7 +227,7 @@ def test_asha_search_mlflow_and_resume(manifest, tmp_path, monkeypatch):
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.shutdown()  # a Ray left by another test may be too small for two trials
-    base = load_train_config(CONFIG_DIR / "tiny.yaml", OVERRIDES)
+    base = tiny(*OVERRIDES)
     aucs = initial_val_aucs(base, manifest, range(5))
     ranked = sorted(aucs, key=aucs.get, reverse=True)
     seeds = ranked[:2] + [ranked[-1], ranked[-2]]  # the two best start together; the worst comes third
@@ -223,14 +272,14 @@ def test_asha_search_mlflow_and_resume(manifest, tmp_path, monkeypatch):
         best = max(rows, key=lambda r: float(r["best_val_auc"]))
         assert load_model(search / "best.safetensors")[0].cfg.mask_radius == int(best["model.mask_radius"])
 
-        # the best config is a ready training config, and `spai train` accepts it
-        best_cfg = load_train_config(search / "best_config.yaml")
-        assert (best_cfg.seed, best_cfg.model.mask_radius, best_cfg.epochs) == (
-            int(best["seed"]), int(best["model.mask_radius"]), MAX_T)
+        # the best config is a ready training config (manifest included), and `spai train` accepts it
+        best_cfg = load_config(TrainConfig, search / "best_config.yaml")
+        assert (best_cfg.seed, best_cfg.model.mask_radius, best_cfg.epochs, best_cfg.manifest) == (
+            int(best["seed"]), int(best["model.mask_radius"]), MAX_T, manifest)
         assert math.isclose(best_cfg.optim.lr, float(best["optim.lr"]))
-        args = build_parser().parse_args(["train", "--config", str(search / "best_config.yaml"), "--manifest",
-                                          manifest])
-        assert args.command == "train" and load_train_config(args.config, args.overrides) == best_cfg
+        assert best_cfg.registered_model == "spai" and best_cfg.tracking.experiment == "spai-train"
+        args = build_parser("train").parse_args(["train", "--config", str(search / "best_config.yaml")])
+        assert config_from_args(TrainConfig, args) == best_cfg
 
         # MLflow: one parent run with the results, a child run per trial tagged with its outcome
         client = MlflowClient(uri)

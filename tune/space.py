@@ -1,4 +1,4 @@
-"""Search spaces of ``spai tune``: distributions over training-config fields, and the ASHA settings, from YAML.
+"""Search spaces of ``spai tune``: distributions over training-config fields, and the ASHA settings, as typed configs.
 
 A space file (``configs/search_space.yaml`` is the default) looks like::
 
@@ -8,8 +8,9 @@ A space file (``configs/search_space.yaml`` is the default) looks like::
       optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
       model.mask_radius: {type: randint, low: 8, high: 32}
 
-Every key of ``params`` must be a field of :class:`pipelines.train.job.TrainConfig`, and every value its distribution can
-produce must give a valid config; both are checked when the space is loaded, so a typo fails before any trial runs.
+Every key of ``params`` must be a field of :class:`pipelines.train.config.TrainConfig`, and every value its
+distribution can produce must give a valid config; both are checked with the search's config, so a typo fails
+before any trial runs.
 """
 from __future__ import annotations
 
@@ -17,20 +18,23 @@ import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from pipelines.train.job import TrainConfig
-from spai_core.config import ConfigError, from_dict, read_yaml
+from pipelines.train.config import TrainConfig
+from spai_core.config import ConfigError, check_config, from_dict
 
 RANGED = ("loguniform", "uniform", "randint")
 LISTED = ("choice", "grid")
-# Fields a trial may not sample: they are set for every trial from the scheduler or the command line.
+# Fields a trial may not sample: the search sets them for every trial, from the scheduler or its own settings.
 FIXED_FIELDS = {"epochs": "it is scheduler.max_t", "workers": "set it with --workers-per-trial",
-                "gpus_per_worker": "set it with --gpus-per-trial",
-                "cpus_per_worker": "it sizes the CPUs reserved per trial; set it in the base config"}
+                "gpus_per_worker": "set it with --gpus-per-worker",
+                "cpus_per_worker": "it sizes the CPUs reserved per trial; set it in the base config",
+                "manifest": "set it with --manifest", "output": "trials run under the search's --output",
+                "name": "trials are named by their ids", "init": "set it with --init",
+                "backbone_weights": "set it with --backbone", "tracking": "trials are tracked with the search",
+                "registered_model": "the search registers its best trial"}
 
 
 @dataclass
@@ -42,21 +46,21 @@ class ParamSpec:
     high: float | None = None
     values: list[Any] | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.type not in RANGED + LISTED:
-            raise ConfigError(f"type {self.type!r} is not one of {RANGED + LISTED}")
+            raise ConfigError(f"type {self.type!r} is not one of {RANGED + LISTED}", "type")
         if self.type in LISTED:
             if not self.values or self.low is not None or self.high is not None:
-                raise ConfigError(f"a {self.type} takes a non-empty `values` list and no low/high")
+                raise ConfigError(f"a {self.type} takes a non-empty `values` list and no low/high", "values")
             return
         if self.values is not None or self.low is None or self.high is None:
-            raise ConfigError(f"a {self.type} takes `low` and `high` and no values")
+            raise ConfigError(f"a {self.type} takes `low` and `high` and no values", "low")
         if not self.low < self.high:
-            raise ConfigError(f"low must be below high, got low={self.low}, high={self.high}")
+            raise ConfigError(f"low must be below high, got low={self.low}, high={self.high}", "low")
         if self.type == "loguniform" and self.low <= 0:
-            raise ConfigError(f"a loguniform needs low > 0, got {self.low}")
+            raise ConfigError(f"a loguniform needs low > 0, got {self.low}", "low")
         if self.type == "randint" and not (float(self.low).is_integer() and float(self.high).is_integer()):
-            raise ConfigError(f"a randint needs integer low and high, got {self.low}, {self.high}")
+            raise ConfigError(f"a randint needs integer low and high, got {self.low}, {self.high}", "low")
 
     def probes(self) -> list[Any]:
         """Values the distribution can produce that are worth checking against the config: its ends or all values."""
@@ -75,51 +79,38 @@ class AshaConfig:
     grace_period: int = 2  # epochs every trial trains before ASHA may stop it
     reduction_factor: float = 2.0  # at each rung, trials below the top 1/reduction_factor of their peers stop
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.mode not in ("min", "max"):
-            raise ConfigError(f"scheduler.mode must be min or max, got {self.mode!r}")
+            raise ConfigError(f"must be min or max, got {self.mode!r}", "mode")
         if not 1 <= self.grace_period < self.max_t:
-            raise ConfigError(f"scheduler needs 1 <= grace_period < max_t (else ASHA never stops a trial), got "
-                              f"grace_period={self.grace_period}, max_t={self.max_t}")
+            raise ConfigError(f"needs 1 <= grace_period < max_t (else ASHA never stops a trial), got grace_period="
+                              f"{self.grace_period}, max_t={self.max_t}", "grace_period")
         if self.reduction_factor <= 1:
-            raise ConfigError(f"scheduler.reduction_factor must be above 1, got {self.reduction_factor}")
+            raise ConfigError(f"must be above 1, got {self.reduction_factor}", "reduction_factor")
 
 
 @dataclass
 class SearchSpace:
     """What to search (``params``: dotted config path -> distribution), how to schedule it, and the sampling seed."""
 
-    params: dict[str, ParamSpec]
+    params: dict[str, ParamSpec] = field(default_factory=dict)
     scheduler: AshaConfig = field(default_factory=AshaConfig)
-    seed: int | None = 0
+    seed: int | None = 0  # seeds the sampling, so the same search samples the same trials
 
-
-def space_from_dict(data: Mapping[str, Any], where: str = "search space") -> SearchSpace:
-    """Build a :class:`SearchSpace` from its YAML/JSON form, naming the offending entry on any error."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: expected a mapping with params, scheduler and seed")
-    unknown = sorted(set(data) - {"params", "scheduler", "seed"})
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; a space has params, scheduler and seed")
-    params = data.get("params")
-    if not isinstance(params, Mapping) or not params:
-        raise ConfigError(f"{where}: `params` must map dotted config paths to distributions, e.g. "
-                          "optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}")
-    specs = {}
-    for path, spec in params.items():
-        try:
-            specs[path] = from_dict(ParamSpec, spec if isinstance(spec, Mapping) else {"type": spec},
-                                    f"{where}: params.{path}")
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: params.{path}: {exc}") from None
-    scheduler = from_dict(AshaConfig, data.get("scheduler") or {}, f"{where}: scheduler")
-    seed = data.get("seed", 0)
-    return SearchSpace(specs, scheduler, None if seed is None else int(seed))
-
-
-def load_space(path: str | Path) -> SearchSpace:
-    """Read a search space YAML file."""
-    return space_from_dict(read_yaml(path, "search space"), str(path))
+    def validate(self) -> None:
+        if not self.params:
+            raise ConfigError("must map dotted training-config paths to distributions, e.g. "
+                              "optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}", "params")
+        for path, spec in self.params.items():
+            try:
+                spec.validate()
+            except ConfigError as exc:
+                raise ConfigError(str(exc), f"params.{path}.{exc.field}") from None
+            if path in FIXED_FIELDS or path.split(".")[0] in FIXED_FIELDS:
+                raise ConfigError(f"{path} cannot be searched: {FIXED_FIELDS[path.split('.')[0]]}", f"params.{path}")
+            if _is_integer_field(field_type(path)) and spec.type in ("loguniform", "uniform"):
+                raise ConfigError(f"{path} is an integer; use randint, choice or grid, not {spec.type}",
+                                  f"params.{path}")
 
 
 def field_type(path: str, cls: type = TrainConfig) -> Any:
@@ -130,13 +121,13 @@ def field_type(path: str, cls: type = TrainConfig) -> Any:
         if part not in hints:
             where = ".".join(done) or "the training config"
             known = sorted(hints) if hints else []
-            raise ConfigError(f"search space: {path!r} is not a training config field; {where} has "
-                              f"{known or 'no fields (it is a value)'}")
+            raise ConfigError(f"{path!r} is not a training config field; {where} has "
+                              f"{known or 'no fields (it is a value)'}", f"params.{path}")
         node = hints[part]
         done.append(part)
     if dataclasses.is_dataclass(node):
         example = f"{path}.{dataclasses.fields(node)[0].name}"
-        raise ConfigError(f"search space: {path!r} is a section; search one of its fields, e.g. {example}")
+        raise ConfigError(f"{path!r} is a section; search one of its fields, e.g. {example}", f"params.{path}")
     return node
 
 
@@ -147,17 +138,14 @@ def _is_integer_field(annotation: Any) -> bool:
 
 
 def check_space(space: SearchSpace, base: Mapping[str, Any]) -> None:
-    """Fail early on a space that names unknown or fixed fields, or that can produce an invalid trial config."""
+    """Fail early on a space whose distributions can produce an invalid trial config around ``base``."""
     for path, spec in space.params.items():
-        if path in FIXED_FIELDS:
-            raise ConfigError(f"search space: {path} cannot be searched: {FIXED_FIELDS[path]}")
-        if _is_integer_field(field_type(path)) and spec.type in ("loguniform", "uniform"):
-            raise ConfigError(f"search space: {path} is an integer; use randint, choice or grid, not {spec.type}")
         for value in spec.probes():
             try:
                 trial_config(base, {path: value})
             except (ConfigError, ValueError, TypeError) as exc:
-                raise ConfigError(f"search space: {path}={value!r} gives an invalid training config: {exc}") from None
+                raise ConfigError(f"{path}={value!r} gives an invalid training config: {exc}",
+                                  f"params.{path}") from None
 
 
 def tune_param_space(space: SearchSpace) -> dict[str, Any]:
@@ -184,7 +172,7 @@ def plain(value: Any) -> Any:
 
 
 def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> TrainConfig:
-    """The training config of one trial: the ``base`` config dict with each dotted ``params`` path set."""
+    """The checked training config of one trial: the ``base`` config dict with each dotted ``params`` path set."""
     data = copy.deepcopy(dict(base))
     for path, value in params.items():
         *sections, leaf = path.split(".")
@@ -192,5 +180,4 @@ def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> TrainCon
         for section in sections:
             node = node[section]
         node[leaf] = plain(value)
-    return from_dict(TrainConfig, data)
-
+    return check_config(from_dict(TrainConfig, data))

@@ -44,12 +44,14 @@ class _ConsoleHandler(logging.Handler):
     """INFO lines as plain text on stdout (what a job reports); warnings and errors on stderr, marked as such."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        # Written to the stream, not print()ed: in a Ray Train worker print() goes to Train's logger and, since Ray
+        # wraps the worker's stdout, to the stream as well, so every line would reach the driver twice.
         try:
             message = self.format(record)
-            if record.levelno >= logging.WARNING:
-                print(f"{record.levelname.lower()}: {message}", file=sys.stderr, flush=True)
-            else:
-                print(message, flush=True)
+            warning = record.levelno >= logging.WARNING
+            stream = sys.stderr if warning else sys.stdout
+            stream.write(f"{record.levelname.lower()}: {message}\n" if warning else f"{message}\n")
+            stream.flush()
         except Exception:  # logging must never take a job down
             self.handleError(record)
 

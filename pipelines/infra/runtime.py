@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 
 import ray
 
@@ -21,6 +22,9 @@ RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 # Ray Train logs each worker's every report (its whole metrics dict) under a logger named by the module's file path,
 # outside "ray.train", so its LoggingConfig does not reach it
 TRAIN_REPORT_LOGGER = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+# Ray Train's watcher of draining nodes: a cluster drains nodes before it takes them away (spot instances, scale-down),
+# a local Ray never does. Its actor's restart policy makes Ray log an error-level line at every run start.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 class ClusterError(UserError, ConnectionError):
@@ -45,8 +49,10 @@ def init_ray(reserved_cpus: float = 0) -> None:
     """
     if ray.is_initialized():
         return
+    if not sys.stdout.isatty():  # Ray colours the prefix of each worker line it forwards; a log file keeps the codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     address = os.environ.get("RAY_ADDRESS")
-    runtime_env = {"worker_process_setup_hook": quiet_ray_logs}
+    runtime_env: dict = {"worker_process_setup_hook": setup_worker}
     if address:  # "auto" joins a cluster started on this machine with `ray start`
         check_reachable(address)
         try:
@@ -58,8 +64,21 @@ def init_ray(reserved_cpus: float = 0) -> None:
                                "https://docs.ray.io/en/latest/ray-security/token-auth.html") from exc
     else:  # always a fresh local Ray: silently joining some other job's cluster would mix resources and logs
         cpus = max(os.cpu_count() or 1, math.ceil(reserved_cpus) + 2)
+        runtime_env["env_vars"] = {PREEMPTION_WATCHER_ENV: "0"}
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True, runtime_env=runtime_env)
     quiet_ray_logs()
+
+
+def local_capacity() -> tuple[int, int] | None:
+    """(CPU cores, GPUs) of this machine when :func:`init_ray` would start a local Ray on it; None when it joins a
+    cluster (``RAY_ADDRESS``) or Ray is already up. What a job asks of a local Ray is checked against this before
+    starting it: Ray would start every worker process it is asked for, however few cores there are, and wait forever
+    for GPUs it lacks."""
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return None
+    import torch
+
+    return os.cpu_count() or 1, torch.cuda.device_count()
 
 
 def node_cpus() -> list[float]:
@@ -80,6 +99,17 @@ def check_gpus(needed: float, asked: str) -> None:
         return
     raise ClusterError(f"{asked} needs {needed:g} GPU(s) but the local Ray has {have:g}; ask for fewer, drop the GPU "
                        "options to run on CPU, or set RAY_ADDRESS to a Ray cluster with GPUs")
+
+
+def setup_worker() -> None:
+    """Ray's setup hook of every worker process: quiet logs, and the GCS address of the cluster it belongs to.
+
+    Ray Train's placement-group cleaner (an actor) finds its cluster through the State API, which without an address
+    looks for running Ray instances on the machine; with a second local Ray there it finds two and dies with a long
+    traceback. The worker's own GCS address settles it.
+    """
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    quiet_ray_logs()
 
 
 def quiet_ray_logs() -> None:

@@ -1,0 +1,86 @@
+"""The config of a search: how many trials and how they run, the search space, and the base training config every
+trial starts from. Saved as ``<output>/<name>/config.yaml``; ``spai tune --config`` of that file reruns the search."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from pipelines.infra.settings import TrackingConfig
+from pipelines.train.config import CONFIG_DIR, OFFICIAL_RECIPE, TrainConfig
+from spai_core.config import ConfigError, option, read_yaml, section, to_dict
+from tune.space import SearchSpace, check_space, trial_config
+
+DEFAULT_SPACE = CONFIG_DIR / "search_space.yaml"
+
+
+@dataclass
+class TuneConfig:
+    """A search of ``trials`` samples of ``space`` around the ``train`` config; each trial is a ``spai train`` run."""
+
+    manifest: str | None = option(None, flag="--manifest", short="-m",
+                                  help="manifest path or s3:// URI with train and val rows")
+    trials: int = option(8, flag="--trials", help="number of trials to sample (a grid: repeats of it)")
+    max_concurrent: int | None = option(None, flag="--max-concurrent",
+                                        help="trials running at once (default: as many as the cluster's CPUs/GPUs "
+                                        "hold)")
+    workers_per_trial: int = option(1, flag="--workers-per-trial", help="Ray Train workers (DDP ranks) per trial")
+    gpus_per_worker: float = option(0.0, flag="--gpus-per-worker",
+                                    help="GPUs per Ray Train worker of a trial (0: CPU), as in spai train")
+    output: str = option("runs/tune", flag="--output", short="-o", help="folder or s3:// URI of the searches")
+    name: str | None = option(None, flag="--name", help="search name, its folder under --output (default: generated)")
+    init: str | None = option(None, flag="--init", help="every trial starts from these weights: official spai.pth "
+                              "or our checkpoint")
+    backbone_weights: str | None = option(None, flag="--backbone", help="MFM ViT-B/16 backbone weights "
+                                          "(mfm_pretrain_vit_base.pth) of every trial; the official recipe needs them")
+    tracking: TrackingConfig = field(default_factory=partial(TrackingConfig, experiment="spai-tune"))
+    space: SearchSpace = section(SearchSpace, flags=False)
+    train: TrainConfig = section(TrainConfig, flags=False)  # set by --config and KEY=VALUE, not spai train's flags
+
+    def validate(self) -> None:
+        for name in ("trials", "workers_per_trial"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"must be at least 1, got {getattr(self, name)}", name)
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"must be at least 1, got {self.max_concurrent}", "max_concurrent")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"must be 0 or more, got {self.gpus_per_worker}", "gpus_per_worker")
+        base = self.trial_base(self.output)
+        try:
+            trial_config(base, {})
+        except ConfigError as exc:
+            raise ConfigError(f"the base training config does not fit {self.workers_per_trial} worker(s) per trial "
+                              f"and {self.space.scheduler.max_t} epochs: {exc}", "workers_per_trial") from None
+        try:
+            check_space(self.space, base)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), f"space.{exc.field}") from None
+
+    def trial_base(self, train_dir: str, tracking_uri: str | None = None) -> dict[str, Any]:
+        """The training config every trial starts from (as a dict): ``train`` with the search's data, weights,
+        resources and tracking, ``epochs`` = ASHA's ``max_t``, runs under ``train_dir``, and no model registration
+        (the search registers its best trial once)."""
+        tracking = {**to_dict(self.tracking), "uri": tracking_uri or self.tracking.uri}
+        return {**to_dict(self.train), "manifest": self.manifest, "output": train_dir, "init": self.init,
+                "backbone_weights": self.backbone_weights, "epochs": self.space.scheduler.max_t,
+                "workers": self.workers_per_trial, "gpus_per_worker": self.gpus_per_worker,
+                "registered_model": None, "tracking": tracking}
+
+    @property
+    def gpus_per_trial(self) -> float:
+        return self.workers_per_trial * self.gpus_per_worker
+
+
+def search_layers(config: str | None, space: str | None) -> dict[str, Any]:
+    """The config file layer of a search from ``--config`` and ``--space``.
+
+    ``--config`` is either a saved search config (it has a ``train`` section) or a training config, which becomes the
+    base of every trial (default: the official recipe). ``--space`` replaces the search space (default:
+    ``configs/search_space.yaml`` unless a saved search brings its own).
+    """
+    data = read_yaml(config) if config else {}
+    if "train" not in data:
+        data = {"train": data if config else read_yaml(OFFICIAL_RECIPE)}
+    if space or "space" not in data:
+        data["space"] = read_yaml(space or DEFAULT_SPACE, "search space")
+    return data
