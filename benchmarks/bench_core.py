@@ -59,8 +59,8 @@ def tile_gflop(cfg: ModelConfig) -> float:
 
 def matmul_peak(precision: str, device: torch.device, size: int = PEAK_SIZE, repeats: int = 5) -> float:
     """GFLOP/s of a square matmul in this precision: the best of ``repeats`` runs of each GEMM library PyTorch has
-    (on CPU MKL through ``a @ b`` and oneDNN, whose linear the model runs), so that "of peak" is not flattered by the
-    slower one. On a GPU the matmul is 4x bigger, since a 2048^3 one is over before the clocks rise."""
+    (on CPU MKL through ``a @ b`` and oneDNN's linear, which bf16 linears run on), so that "of peak" is not flattered
+    by the slower one. On a GPU the matmul is 4x bigger, since a 2048^3 one is over before the clocks rise."""
     size = size * 4 if device.type == "cuda" else size
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
