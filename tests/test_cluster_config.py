@@ -501,15 +501,20 @@ def collect_commands() -> dict[str, list[list[str]]]:
 
 
 def parse_spai(argv: list[str]):
-    """The argparse Namespace, or the error text argparse printed."""
+    """The argparse Namespace (config flags also under their field's name, as plain options are), or the error text
+    argparse printed."""
     from spai_cli.main import build_parser
+    from spai_cli.options import flag_values
 
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            return build_parser().parse_args(argv)
+            ns = build_parser(argv[0] if argv else None).parse_args(argv)  # the command's own parser, as spai does
     except SystemExit:
         return err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "argparse exited"
+    for key, value in flag_values(ns).items():
+        setattr(ns, key.rsplit(".", 1)[-1], value)
+    return ns
 
 
 def command_problems(argv: list[str]) -> list[str]:
@@ -571,7 +576,7 @@ def _gpus_needed(ns) -> float:
     if ns.command == "tune":
         return (ns.max_concurrent or 1) * ns.workers_per_trial * ns.gpus_per_trial
     if ns.command == "score":
-        return (ns.workers or 1) * (ns.gpus or 0)
+        return (getattr(ns, "workers", None) or 1) * (getattr(ns, "gpus_per_worker", None) or 0)
     return 0
 
 

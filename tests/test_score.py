@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +27,17 @@ from PIL import Image
 from parity import FIXTURE, expected_rows, write_official_checkpoint
 from pipelines.data.manifest import rows_to_table, write_manifest
 from pipelines.infra.runtime import ClusterError, check_gpus
-from pipelines.score.job import ActorPlan, ScoreConfig, ScoreError, Scorer, ScoreResult, WorkDir, plan_actors, score
+from pipelines.infra.settings import TrackingConfig
+from pipelines.score.config import ActorPlan, ScoreConfig, plan_actors
+from pipelines.score.job import ScoreResult, prepare, record, score
+from pipelines.score.scorer import Scorer
+from pipelines.score.workdir import WorkDir
 from pipelines.infra.storage import Files, StorageOptions, read_bytes
+from polling import free_port
 from s3server import upload_folder
+from spai_cli.main import main as spai
 from spai_core.checkpoint import save_checkpoint
+from spai_core.config import load_config
 from spai_core.detector import Detector
 from spai_core.errors import UserError
 from spai_core.images import to_rgb_array
@@ -218,7 +226,7 @@ def test_killed_run_resumes_without_duplicates_or_gaps(weights, corpus, expected
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert f"scored {len(rows) - done_before} images" in finished.stdout
-    assert f"{done_before} of {len(rows)} rows were scored before" in finished.stderr
+    assert f"{done_before} of {len(rows)} rows were scored before" in finished.stdout
     run_id = re.search(r"tracked as MLflow run (\w+)", finished.stdout).group(1)
     run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run_id)
     assert run.data.params["resumed_rows"] == str(done_before)
@@ -251,11 +259,11 @@ def test_resume_refuses_other_options_and_a_finished_output_needs_overwrite(weig
     work = WorkDir(str(tmp_path / "scores.parquet"), Files())
     work.start({"model_id": "abc", "precision": "fp32", "rows": 3})
     work.start({"model_id": "abc", "precision": "fp32", "rows": 3})  # the same job resumes
-    with pytest.raises(ScoreError, match="precision: 'fp32' before, 'bf16' now.*delete"):
+    with pytest.raises(UserError, match="precision: 'fp32' before, 'bf16' now.*delete"):
         work.start({"model_id": "abc", "precision": "bf16", "rows": 3})
     done = tmp_path / "done.parquet"
     done.write_bytes(b"x")
-    with pytest.raises(ScoreError, match="already exists.*pass --overwrite"):
+    with pytest.raises(UserError, match="already exists.*pass --overwrite"):
         score(ScoreConfig(weights=str(weights), input=str(corpus), output=str(done)))
     score(ScoreConfig(weights=str(weights), input=str(corpus / "img0.jpg"), output=str(done), overwrite=True),
           progress=False)
@@ -274,7 +282,7 @@ def test_a_job_nothing_could_score_is_a_failed_run_and_no_mlflow_records_none(we
     assert run.data.params["input"] == str(source) and run.data.tags["output"] == str(tmp_path / "s.parquet")
     runs = len(client.search_runs([run.info.experiment_id]))
     untracked = score(ScoreConfig(weights=str(weights), input=str(source), output=str(tmp_path / "t.parquet"),
-                                  track=False), progress=False)
+                                  tracking=TrackingConfig(enabled=False)), progress=False)
     assert untracked.run_id is None and len(client.search_runs([run.info.experiment_id])) == runs
 
 
@@ -290,6 +298,63 @@ def test_bad_weights_stop_the_job_before_it_starts(bad, corpus, tmp_path):
     with pytest.raises(UserError, match="is a folder" if bad == "folder" else "weights.safetensors"):
         score(ScoreConfig(weights=str(weights), input=str(corpus), output=str(tmp_path / "scores.parquet")))
     assert not (tmp_path / "scores.parquet.parts").exists()
+
+
+def test_a_saved_config_reruns_the_same_job(weights, corpus, tmp_path, monkeypatch):
+    """`spai score --config <output>.config.yaml` is the job that wrote it (paths saved absolute, so from anywhere)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(corpus, "images")
+    argv = ["score", "-w", str(weights), "-i", "images", "-o", "first.parquet", "--batch-size", "3", "--seed", "7",
+            "--noise-sigma", "2", "--no-mlflow"]
+    assert spai(argv) == 0
+    saved = tmp_path / "first.parquet.config.yaml"
+    cfg = load_config(ScoreConfig, saved)
+    assert (cfg.input, cfg.seed, cfg.transform.noise_sigma, cfg.tracking.enabled) == (str(tmp_path / "images"), 7,
+                                                                                      2.0, False)
+    first = pq.read_table("first.parquet")
+    monkeypatch.chdir(corpus)  # anywhere else
+    assert spai(["score", "--config", str(saved), "--overwrite"]) == 0
+    again = pq.read_table(tmp_path / "first.parquet")
+    assert again.column("row_id").to_pylist() == first.column("row_id").to_pylist()
+    np.testing.assert_array_equal(again.column("logit").to_numpy(), first.column("logit").to_numpy())
+    assert again.column("options").to_pylist() == first.column("options").to_pylist()  # noise, seeded the same
+
+
+def spai_subprocess(argv: list[str], **env: str) -> subprocess.CompletedProcess:
+    """``spai`` in a process of its own, which would start its own local Ray (no RAY_ADDRESS)."""
+    environ = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
+    return subprocess.run([sys.executable, "-m", "spai_cli.main", *argv], env=environ, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("problem", ["workers", "cuda", "resume", "s3"])
+def test_what_can_be_checked_before_ray_starts_fails_before_it(problem, weights, corpus, tmp_path):
+    """A wrong value, GPUs this machine lacks, a resume of another job, an S3 endpoint nobody answers at: each fails
+    before a local Ray starts (which took 10-20 s of the 17-38 s these errors took), with one line naming the fix."""
+    output = tmp_path / "scores.parquet"
+    argv = ["score", "-w", str(weights), "-i", str(corpus / "img0.jpg"), "-o", str(output), "--no-mlflow"]
+    env, message = {}, {
+        "workers": "--workers (workers): must be a positive number (scoring actors), got 0",
+        "cuda": "--device cuda needs 1 GPU(s) but this machine has 0",
+        "resume": f"the unfinished run in {output}.parts was started with other settings than this command asks for: "
+                  "max_tiles: None before, 4 now",
+        "s3": "cannot reach the S3 endpoint"}[problem]
+    if problem == "workers":
+        argv += ["--workers", "0"]
+    elif problem == "cuda":
+        argv += ["--device", "cuda"]
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    elif problem == "resume":  # what a run stopped before its first results leaves behind, then another option
+        cfg = load_config(ScoreConfig, flags={"weights": str(weights), "input": str(corpus / "img0.jpg"),
+                                              "output": str(output)})
+        record(prepare(cfg, StorageOptions()), plan_actors(cfg, {"CPU": 2}))
+        argv += ["--max-tiles", "4"]
+    else:
+        argv[argv.index("-o") + 1] = "s3://spai-test/scores.parquet"
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
+    done = spai_subprocess(argv, **env)
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    assert "Started a local Ray instance" not in done.stderr and "starting a local Ray" not in done.stdout, done.stderr
 
 
 def test_summary_reports_start_up_apart_from_the_rate():
@@ -321,12 +386,12 @@ def test_actor_plan_follows_the_cluster():
     fixed = plan_actors(ScoreConfig(workers=1, cpus_per_worker=1), {"CPU": 2})
     assert (fixed.threads, fixed.num_cpus) == (1, 1.0)
     # GPUs asked for on a cluster with none yet (GPU nodes scale from zero): GPU actors, which check_gpus vets
-    asked = plan_actors(ScoreConfig(gpus=0.5, workers=8), {"CPU": 8})
+    asked = plan_actors(ScoreConfig(gpus_per_worker=0.5, workers=8), {"CPU": 8})
     assert (asked.device, asked.workers, asked.num_gpus) == ("cuda", 8, 0.5)
     assert plan_actors(ScoreConfig(device="cuda"), {"CPU": 8}).workers == 1
 
 
-def test_gpus_a_local_ray_lacks_are_an_error_and_a_cluster_may_add_them(monkeypatch, capsys):
+def test_gpus_a_local_ray_lacks_are_an_error_and_a_cluster_may_add_them(monkeypatch, caplog):
     import pipelines.infra.runtime
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -338,7 +403,7 @@ def test_gpus_a_local_ray_lacks_are_an_error_and_a_cluster_may_add_them(monkeypa
         check_gpus(1, "--gpus 1")
     monkeypatch.setenv("RAY_ADDRESS", "head:6379")
     check_gpus(4, "training")
-    assert "waiting for its autoscaler to add GPU nodes" in capsys.readouterr().err
+    assert "waiting for its autoscaler to add GPU nodes" in caplog.text
 
 
 def test_parity_images_reproduce_official_logits(tmp_path):

@@ -1,0 +1,91 @@
+"""What a scoring job reads: the input's rows (each with a stable ``row_id``) and the weights, checked on the driver
+before any actor starts."""
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipelines.data.manifest import NOTES_KEY, present_splits, resolve_input, split_rows
+from pipelines.infra.storage import Files, StorageOptions, basename, filesystem, is_s3
+from pipelines.score.config import ScoreConfig, ScoreError
+from spai_core.detector import Detector
+
+RESULT_COLUMNS = ("row_id", "score", "logit", "tiles", "error", "model_id", "precision", "options")
+
+
+def row_ids(uris: Sequence[str]) -> list[str]:
+    """Stable ids: hash of the uri and its occurrence number (a uri listed twice is two rows), order-independent."""
+    seen: collections.Counter[str] = collections.Counter()
+    ids = []
+    for uri in uris:
+        ids.append(hashlib.sha256(f"{uri}\n{seen[uri]}".encode()).hexdigest()[:32])
+        seen[uri] += 1
+    return ids
+
+
+def input_digest(table: pa.Table) -> str:
+    """A fingerprint of the input's rows (their ids, in any order): a resume must see the same input."""
+    return hashlib.sha256("\n".join(sorted(table.column("row_id").to_pylist())).encode()).hexdigest()
+
+
+def clash_free(name: str) -> str:
+    """The name an input column gets in the output: result column names are taken, so clashes get a prefix."""
+    return f"input_{name}" if name in RESULT_COLUMNS else name
+
+
+def input_table(cfg: ScoreConfig, options: StorageOptions) -> tuple[pa.Table, dict[str, Any]]:
+    """Manifest rows of the input (one split if asked), clashing names prefixed, plus a ``row_id`` column; and what
+    the listing skipped (a folder's files that are not images by name or content), so the summary can say so."""
+    table = resolve_input(cfg.input, root=cfg.root, options=options, recursive=cfg.recursive)
+    skipped = json.loads((table.schema.metadata or {}).get(NOTES_KEY, b"{}")).get("skipped", {})
+    if cfg.split is not None:
+        present = present_splits(table)
+        table = split_rows(table, cfg.split)
+        if table.num_rows == 0:
+            raise ScoreError(f"{cfg.input} has no rows of split {cfg.split!r} (it has {present}); fix --split")
+    ids = pa.array(row_ids(table.column("uri").to_pylist()), pa.string())
+    table = table.rename_columns([clash_free(name) for name in table.column_names])
+    return table.append_column("row_id", ids), skipped
+
+
+def check_weights(uri: str, options: StorageOptions) -> tuple[str, dict[str, Any]]:
+    """Load the weights once on the driver, the way every actor will; return their hash (``Detector.model_id``) and
+    their provenance (our checkpoints name their training run and epoch).
+
+    A wrong, corrupt or incompatible file then stops the job with its own message before Ray starts, instead of
+    killing each actor with a traceback after the job (and its resumable work folder) has begun.
+    """
+    files = Files(options)
+    kind = files.info(uri).type
+    if kind == pafs.FileType.Directory:
+        raise ScoreError(f"--weights {uri} is a folder; give the weights file in it (an official spai.pth or our "
+                         ".safetensors)")
+    if kind != pafs.FileType.File:
+        raise files.missing(uri)
+    with local_weights(uri, options) as path:
+        detector = Detector.from_pretrained(path, "cpu", "fp32")
+    return detector.model_id, detector.provenance
+
+
+@contextlib.contextmanager
+def local_weights(uri: str, options: StorageOptions) -> Iterator[str]:
+    """A local path to the weights: the file itself, or a temporary copy of an ``s3://`` object."""
+    if not is_s3(uri):
+        yield uri
+        return
+    fs, path = filesystem(uri, options)
+    with tempfile.TemporaryDirectory(prefix="spai-weights-") as tmp:
+        local = os.path.join(tmp, basename(uri))
+        with fs.open_input_stream(path) as src, open(local, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        yield local
