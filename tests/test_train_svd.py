@@ -4,10 +4,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 
 from pipelines.train.config import CONFIG_DIR, TrainConfig
-from pipelines.train.model import configure_finetune, export_model, param_groups
+from pipelines.train.model import configure_finetune, export_model, initial_model, param_groups
 from spai_core.config import load_config
 from spai_core.spai import SPAI, build_model
 from spai_core.svd import SVDLinear, is_attention_linear, svd_trainable_parameters
@@ -109,3 +110,16 @@ def test_head_mode_freezes_the_backbone_and_runs_it_without_grad():
     assert all(p.grad is None for p in model.mfvit.vit.parameters())
     assert all(p.grad is not None for p in model.cls_head.parameters())
     assert all(p.grad is not None for p in model.mfvit.features_processor.parameters() if p.requires_grad)
+
+
+def test_training_starts_from_the_weights_of_the_backbone_the_config_names(tmp_path):
+    """The config's model section names the backbone, ``--backbone`` gives its weights: here CLIP's architecture at
+    the tiny size, from a timm-layout file with the head and final norm it has no use for."""
+    source = timm.create_model("vit_base_patch16_clip_quickgelu_224", num_classes=512, embed_dim=64, depth=4,
+                               num_heads=4)
+    torch.save(source.state_dict(), tmp_path / "clip_tiny.pth")
+    cfg = tiny_config("model.backbone=clip_vit_b16", f"backbone_weights={tmp_path / 'clip_tiny.pth'}")
+    model = initial_model(cfg)
+    assert model.cfg.backbone == "clip_vit_b16" and model.cfg.depth == 4
+    for key, value in model.mfvit.vit.state_dict().items():
+        torch.testing.assert_close(value, source.state_dict()[key], rtol=0, atol=0)

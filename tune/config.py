@@ -31,8 +31,9 @@ class TuneConfig:
     name: str | None = option(None, flag="--name", help="search name, its folder under --output (default: generated)")
     init: str | None = option(None, flag="--init", help="every trial starts from these weights: official spai.pth "
                               "or our checkpoint")
-    backbone_weights: str | None = option(None, flag="--backbone", help="MFM ViT-B/16 backbone weights "
-                                          "(mfm_pretrain_vit_base.pth) of every trial; the official recipe needs them")
+    backbone_weights: str | None = option(None, flag="--backbone", help="weights of the model's backbone for every "
+                                          "trial (e.g. mfm_pretrain_vit_base.pth for the official recipe's "
+                                          "mfm_vit_b16, which needs them)")
     tracking: TrackingConfig = field(default_factory=partial(TrackingConfig, experiment="spai-tune"))
     space: SearchSpace = section(SearchSpace, flags=False)
     train: TrainConfig = section(TrainConfig, flags=False)  # set by --config and KEY=VALUE, not spai train's flags

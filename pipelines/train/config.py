@@ -55,7 +55,9 @@ class TrainConfig:
     name: str | None = option(None, flag="--name", help="run name, its folder under --output (default: generated)")
     init: str | None = option(None, flag="--init", help="start from weights: official spai.pth or our checkpoint")
     backbone_weights: str | None = option(None, flag="--backbone",
-                                          help="MFM ViT-B/16 backbone weights (mfm_pretrain_vit_base.pth)")
+                                          help="weights of the model's backbone (model.backbone): e.g. "
+                                          "mfm_pretrain_vit_base.pth for mfm_vit_b16, the converted CLIP file for "
+                                          "clip_vit_b16, a timm/open_clip file for timm:<model>")
     model: ModelConfig = field(default_factory=ModelConfig)
     finetune: str = "head"  # head: frozen backbone (official) | full | svd: principal/residual split of attention
     svd_rank: int = 384  # principal directions kept frozen per attention weight in svd mode

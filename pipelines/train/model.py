@@ -15,8 +15,9 @@ from spai_core.svd import apply_svd, merge_svd
 
 
 def initial_model(cfg: TrainConfig) -> SPAI:
-    """The model a run starts from: built from ``cfg.model``, then full weights (``cfg.init``) or an MFM backbone
-    (``cfg.backbone_weights``) if given. The driver builds it once to check the files before any worker starts."""
+    """The model a run starts from: built from ``cfg.model`` (which names its backbone), then full weights
+    (``cfg.init``) or pretrained weights of that backbone (``cfg.backbone_weights``) if given. The driver builds it
+    once to check the files before any worker starts."""
     model = build_model(cfg.model)
     if cfg.init:
         ckpt = read_checkpoint(cfg.init, cfg.model)
