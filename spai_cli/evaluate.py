@@ -1,28 +1,36 @@
-"""`spai evaluate`: its flags, and the call into the library."""
+"""`spai evaluate`: its flags (derived from the evaluation config), and the call into the library."""
 from __future__ import annotations
 
 import argparse
+import logging
 
-from spai_cli.common import add_mlflow_options
+from spai_cli.options import add_config_options, config_from_args
+
+logger = logging.getLogger(__name__)
+
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from pipelines.evaluate.config import EvaluateConfig
+
     p = sub.add_parser("evaluate", help="metrics per generator (and per degradation) from a scored table",
                        description="AUC, AP, accuracy, TPR at 1%/5% FPR and ECE per generator, each fake "
-                       "generator paired with all real rows; writes a table and ROC plots.")
-    p.add_argument("scores", nargs="+", help="scored table(s) written by `spai score`")
-    p.add_argument("--output", "-o", default=None,
-                   help="report directory (table CSV/Markdown + ROC PNG; default: print the table only)")
-    p.add_argument("--threshold", type=float, default=0.5, help="score threshold for accuracy (default: 0.5)")
-    p.add_argument("--seen", nargs="*", default=None, help="generators seen in training (listed apart)")
-    p.add_argument("--split", default=None, help="evaluate only the rows of this split, e.g. test (default: all rows; "
-                   "the report notes when they pool several splits)")
-    add_mlflow_options(p, "spai-evaluate", "the metrics and report files")
-    p.add_argument("--run-id", default=None, help="MLflow run to attach the report to (e.g. the training run) instead "
-                   "of a new one")
+                       "generator paired with all real rows; writes a table and ROC plots. The report folder keeps "
+                       "the config as config.yaml: --config of that file makes the same report again.")
+    # No KEY=VALUE overrides: they would be taken for score tables; every field has its flag.
+    add_config_options(p, EvaluateConfig, overrides=False, config_help="evaluation config YAML, e.g. the "
+                       "config.yaml of an earlier report folder (flags given beside it win)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.evaluate.report import main
+    from pipelines.evaluate.config import EvaluateConfig
+    from pipelines.evaluate.job import run_evaluation
 
-    return int(main(args) or 0)
+    cfg = config_from_args(EvaluateConfig, args)
+    result = run_evaluation(cfg)
+    logger.info(result.report.markdown())
+    if cfg.output:
+        logger.info(f"wrote {len(result.written)} report file(s) to {cfg.output}")
+    if result.run_id:
+        logger.info(f"logged to MLflow run {result.run_id}")
+    return 0

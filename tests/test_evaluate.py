@@ -10,7 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.evaluate.report import EvaluateError, evaluate, label_runs, write_report
+from pipelines.evaluate.config import EvaluateError
+from pipelines.evaluate.protocol import evaluate
+from pipelines.evaluate.report import write_report
+from pipelines.evaluate.tables import label_runs
 from spai_cli.main import main as cli
 
 REALS = [0.1, 0.2, 0.3, 0.4]
@@ -73,7 +76,7 @@ def test_degradation_runs_are_labelled_from_options_and_compared():
     assert by_generator(report, "jpeg_quality=75")["sdxl"]["auc"] == pytest.approx(15 / 16)
     assert "AUC per run:" in report.markdown()
     assert "| sdxl | 1.0000 | 0.9375 |" in report.markdown()
-    assert list(label_runs({"a/x.parquet": score_table(), "b/y.parquet": score_table()})) == [
+    assert list(label_runs({"a/x.parquet": score_table(), "b/y.parquet": score_table()}).values()) == [
         "clean [x.parquet]", "clean [y.parquet]"]
 
 
@@ -83,6 +86,14 @@ def test_unusable_tables_say_what_to_do():
     unlabelled = pa.table({"label": pa.array([None], pa.int8()), "generator": ["x"], "score": [0.5]})
     with pytest.raises(EvaluateError, match="no labelled rows"):
         evaluate(unlabelled)
+
+
+def test_errors_name_the_score_table_not_its_run_label():
+    """A table scored without degradations is the run 'clean' in the report; an error about it names its file."""
+    with pytest.raises(EvaluateError, match=r"^score table /data/scores\.parquet lacks column\(s\) \['label'\]"):
+        evaluate({"/data/scores.parquet": score_table().drop_columns(["label"])})
+    with pytest.raises(EvaluateError, match=r"^score table table #1 has no rows of split 'test'"):
+        evaluate([with_splits(test=score_table()), score_table(jpeg_quality=75)], split="test")
 
 
 def test_threshold_must_be_a_probability_strictly_inside_0_1():
@@ -130,7 +141,7 @@ def test_splits_are_pooled_with_a_note_or_selected():
 def test_cli_refuses_bad_inputs_and_selects_a_split(tmp_path, capsys):
     path = str(tmp_path / "scores.parquet")
     pq.write_table(with_splits(test=score_table(), train=score_table({"flux": [0.95, 0.96]})), path)
-    for flags, message in ((["--threshold", "2"], "threshold must be strictly between 0 and 1"),
+    for flags, message in ((["--threshold", "2"], "--threshold (threshold): must be strictly between 0 and 1"),
                            (["--seen", "dalle"], "present are flux, sdxl"),
                            (["--split", "val"], "its splits are test, train")):
         assert cli(["evaluate", path, *flags]) == 2
@@ -185,3 +196,26 @@ def test_cli_logs_to_mlflow_unless_told_not_to(tmp_path, mlflow_store, capsys):
     # two clean runs are told apart by file: "clean [other.parquet]", whose key drops the brackets and spaces
     metrics = run.data.metrics
     assert metrics["eval/clean_other.parquet/mean/auc"] == metrics["eval/clean_scores.parquet/mean/auc"]
+
+
+def test_a_saved_config_makes_the_same_report_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(with_splits(test=score_table(), train=score_table({"flux": [0.95, 0.96]})), "scores.parquet")
+    assert cli(["evaluate", "scores.parquet", "-o", "report", "--split", "test", "--seen", "sdxl", "--threshold",
+                "0.3", "--no-mlflow"]) == 0
+    first = (tmp_path / "report" / "metrics.csv").read_text()
+    assert "wrote 6 report file(s) to report" in capsys.readouterr().out  # the config is one of them
+    (tmp_path / "report" / "metrics.csv").unlink()
+    monkeypatch.chdir(tmp_path / "report")  # the saved paths are absolute
+    assert cli(["evaluate", "--config", "config.yaml"]) == 0
+    assert (tmp_path / "report" / "metrics.csv").read_text() == first
+
+
+def test_a_wrong_value_fails_before_any_table_is_read(tmp_path, capsys):
+    for flags, message in ((["--threshold", "50"], "--threshold (threshold): must be strictly between 0 and 1"),
+                           (["--run-id", "abc", "--no-mlflow"], "--run-id (run_id): contradicts --no-mlflow"),
+                           ([], "SCORES (scores): give at least one score table")):
+        scores = [] if not flags else [str(tmp_path / "missing.parquet")]
+        assert cli(["evaluate", *scores, *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message}"), err

@@ -1,0 +1,49 @@
+"""What ``spai evaluate`` is asked to do (:class:`EvaluateConfig`); saved in the report folder as ``config.yaml``,
+which ``spai evaluate --config`` accepts back."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from pipelines.infra.settings import TrackingConfig
+from spai_core.config import ConfigError, option
+from spai_core.errors import UserError
+
+
+class EvaluateError(UserError, ValueError):
+    """A score table that cannot be evaluated; the message says what to do."""
+
+
+def threshold_problem(threshold: float) -> str | None:
+    """What is wrong with an accuracy threshold, if anything."""
+    # A fake is predicted iff score > threshold, so at 0, 1 or beyond nearly every row gets the same prediction and
+    # accuracy only measures the class balance: the open interval keeps out such mistakes (e.g. a percentage).
+    if not 0 < threshold < 1:
+        return f"must be strictly between 0 and 1 (scores are probabilities), got {threshold}"
+    return None
+
+
+@dataclasses.dataclass
+class EvaluateConfig:
+    """Options of one evaluation: the score tables, the report folder, the protocol's settings, the MLflow run."""
+
+    scores: list[str] = option(default_factory=list, flag="SCORES", help="scored table(s) written by `spai score` "
+                               "(Parquet or CSV, local or s3://)")
+    output: str | None = option(None, flag="--output", short="-o", help="report directory (table CSV/Markdown + ROC "
+                                "PNG + config.yaml; default: print the table only)")
+    threshold: float = option(0.5, flag="--threshold", help="score threshold for accuracy")
+    seen: list[str] | None = option(None, flag="--seen", help="generators seen in training (listed apart)")
+    split: str | None = option(None, flag="--split", help="evaluate only the rows of this split, e.g. test (default: "
+                               "all rows; the report notes when they pool several splits)")
+    run_id: str | None = option(None, flag="--run-id", help="MLflow run to attach the report to (e.g. the training "
+                                "run) instead of a new one")
+    tracking: TrackingConfig = dataclasses.field(
+        default_factory=functools.partial(TrackingConfig, experiment="spai-evaluate"))
+
+    def validate(self) -> None:
+        if not self.scores:
+            raise ConfigError("give at least one score table (the output of `spai score`)", "scores")
+        if problem := threshold_problem(self.threshold):
+            raise ConfigError(problem, "threshold")
+        if self.run_id and not self.tracking.enabled:
+            raise ConfigError("contradicts --no-mlflow; drop one of them", "run_id")
