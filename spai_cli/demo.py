@@ -1,23 +1,24 @@
-"""`spai demo`: its flags, and the call into the library."""
+"""`spai demo`: its flags, derived from the demo's config, and the call into the library."""
 from __future__ import annotations
 
 import argparse
+
+from pipelines.demo.config import DemoConfig
+from spai_cli.options import add_config_options, config_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: build corpus -> train -> score -> evaluate on this machine",
                        description="Builds (or reuses) the offline demo corpus from committed photos and CPU "
                        "generators, trains the tiny config with Ray Train, scores the held-out set with Ray Data "
-                       "and prints a per-generator table with a ROC report.")
-    p.add_argument("--output", "-o", default="demo_out", help="working directory for corpus, runs and report "
-                   "(default: demo_out)")
-    p.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
-    p.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the corpus even if it exists")
+                       "and prints a per-generator table with a ROC report. Its config is saved as "
+                       "<output>/config.yaml (--config reruns it).")
+    add_config_options(p, DemoConfig)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.demo.run import main
+    from pipelines.demo.run import run_demo
 
-    return int(main(args) or 0)
+    run_demo(config_from_args(DemoConfig, args))
+    return 0

@@ -230,3 +230,23 @@ def test_max_pixels_governs_instead_of_pillows_global_limit(corpus, monkeypatch,
     with pytest.raises(DecodeError) as error:
         decode_image(data, max_pixels=150)
     assert error.value.reason == "decompression_bomb" and "--max-pixels" in str(error.value)
+
+
+def test_a_saved_config_reruns_the_same_validation_and_a_bad_value_names_its_flag(report, tmp_path, capsys):
+    saved = Path(report.output_uri) / m.CONFIG_FILE
+    assert spai(["validate", "--config", str(saved), "--output", str(tmp_path / "again")]) == 0
+    again, first = m.read_manifest(str(tmp_path / "again")), m.read_manifest(report.output_uri)
+    assert again.sort_by("uri").equals(first.sort_by("uri"))
+    capsys.readouterr()
+    assert spai(["validate", "--config", str(saved), "--max-pixels", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --max-pixels (max_pixels): must be a positive number")
+
+
+def test_a_bomb_beyond_pillows_limit_quotes_only_max_pixels():
+    """Pillow refuses a 10-gigapixel header itself, with its own limit (178956970) in the message; the user's knob is
+    max_pixels, so that is the limit to quote."""
+    with pytest.raises(DecodeError) as error:
+        decode_image(bomb_png())
+    assert error.value.reason == "decompression_bomb"
+    assert str(error.value).endswith("10000000000 pixels exceeds max_pixels=134217728; raise it with --max-pixels "
+                                     "if the image is genuine")

@@ -5,60 +5,66 @@ Every step is the library call behind the matching CLI command (``spai demo-data
 """
 from __future__ import annotations
 
-import argparse
+import logging
 import time
 from pathlib import Path
 
 from pipelines.infra import tracking
+from pipelines.infra.settings import TrackingConfig
 from pipelines.demo.corpus import build_demo_corpus
-from pipelines.evaluate.report import evaluate, log_report, read_scores, write_report
+from pipelines.evaluate.protocol import evaluate
+from pipelines.evaluate.report import log_report, write_report
+from pipelines.evaluate.tables import read_scores
 from pipelines.data.manifest import read_sidecar
 from pipelines.score.job import ScoreConfig, score
-from pipelines.train.job import CONFIG_DIR, load_train_config, run_training
+from pipelines.train.config import CONFIG_DIR, TrainConfig
+from pipelines.train.run import run_training
+from pipelines.demo.config import DemoConfig
+from spai_core.config import dump_config, load_config
+
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "config.yaml"  # the demo's config, saved under its output: `spai demo --config` reruns it
 
 
 def _step(number: int, text: str) -> None:
-    print(f"\n==> [{number}/4] {text}", flush=True)
+    logger.info("\n==> [%d/4] %s", number, text)
 
 
-def run_demo(output: str | Path = "demo_out", workers: int = 2, epochs: int | None = None,
-             rebuild: bool = False) -> Path:
-    """Run the four steps under ``output``; returns the report directory."""
-    output = Path(output).resolve()
+def run_demo(cfg: DemoConfig) -> Path:
+    """Run the four steps under ``cfg.output`` (its config saved there); returns the report directory."""
+    output, workers, epochs = Path(cfg.output).resolve(), cfg.workers, cfg.epochs
     started = time.time()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / CONFIG_FILE).write_text(dump_config(cfg))
     _step(1, "demo corpus: committed photos + CPU generators (reused when already built)")
-    manifest = build_demo_corpus(output / "corpus", rebuild=rebuild)
+    manifest = build_demo_corpus(output / "corpus", rebuild=cfg.rebuild)
     seen = (read_sidecar(manifest) or {}).get("build", {}).get("seen_generators")
 
     _step(2, f"training the tiny config with Ray Train on {workers} local worker(s)")
     overrides = [f"workers={workers}"] + ([f"epochs={epochs}"] if epochs else [])
-    cfg = load_train_config(CONFIG_DIR / "tiny.yaml", overrides)
     tracking_uri = f"sqlite:///{output / 'mlruns' / 'mlflow.db'}"
     (output / "mlruns").mkdir(parents=True, exist_ok=True)
-    result = run_training(cfg, manifest, str(output / "runs"), time.strftime("demo-%Y%m%d-%H%M%S"),
-                          mlflow_uri=tracking_uri, experiment="spai-demo")
+    job = {"manifest": manifest, "output": str(output / "runs"), "name": time.strftime("demo-%Y%m%d-%H%M%S"),
+           "tracking.uri": tracking_uri, "tracking.experiment": "spai-demo"}
+    result = run_training(load_config(TrainConfig, CONFIG_DIR / "tiny.yaml", overrides, job))
     if result.best_checkpoint is None:
         raise RuntimeError("training produced no checkpoint; see the log above")
 
     _step(3, "scoring the held-out test split with Ray Data")
     scores_path = Path(result.run_dir) / "test_scores.parquet"
     score(ScoreConfig(weights=result.best_checkpoint, input=manifest, output=str(scores_path), split="test",
-                      mlflow_uri=tracking_uri, experiment="spai-demo"))
+                      tracking=TrackingConfig(uri=tracking_uri, experiment="spai-demo")))
 
     _step(4, "evaluating per generator (each generator's fakes against all real test images)")
     report = evaluate({"demo": read_scores(str(scores_path))}, seen=seen)
     report_dir = output / "report"
     write_report(report, str(report_dir))
     log_report(report, tracking_uri, result.mlflow_run_id)
-    print(report.markdown())
-    print(f"\nSeen in training: {', '.join(seen or [])}; the other generators were never seen (cross-generator).")
-    print(f"Report (table + ROC curves): {report_dir}")
-    print(f"Best checkpoint: {result.best_checkpoint}")
-    print(tracking.ui_hint(tracking_uri))
-    print(f"Total time: {(time.time() - started) / 60:.1f} min")
+    logger.info("%s", report.markdown())
+    logger.info("\nSeen in training: %s; the other generators were never seen (cross-generator).",
+                ", ".join(seen or []))
+    logger.info("Report (table + ROC curves): %s", report_dir)
+    logger.info("Best checkpoint: %s", result.best_checkpoint)
+    logger.info("%s", tracking.ui_hint(tracking_uri))
+    logger.info("Total time: %.1f min", (time.time() - started) / 60)
     return report_dir
-
-
-def main(args: argparse.Namespace) -> int:
-    run_demo(args.output, args.workers, args.epochs, args.rebuild)
-    return 0
