@@ -547,7 +547,7 @@ def test_spai_commands_cover_train_tune_score():
     "line",
     [
         "spai trian --manifest m",
-        "ray job submit -- spai train --workers 8",  # --manifest is required
+        "ray job submit -- spai train --manifest m --workers eight",
         "spai score --weights w --input i --output o --gpus many",
         "RAY_ADDRESS=http://h:8265 spai tune --manifest m --trials eight",
         "cd /x && spai score --weights w --input i --output o --precision fp16",
@@ -574,7 +574,8 @@ def _gpus_needed(ns) -> float:
     if ns.command == "train":
         return (ns.workers or 1) * (ns.gpus_per_worker or 0)
     if ns.command == "tune":
-        return (ns.max_concurrent or 1) * ns.workers_per_trial * ns.gpus_per_trial
+        return ((getattr(ns, "max_concurrent", None) or 1) * (getattr(ns, "workers_per_trial", None) or 1)
+                * (getattr(ns, "gpus_per_worker", None) or 0))
     if ns.command == "score":
         return (getattr(ns, "workers", None) or 1) * (getattr(ns, "gpus_per_worker", None) or 0)
     return 0

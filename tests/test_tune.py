@@ -32,7 +32,7 @@ from spai_core.config import ConfigError, check_config, from_dict, load_config, 
 from spai_core.metrics import binary_metrics
 from spai_core.spai import build_model
 from tune.config import DEFAULT_SPACE, TuneConfig, search_layers
-from tune.report import TIME_ATTR, SearchResult, trial_status
+from tune.report import TIME_ATTR, SearchResult, epoch_history, trial_status
 from tune.search import check_metric
 from tune.space import SearchSpace, check_space, trial_config, tune_param_space
 
@@ -187,6 +187,16 @@ def test_trial_status_follows_tunes_record_not_late_epochs():
     assert trial_status(False, {TIME_ATTR: 3, "stale_epochs": 2}, max_t=5, patience=2) == "stopped_early"
     assert trial_status(False, None, max_t=5, patience=2) == "stopped_early"
     assert trial_status(True, {TIME_ATTR: 5}, max_t=5, patience=None) == "failed"
+
+
+def test_an_untracked_search_reads_its_trials_curves_from_tunes_record():
+    """--no-mlflow: no MLflow run to read a trial's epochs from, so Tune's own record of its reports gives them."""
+    import pandas as pd
+    from types import SimpleNamespace
+
+    frame = pd.DataFrame({"epoch": [0, 1], "val_auc": [0.5, 0.75], "stale_epochs": [0, 0], "lr": [1e-3, 1e-4]})
+    history = epoch_history(SimpleNamespace(metrics_dataframe=frame), None, None, ("val_auc", "stale_epochs"))
+    assert history == {0: {"val_auc": 0.5, "stale_epochs": 0.0}, 1: {"val_auc": 0.75, "stale_epochs": 0.0}}
 
 
 # ----------------------------------------------------------------------------------------------- search (slow)

@@ -45,8 +45,8 @@ class LoopInputs:
 
     config: dict[str, Any]  # the TrainConfig, as a dict
     storage: dict[str, Any]  # StorageOptions, as a dict
-    mlflow_run_id: str
-    tracking_uri: str
+    mlflow_run_id: str | None  # None: the run is not tracked
+    tracking_uri: str | None
     data_error_uri: str  # where rank 0 says why an epoch had nothing to train on
 
 
@@ -223,7 +223,7 @@ class WorkerRun:
         return gathered
 
     def _log_metrics(self, metrics: dict[str, Any]) -> None:
-        if self.rank != 0:
+        if self.rank != 0 or not self.inputs.mlflow_run_id:  # an untracked run (--no-mlflow) logs nowhere
             return
         try:
             tracking.log_metrics(self.inputs.tracking_uri, self.inputs.mlflow_run_id, metrics,
