@@ -119,7 +119,9 @@ def run_case(args: argparse.Namespace) -> dict:
     run(images[:1])  # warm-up: first-call allocations (and CUDA kernel selection) are not what a long job sees
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    cpu_start = time.process_time()
     seconds, logits = _timed(lambda: run(images), device)
+    cpu_seconds = time.process_time() - cpu_start  # steadier than wall time where other processes share the CPUs
     encoded = sum(len(model.plan_tiles(image_to_tensor(i))[1]) for i in images)
     unique = sum(len(set(model.plan_tiles(image_to_tensor(i))[1])) for i in images)
     tiles = encoded if args.method == "naive" else unique
@@ -129,6 +131,7 @@ def run_case(args: argparse.Namespace) -> dict:
     else:
         peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # before the matmul's buffers
     return {"images_per_s": len(images) / seconds, "tiles_per_s": tiles / seconds, "gflop_per_s": gflop / seconds,
+            "cpu_s_per_image": cpu_seconds / len(images),
             "peak_memory_gib": peak_memory, "logits": logits.tolist(),
             "matmul_peak": matmul_peak(args.precision, device)}
 
@@ -175,8 +178,8 @@ def main() -> None:
     if args.baseline and not args.weights:
         parser.error("--baseline needs --weights: two versions build different random models from one seed")
     memory = "peak GPU GiB" if args.device == "cuda" else "peak RSS GiB"
-    header = ["size", "code", "method", "prec", "img/s", "tiles/s", "GFLOP/s", "matmul GFLOP/s", "of peak", memory,
-              "vs naive", "max|dlogit|"]
+    header = ["size", "code", "method", "prec", "img/s", "CPU s/img", "tiles/s", "GFLOP/s", "matmul GFLOP/s",
+              "of peak", memory, "vs naive", "max|dlogit|"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     trees = [("this", None)] + ([(args.baseline.name, args.baseline)] if args.baseline else [])
     cases = [("naive", "fp32")] + [("ours", p) for p in args.precisions]
@@ -189,6 +192,7 @@ def main() -> None:
             for code, r in rows:
                 delta = np.abs(np.array(r["logits"]) - np.array(naive["logits"])).max()
                 print(f"| {size} | {code} | {method} | {precision} | {r['images_per_s']:.3f} | "
+                      f"{r['cpu_s_per_image']:.1f} | "
                       f"{r['tiles_per_s']:.2f} | {r['gflop_per_s']:.0f} | {r['matmul_peak']:.0f} | "
                       f"{r['gflop_per_s'] / r['matmul_peak']:.2f} | {r['peak_memory_gib']:.2f} | "
                       f"{r['images_per_s'] / naive['images_per_s']:.2f}x | {delta:.2e} |", flush=True)
