@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .checkpoint import load_model
 from .images import ImageLike, to_rgb_array
+from .metrics import sigmoid
 from .spai import SPAI, ModelConfig
 from .tiling import tile_offsets
 
 PRECISIONS = ("fp32", "bf16")
+ImageOrPath = ImageLike | str | os.PathLike
 # Tiles encoded at once on CPU unless asked otherwise (the official 400 is sized for GPUs). The ViT-B GEMMs reach their
 # speed from 4 tiles (12 sequences, 2364 rows) on: 4, 8 and 16 tiles took the same time per 1024-px image on a 2-core
 # Zen 5 (measured with freed memory kept), so the smallest batch is taken, which keeps activations near 250 MB.
@@ -61,9 +65,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def image_to_tensor(image: ImageLike, device: torch.device | str = "cpu") -> torch.Tensor:
-    """``3 x H x W`` float32 in [0, 1]: uint8 times float32(1/255), bit-exact with the official pipeline."""
-    array = to_rgb_array(image)
+def image_to_tensor(image: ImageOrPath, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``3 x H x W`` float32 in [0, 1]: uint8 times float32(1/255), bit-exact with the official pipeline. A path is
+    read as the official reader does (Pillow, converted to RGB)."""
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            array = to_rgb_array(opened)
+    else:
+        array = to_rgb_array(image)
     if not array.flags.writeable:
         array = array.copy()
     return torch.from_numpy(array).to(device).permute(2, 0, 1).float() * (1 / 255)
@@ -76,6 +85,14 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:limit] if limit else digest.hexdigest()
+
+
+def _is_one_image(images: object) -> bool:
+    """Whether ``images`` is one image rather than a batch: a path or an ``HxW(xC)`` array is a sequence too, but of
+    characters or rows (an ``N x H x W x C`` array is a batch)."""
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return images.ndim <= 3
+    return isinstance(images, (str, os.PathLike, Image.Image))
 
 
 @dataclass
@@ -107,7 +124,7 @@ class Detector:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", precision: str = "auto",
                         config: ModelConfig | str | None = None, feature_batch: int | None = None,
-                        max_tiles: int | None = None, resize_to: int | None = None) -> "Detector":
+                        max_tiles: int | None = None) -> "Detector":
         """Load an official ``spai.pth`` or our ``.safetensors`` checkpoint (strictly) for inference."""
         model, loaded = load_model(path, config)
         if max_tiles is not None:
@@ -124,8 +141,11 @@ class Detector:
                                                      enabled=self.precision == "bf16"):
             yield
 
-    def logits(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """Raw logits (float32) of a batch of images; tiles of all images are encoded together."""
+    def logits(self, images: Sequence[ImageOrPath] | ImageOrPath) -> np.ndarray:
+        """Raw logits (float32) of a batch of images (arrays, PIL images or paths; one image is a batch of one);
+        tiles of all images are encoded together."""
+        if _is_one_image(images):
+            images = [images]
         if not len(images):
             return np.zeros(0, dtype=np.float32)
         tensors = [image_to_tensor(img, self.device) for img in images]
@@ -133,9 +153,9 @@ class Detector:
             out = self.model.forward_images(tensors, chunk=self.feature_batch)
         return out.float().cpu().numpy()
 
-    def score(self, images: Sequence[ImageLike]) -> np.ndarray:
-        """P(AI-generated) = sigmoid(logit) per image."""
-        return 1.0 / (1.0 + np.exp(-self.logits(images).astype(np.float64)))
+    def score(self, images: Sequence[ImageOrPath] | ImageOrPath) -> np.ndarray:
+        """P(AI-generated) = sigmoid(logit) per image (float64); takes what :meth:`logits` takes."""
+        return sigmoid(self.logits(images))
 
     def num_tiles(self, height: int, width: int) -> int:
         """Tiles the attention pools for an image of this size (five-crop counts 5)."""
@@ -143,7 +163,7 @@ class Detector:
         return len(tile_offsets(max(height, size), max(width, size), size, self.config.minimum_patches,
                                 self.config.max_tiles))
 
-    def explain(self, image: ImageLike) -> Explanation:
+    def explain(self, image: ImageOrPath) -> Explanation:
         """Score one image and return its tile attention as weights and a heat map."""
         tensor = image_to_tensor(image, self.device)
         with self._inference():
@@ -151,7 +171,7 @@ class Detector:
         _, offsets = plans[0]
         weights = attn[0].float().mean(dim=0).cpu().numpy()[:len(offsets)]
         logit = float(logits[0])
-        return Explanation(logit, float(1 / (1 + np.exp(-logit))), offsets, weights,
+        return Explanation(logit, float(sigmoid(logit)), offsets, weights,
                            self._heatmap(tensor.shape[-2:], offsets, weights))
 
     def _heatmap(self, shape: Sequence[int], offsets: list[tuple[int, int]], weights: np.ndarray) -> np.ndarray:
