@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -16,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spai_core.checkpoint import convert_main
+    from spai_core.checkpoint import convert
 
-    return int(convert_main(args) or 0)
+    convert(args.src, args.dst, args.model)
+    logger.info("wrote %s", args.dst)
+    return 0

@@ -359,9 +359,3 @@ def convert(src: str | Path, dst: str | Path, config: str | None = None) -> None
         save_checkpoint(dst, model, {**ckpt.metadata, "converted_from": str(src)})
     else:
         save_official(dst, model, int(ckpt.metadata.get("epoch", 0)))
-
-
-def convert_main(args) -> int:
-    convert(args.src, args.dst, args.model)
-    print(f"wrote {args.dst}")
-    return 0
