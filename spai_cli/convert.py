@@ -6,16 +6,15 @@ import logging
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("official spai.pth -> ours.safetensors, or ours -> official layout (.pth) "
+               "loadable by the official code. Direction is taken from the file suffixes.")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("convert", help="convert weights between the official .pth layout and our .safetensors",
-                       description="official spai.pth -> ours.safetensors, or ours -> official layout (.pth) "
-                       "loadable by the official code. Direction is taken from the file suffixes.")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="weights to convert: official .pth or our .safetensors")
     p.add_argument("dst", help="file to write: .safetensors (ours) or .pth (official layout)")
     p.add_argument("--model", default=None, help="model config of an official file: spai_vit_b16 (default), or a "
                    "smaller registered one for test weights")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

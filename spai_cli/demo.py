@@ -6,15 +6,14 @@ import argparse
 from pipelines.demo.config import DemoConfig
 from spai_cli.options import add_config_options, config_from_args
 
+DESCRIPTION = ("Builds (or reuses) the offline demo corpus from committed photos and CPU "
+               "generators, trains the tiny config with Ray Train, scores the held-out set with Ray Data "
+               "and prints a per-generator table with a ROC report. Its config is saved as "
+               "<output>/config.yaml (--config reruns it).")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="offline demo: build corpus -> train -> score -> evaluate on this machine",
-                       description="Builds (or reuses) the offline demo corpus from committed photos and CPU "
-                       "generators, trains the tiny config with Ray Train, scores the held-out set with Ray Data "
-                       "and prints a per-generator table with a ROC report. Its config is saved as "
-                       "<output>/config.yaml (--config reruns it).")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_options(p, DemoConfig)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,18 +8,17 @@ from spai_cli.options import add_config_options, config_from_args
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("AUC, AP, accuracy, TPR at 1%/5% FPR and ECE per generator, each fake "
+               "generator paired with all real rows; writes a table and ROC plots. The report folder keeps "
+               "the config as config.yaml: --config of that file makes the same report again.")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipelines.evaluate.config import EvaluateConfig
 
-    p = sub.add_parser("evaluate", help="metrics per generator (and per degradation) from a scored table",
-                       description="AUC, AP, accuracy, TPR at 1%/5% FPR and ECE per generator, each fake "
-                       "generator paired with all real rows; writes a table and ROC plots. The report folder keeps "
-                       "the config as config.yaml: --config of that file makes the same report again.")
     # No KEY=VALUE overrides: they would be taken for score tables; every field has its flag.
     add_config_options(p, EvaluateConfig, overrides=False, config_help="evaluation config YAML, e.g. the "
                        "config.yaml of an earlier report folder (flags given beside it win)")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """The ``spai`` command: picks the subcommand, parses its flags and dispatches.
 
-Each subcommand is one module of ``spai_cli`` with ``add_parser(subparsers)`` and ``run(args) -> int``; the work
-lives in the library, so the same functions serve Python users and the CLI. This module also decides what the
-console shows (the library logs) and turns user errors and Ctrl-C into one line and an exit status.
+Each subcommand is one module of ``spai_cli`` with ``DESCRIPTION``, ``add_arguments(parser)`` and ``run(args)``;
+its one-line help is in :data:`COMMANDS`. The work lives in the library, so the same functions serve Python users
+and the CLI. This module also decides what the console shows (the library logs) and turns user errors and Ctrl-C
+into one line and an exit status.
 """
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     for name, (_, help_line) in COMMANDS.items():
         if name == command:
-            _command_module(name).add_parser(sub)
+            module = _command_module(name)
+            module.add_arguments(sub.add_parser(name, help=help_line, description=module.DESCRIPTION))
         else:
             sub.add_parser(name, help=help_line, add_help=False)
     return parser

@@ -12,22 +12,18 @@ LAYOUT_HELP = {
     "folders": "real and fake folders, searched recursively",
 }
 
+DESCRIPTION = ("Build one Parquet manifest (uri, label, split, generator, source, group) from a dataset "
+               "layout on disk or under an s3:// prefix, and write a JSON sidecar with counts and the config "
+               "(_config.yaml: --config reruns the build). Run `spai validate` on it next to find corrupt or duplicated "
+               "images.")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "manifest",
-        help="build a Parquet manifest from GenImage folders, SPAI CSVs or real/fake folders",
-        description="Build one Parquet manifest (uri, label, split, generator, source, group) from a dataset "
-        "layout on disk or under an s3:// prefix, and write a JSON sidecar with counts and the config "
-        "(_config.yaml: --config reruns the build). Run `spai validate` on it next to find corrupt or duplicated "
-        "images.",
-    )
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     kinds = p.add_subparsers(dest="layout", required=True, metavar="LAYOUT")
     for layout, cls in LAYOUTS.items():
         add_config_options(kinds.add_parser(layout, help=LAYOUT_HELP[layout]), cls,
                            config_help="config YAML, e.g. the _config.yaml of a manifest built before (flags and "
                            "KEY=VALUE overrides given beside it win)")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

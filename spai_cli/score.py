@@ -8,18 +8,17 @@ from spai_cli.options import add_config_options, config_from_args
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("Batch scoring: read -> decode on CPU workers -> score on an actor pool -> "
+               "write, streaming and resumable (re-run the same command to continue). Rows that fail keep "
+               "their reason in the output; the exit status is 1 when none could be scored. Every job saves "
+               "its config as <output>.config.yaml: --config of that file reruns it.")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipelines.score.config import ScoreConfig
 
-    p = sub.add_parser("score", help="score images (folder, CSV, manifest or s3:// prefix) with Ray Data",
-                       description="Batch scoring: read -> decode on CPU workers -> score on an actor pool -> "
-                       "write, streaming and resumable (re-run the same command to continue). Rows that fail keep "
-                       "their reason in the output; the exit status is 1 when none could be scored. Every job saves "
-                       "its config as <output>.config.yaml: --config of that file reruns it.")
     add_config_options(p, ScoreConfig, config_help="scoring config YAML, e.g. the <output>.config.yaml of an "
                        "earlier job (flags and KEY=VALUE overrides given beside it win)")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,20 +8,19 @@ from spai_cli.options import add_config_options, config_from_args, flag_values
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("Train SPAI on a manifest with Ray Train. The YAML config holds the recipe "
+               "(configs/spai.yaml is the official one, configs/tiny.yaml a CPU-sized one); key=value "
+               "overrides change any field, e.g. optim.lr=1e-4 model.mask_radius=24. Every run saves its "
+               "config as <output>/<name>/config.yaml: --config of that file reruns the job.")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from pipelines.train.config import TrainConfig
 
-    p = sub.add_parser("train", help="train or fine-tune SPAI with Ray Train (DDP), tracked in MLflow",
-                       description="Train SPAI on a manifest with Ray Train. The YAML config holds the recipe "
-                       "(configs/spai.yaml is the official one, configs/tiny.yaml a CPU-sized one); key=value "
-                       "overrides change any field, e.g. optim.lr=1e-4 model.mask_radius=24. Every run saves its "
-                       "config as <output>/<name>/config.yaml: --config of that file reruns the job.")
     add_config_options(p, TrainConfig, config_help="training config YAML, e.g. a run's saved config.yaml (default: "
                        "the official recipe; with --resume, the run's own config)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run with this --name/--output "
                    "(from its last checkpoint, in the MLflow store it started in unless --mlflow-uri says otherwise)")
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,22 +8,21 @@ from spai_cli.options import CONFIG_DEST, OVERRIDES_DEST, add_config_options, fl
 
 logger = logging.getLogger(__name__)
 
+DESCRIPTION = ("Hyperparameter search over the training config with Ray Tune and ASHA. "
+               "configs/search_space.yaml is the default space (lr, mask radius, weight decay and batch "
+               "size; epochs are ASHA's max_t). Every search saves its config as <output>/<name>/config.yaml: "
+               "--config of that file reruns the search.")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from tune.config import TuneConfig
 
-    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune + ASHA; every trial is a real train run",
-                       description="Hyperparameter search over the training config with Ray Tune and ASHA. "
-                       "configs/search_space.yaml is the default space (lr, mask radius, weight decay and batch "
-                       "size; epochs are ASHA's max_t). Every search saves its config as <output>/<name>/config.yaml: "
-                       "--config of that file reruns the search.")
     add_config_options(p, TuneConfig, config_help="base training config YAML of every trial (default: the official "
                        "recipe), or a search's saved config.yaml")
     p.add_argument("--space", default=None, help="search space YAML (default: configs/search_space.yaml)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted search (its --name) without "
                    "re-running finished trials")
     # KEY=VALUE (added above) are overrides of the base training config, e.g. optim.warmup_epochs=1
-    return p
 
 
 def run(args: argparse.Namespace) -> int:

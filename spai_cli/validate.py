@@ -6,16 +6,15 @@ import argparse
 from pipelines.data.config import ValidateConfig
 from spai_cli.options import add_config_options, config_from_args
 
+DESCRIPTION = ("A Ray Data job that decodes every image of a manifest, records width, height, "
+               "format, bytes and a content hash, writes rejects (missing, zero-byte, truncated, not an "
+               "image, decompression bomb, unreadable) with their reason, and reports content duplicated "
+               "across splits (leakage). The validated manifest keeps the job's _config.yaml: --config "
+               "reruns it.")
 
-def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("validate", help="open every image of a manifest; record sizes and hashes, list rejects",
-                       description="A Ray Data job that decodes every image of a manifest, records width, height, "
-                       "format, bytes and a content hash, writes rejects (missing, zero-byte, truncated, not an "
-                       "image, decompression bomb, unreadable) with their reason, and reports content duplicated "
-                       "across splits (leakage). The validated manifest keeps the job's _config.yaml: --config "
-                       "reruns it.")
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     add_config_options(p, ValidateConfig)
-    return p
 
 
 def run(args: argparse.Namespace) -> int:
