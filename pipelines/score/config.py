@@ -78,10 +78,6 @@ class ScoreConfig:
             raise ConfigError(f"{self.output!r} must end with .parquet or .csv", "output")
         if self.official_csv and not self.output.lower().endswith(".csv"):
             raise ConfigError("writes a CSV: give an --output ending with .csv", "official_csv")
-        if self.device not in DEVICES:
-            raise ConfigError(f"must be one of {', '.join(DEVICES)}, got {self.device!r}", "device")
-        if self.precision not in ("auto", *PRECISIONS):
-            raise ConfigError(f"must be auto or one of {', '.join(PRECISIONS)}, got {self.precision!r}", "precision")
         for name, what in _POSITIVE.items():
             value = getattr(self, name)
             if value is not None and value < 1:
