@@ -132,7 +132,8 @@ def loop_shard(weights: str, paths: list[Path], device: str, method: str, thread
     logits, first = {}, None
     for path in paths:
         image = to_rgb_array(Image.open(path))
-        logit = naive_logits(detector.model, [image]) if method == "official" else detector.logits([image])
+        logit = (naive_logits(detector.model, [image], detector.device) if method == "official"
+                 else detector.logits([image]))
         logits[path.name] = float(logit[0])
         first = first or time.perf_counter() - started
     return {"seconds": time.perf_counter() - started, "first": first, "logits": logits}
