@@ -41,8 +41,9 @@ def _plain(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _default_text(cls: type, name: str) -> str:
-    value: Any = cls()
+def _default_text(defaults: Any, name: str) -> str:
+    """`` (default: X)`` for dotted field ``name`` of the default config ``defaults``; nothing for unset values."""
+    value: Any = defaults
     for part in name.split("."):
         value = getattr(value, part)
     if value is None or value == "" or value == []:
@@ -60,12 +61,13 @@ def add_config_options(parser: argparse.ArgumentParser, cls: type, config_help: 
     parser.add_argument("--config", "-c", dest=CONFIG_DEST, default=None, metavar="FILE.yaml",
                         help=config_help or "config YAML, e.g. the config.yaml a previous run saved (flags and "
                         "KEY=VALUE overrides given beside it win)")
+    defaults = cls()  # built once: the help of every flag states its default
     for name, f, annotation in _flag_fields(cls):
         meta = f.metadata
         kind, _ = _plain(annotation)
         names = [meta["flag"]] + ([meta["short"]] if meta.get("short") else [])
         kwargs: dict[str, Any] = {"dest": _FLAG_PREFIX + name, "default": argparse.SUPPRESS,
-                                  "help": meta["help"] + _default_text(cls, name)}
+                                  "help": meta["help"] + _default_text(defaults, name)}
         if not meta["flag"].startswith("-"):  # a flag like "MANIFEST" is a positional argument, optional with --config
             listed = typing.get_origin(kind) in (list, tuple)  # SCORES...: any number of them
             parser.add_argument(_FLAG_PREFIX + name, metavar=meta["flag"], nargs="*" if listed else "?",
