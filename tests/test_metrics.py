@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from spai_core.metrics import (binary_metrics, expected_calibration_error, generator_sets, per_generator_metrics,
-                               roc_points, sigmoid)
+from spai_core.metrics import (binary_metrics, decision_metrics, equal_error_rate, expected_calibration_error,
+                               generator_sets, per_generator_metrics, roc_points, sigmoid, weighted_auc_ap)
 
 
 def assert_metrics(result: dict[str, float], expected: dict[str, float]) -> None:
@@ -136,3 +136,48 @@ def test_sigmoid_is_exact_and_does_not_overflow() -> None:
         warnings.simplefilter("error")  # 1 / (1 + exp(800)) warns about the overflow
         assert sigmoid([-800.0, 800.0]).tolist() == [0.0, 1.0]
     assert sigmoid(np.float32(1.0)).dtype == np.float64
+
+
+def test_equal_error_rate_on_hand_made_cases() -> None:
+    # ROC (0,0) (0,.5) (.5,.5) (.5,1) (1,1): at threshold 0.6 one real of two is above and one fake of two below.
+    assert equal_error_rate(np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.4, 0.9])) == 0.5
+    # ROC (0,0) (0,1/3) (0,2/3) (1,2/3) (1,1): FNR - FPR goes 1/3 -> -2/3 along the segment from (0, 2/3) to
+    # (1, 2/3), crossing a third of the way, where FPR = FNR = 1/3.
+    assert equal_error_rate(np.array([0, 1, 1, 1]), np.array([0.5, 0.2, 0.7, 0.9])) == pytest.approx(1 / 3)
+    assert binary_metrics([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9])["eer"] == 0.0
+    assert binary_metrics([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1])["eer"] == 1.0
+
+
+def test_oracle_and_balanced_accuracy_and_log_loss() -> None:
+    from sklearn.metrics import log_loss as sk_log_loss
+
+    labels, scores = [0, 0, 0, 1], [0.6, 0.1, 0.2, 0.9]
+    result = binary_metrics(labels, scores)
+    # at 0.5 the real 0.6 is called fake: TNR 2/3, TPR 1; a threshold in [0.6, 0.9) gets all four right
+    assert_metrics(result, dict(accuracy=0.75, balanced_accuracy=(2 / 3 + 1) / 2, oracle_accuracy=1.0))
+    assert result["log_loss"] == pytest.approx(sk_log_loss(labels, scores))
+    # the oracle may also be "everything real": 3 reals of 4 beat any split of these inverted scores
+    assert binary_metrics([0, 0, 0, 1], [0.9, 0.8, 0.7, 0.1])["oracle_accuracy"] == 0.75
+    single = binary_metrics([0, 0], [0.1, 0.7])
+    assert math.isnan(single["balanced_accuracy"]) and math.isnan(single["oracle_accuracy"])
+    assert single["accuracy"] == 0.5 and single["log_loss"] == pytest.approx(sk_log_loss([0, 0], [0.1, 0.7],
+                                                                                        labels=[0, 1]))
+    assert math.isnan(binary_metrics([0, 1], [-2.0, 3.0], threshold=0.0)["log_loss"]), "logits are no probabilities"
+    assert decision_metrics(np.array([0, 1, 1]), np.array([1, 1, 0])) == {"accuracy": 1 / 3,
+                                                                          "balanced_accuracy": 0.25}
+
+
+def test_weighted_auc_ap_equal_scikit_learn_on_repeated_rows() -> None:
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, size=60)
+    scores = rng.integers(0, 12, size=60) / 11  # many ties
+    weights = np.vstack([np.ones(60), rng.integers(0, 4, size=(5, 60))])
+    auc, ap = weighted_auc_ap(labels, scores, weights)
+    for draw, w in enumerate(weights.astype(int)):  # a weight of k is the row k times over
+        y, s = np.repeat(labels, w), np.repeat(scores, w)
+        assert auc[draw] == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+        assert ap[draw] == pytest.approx(average_precision_score(y, s), abs=1e-12)
+    auc, ap = weighted_auc_ap([0, 1, 1], [0.1, 0.5, 0.9], [[0, 1, 1]])  # no real in the draw: no AUC
+    assert math.isnan(auc[0]) and ap[0] == 1.0  # every fake ranks above every real, of which there are none
