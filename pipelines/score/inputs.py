@@ -20,7 +20,8 @@ from pipelines.infra.storage import Files, StorageOptions, basename, filesystem,
 from pipelines.score.config import ScoreConfig, ScoreError
 from spai_core.detector import Detector
 
-RESULT_COLUMNS = ("row_id", "score", "logit", "tiles", "error", "model_id", "precision", "options")
+RESULT_COLUMNS = ("row_id", "score", "logit", "tiles", "error", "model_id", "precision", "options", "threshold",
+                  "predicted")
 
 
 def row_ids(uris: Sequence[str]) -> list[str]:

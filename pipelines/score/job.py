@@ -20,8 +20,9 @@ Output (:mod:`~pipelines.score.outputs`, our layout): the input columns (a name 
 an ``input_`` prefix), then ``row_id``, ``score`` (sigmoid of the logit), ``logit``, ``tiles`` (224-px tiles pooled),
 ``error`` (null, or ``"reason: message"``: a decode reason from :data:`pipelines.data.decode.REASONS`,
 ``transform_failed`` or ``model_failed``), ``model_id`` (checkpoint hash), ``precision`` and ``options`` (JSON of every
-option that changes scores; ``spai evaluate`` labels degradation runs from it). Rows that failed keep null score and
-logit. With ``--official-csv`` the output is the official layout instead: the input CSV's columns (``image, split,
+option that changes scores; ``spai evaluate`` labels degradation runs from it). Weights with a threshold from ``spai
+calibrate`` add ``threshold`` and ``predicted`` (1: AI-generated, iff score > threshold). Rows that failed keep null
+score, logit and prediction. With ``--official-csv`` the output is the official layout instead: the input CSV's columns (``image, split,
 class`` for other inputs) plus the ``--tag`` column; failed rows have an empty score and are listed in
 ``<output>.errors.csv``. The :class:`~pipelines.score.config.ScoreConfig` is written next to the output as
 ``<output>.config.yaml`` when the job starts: ``spai score --config`` of it reruns (or continues) the job.
@@ -131,6 +132,11 @@ class Job:
     provenance: dict[str, Any]
     tracking_uri: str | None
 
+    @property
+    def threshold(self) -> float | None:
+        """The decision threshold ``spai calibrate`` stored in the weights, if any."""
+        return (self.provenance.get("threshold") or {}).get("value")
+
 
 def prepare(cfg: ScoreConfig, options: StorageOptions) -> Job:
     """Every check of the job's files that needs no Ray: the output, the MLflow store, the input's listing, the
@@ -144,7 +150,11 @@ def prepare(cfg: ScoreConfig, options: StorageOptions) -> Job:
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     table, skipped = input_table(cfg, options)
     model_id, provenance = check_weights(cfg.weights, options)
-    return Job(cfg, files, work, table, skipped, model_id, provenance, tracking_uri)
+    job = Job(cfg, files, work, table, skipped, model_id, provenance, tracking_uri)
+    if job.threshold is not None:
+        logger.info("predicting AI-generated iff score > %g, the threshold the weights carry (%s); output columns "
+                    "threshold and predicted", job.threshold, provenance["threshold"].get("target"))
+    return job
 
 
 def _asked_for_gpus(cfg: ScoreConfig) -> str:
@@ -220,7 +230,7 @@ def run_job(job: Job, plan: ActorPlan, progress: bool) -> ScoreResult:
                               desc="scoring", smoothing=0.05) as bar:
                 first = score_rows(todo, cfg, plan, job.model_id, job.files.options, work, bar)
         seconds = time.monotonic() - started
-        out = assemble(table, work.read_parts(), job.model_id, cfg.options(plan.precision))
+        out = assemble(table, work.read_parts(), job.model_id, cfg.options(plan.precision), job.threshold)
         write_outputs(out, cfg, job.files)
         work.remove()
     result = ScoreResult(cfg.output, out, todo.num_rows, seconds, job.skipped,
@@ -238,7 +248,8 @@ def start_tracking(job: Job, plan: ActorPlan, resumed: int) -> str | None:
     cfg, provenance = absolute_paths(job.cfg), job.provenance  # absolute, as train records its paths
     origin = {f"train_{key}": str(provenance[source]) for key, source in
               (("run_id", "mlflow_run_id"), ("run", "run"), ("epoch", "epoch")) if provenance.get(source) is not None}
-    params = {**to_dict(cfg), "model_id": job.model_id, "plan": dataclasses.asdict(plan), "resumed_rows": resumed}
+    params = {**to_dict(cfg), "model_id": job.model_id, "plan": dataclasses.asdict(plan), "resumed_rows": resumed,
+              **({"threshold": job.threshold} if job.threshold is not None else {})}
     try:
         return tracking.start_run(job.tracking_uri, cfg.tracking.experiment, basename(cfg.output).rsplit(".", 1)[0],
                                   params, {"output": cfg.output, **origin})

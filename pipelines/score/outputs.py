@@ -38,8 +38,10 @@ def write_config(cfg: ScoreConfig, files: Files) -> str:
     return uri
 
 
-def assemble(table: pa.Table, parts: pa.Table, model_id: str, options: Mapping[str, Any]) -> pa.Table:
-    """Input rows joined with their results (first result per row id), in input order; every row must have one."""
+def assemble(table: pa.Table, parts: pa.Table, model_id: str, options: Mapping[str, Any],
+             threshold: float | None = None) -> pa.Table:
+    """Input rows joined with their results (first result per row id), in input order; every row must have one.
+    With the calibrated ``threshold`` of the weights, also that and ``predicted`` (1 iff score > threshold)."""
     index = pc.index_in(table.column("row_id"), value_set=parts.column("row_id"))
     if index.null_count:
         raise ScoreError(f"{index.null_count} of {table.num_rows} rows have no result; re-run the same command to "
@@ -54,6 +56,9 @@ def assemble(table: pa.Table, parts: pa.Table, model_id: str, options: Mapping[s
                "model_id": pa.repeat(pa.scalar(model_id), n),
                "precision": pa.repeat(pa.scalar(options["precision"]), n),
                "options": pa.repeat(pa.scalar(json.dumps(options, sort_keys=True)), n)}
+    if threshold is not None:
+        results["threshold"] = pa.repeat(pa.scalar(threshold, pa.float64()), n)
+        results["predicted"] = pc.greater(score, threshold).cast(pa.int8())  # null where the row failed
     out = table
     for name, column in results.items():
         out = out.append_column(name, column)
