@@ -7,6 +7,7 @@ timed per precision in each case's own process, right after the case.
 
     python benchmarks/bench_core.py                          # ViT-B, 224/512/1024/2048x1536, 2 images each
     python benchmarks/bench_core.py --model spai_tiny --images 4 --sizes 224 512
+    python benchmarks/bench_core.py --sizes 1024 --images 1 --unfused   # what the oneDNN patch (spai_core.onednn) gains
     python benchmarks/bench_core.py --device cuda --images 16  # on a GPU: "of peak" is then the MFU
 
 On a GPU, timings synchronise the device, and memory is the device's peak allocation instead of the process RSS.
@@ -112,7 +113,12 @@ def run_case(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     model = load_model(args.weights)[0] if args.weights else build_model(args.model).eval()
     images = test_images(SIZES[args.size], args.images)
-    detector = Detector(model, device, args.precision, feature_batch=args.feature_batch)  # moves the model there
+    if args.method == "naive":  # the official code: the plain model, no Detector (nor its CPU kernels)
+        model.to(device).eval()
+    else:  # moves the model there; "unfused" leaves out the oneDNN patch, to show what it gains
+        detector = Detector(model, device, args.precision, feature_batch=args.feature_batch,
+                            **({"fuse_cpu": False} if args.method == "unfused" else {}))
+
     def run(batch: list[np.ndarray]) -> np.ndarray:
         return naive_logits(model, batch, device) if args.method == "naive" else detector.logits(batch)
 
@@ -163,6 +169,8 @@ def main() -> None:
                         help="a checkpoint to load instead of a seeded random --model (needed with --baseline)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a folder holding an older spai_core package, measured beside this one")
+    parser.add_argument("--unfused", action="store_true",
+                        help="also run our Detector without its oneDNN CPU patch (spai_core.onednn), this tree only")
     parser.add_argument("--case", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", default="ours", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="224", help=argparse.SUPPRESS)
@@ -182,12 +190,13 @@ def main() -> None:
               "of peak", memory, "vs naive", "max|dlogit|"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     trees = [("this", None)] + ([(args.baseline.name, args.baseline)] if args.baseline else [])
-    cases = [("naive", "fp32")] + [("ours", p) for p in args.precisions]
+    cases = [("naive", "fp32")] + [(m, p) for p in args.precisions for m in ["ours"] + ["unfused"] * args.unfused]
     for size in args.sizes:
         naive = None
         # Each case runs in both trees back to back, so that load from other processes hits both alike.
         for method, precision in cases:
-            rows = [(code, subprocess_case(args, method, size, precision, args.images, tree)) for code, tree in trees]
+            rows = [(code, subprocess_case(args, method, size, precision, args.images, tree)) for code, tree in trees
+                    if method != "unfused" or tree is None]
             naive = naive or rows[0][1]  # this tree's naive loop is the reference for every row
             for code, r in rows:
                 delta = np.abs(np.array(r["logits"]) - np.array(naive["logits"])).max()

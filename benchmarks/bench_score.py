@@ -128,7 +128,8 @@ def loop_shard(weights: str, paths: list[Path], device: str, method: str, thread
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    detector = Detector.from_pretrained(weights, device, "fp32")
+    # the official tool runs the plain model: no oneDNN patch for its loop
+    detector = Detector.from_pretrained(weights, device, "fp32", fuse_cpu=method != "official")
     logits, first = {}, None
     for path in paths:
         image = to_rgb_array(Image.open(path))

@@ -110,18 +110,20 @@ class Explanation:
 class Detector:
     """A loaded SPAI model with its device, precision and tiling options.
 
-    On CPU the model's backbone is patched in place with fused oneDNN linears (:mod:`spai_core.onednn`): same
-    parameters and state dict, same scores up to float rounding, faster inference.
+    On CPU (unless ``fuse_cpu`` is False) the model's backbone is patched in place with fused oneDNN linears
+    (:mod:`spai_core.onednn`): same parameters and state dict, same scores up to float rounding, faster inference.
     """
 
     def __init__(self, model: SPAI, device: str | torch.device = "auto", precision: str = "auto",
-                 feature_batch: int | None = None, model_id: str = "unknown", provenance: dict | None = None):
+                 feature_batch: int | None = None, model_id: str = "unknown", provenance: dict | None = None,
+                 fuse_cpu: bool = True):
         self.device = resolve_device(device) if isinstance(device, str) else device
         self.precision = resolve_precision(precision, self.device)
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
             keep_freed_memory()
-            fuse_for_cpu_inference(model.mfvit.vit)
+            if fuse_cpu:
+                fuse_for_cpu_inference(model.mfvit.vit)
         default = min(model.cfg.feature_batch, CPU_FEATURE_BATCH) if self.device.type == "cpu" else None
         self.feature_batch = feature_batch or default or model.cfg.feature_batch
         self.model_id = model_id
@@ -130,12 +132,13 @@ class Detector:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "auto", precision: str = "auto",
                         config: ModelConfig | str | None = None, feature_batch: int | None = None,
-                        max_tiles: int | None = None) -> "Detector":
+                        max_tiles: int | None = None, fuse_cpu: bool = True) -> "Detector":
         """Load an official ``spai.pth`` or our ``.safetensors`` checkpoint (strictly) for inference."""
         model, loaded = load_model(path, config)
         if max_tiles is not None:
             model.cfg.max_tiles = max_tiles
-        return cls(model, device, precision, feature_batch, model_id=file_sha256(path, 16), provenance=loaded.metadata)
+        return cls(model, device, precision, feature_batch, model_id=file_sha256(path, 16), provenance=loaded.metadata,
+                   fuse_cpu=fuse_cpu)
 
     @property
     def config(self) -> ModelConfig:
