@@ -1,5 +1,7 @@
 """The config of a search: how many trials and how they run, the search space, and the base training config every
-trial starts from. Saved as ``<output>/<name>/config.yaml``; ``spai tune --config`` of that file reruns the search."""
+trial starts from. Saved as ``<output>/<name>/config.yaml``; ``spai tune --config`` of that file reruns the search.
+How trials run (:class:`TrialsConfig`) is shared with the other jobs whose trials are training runs (``spai
+benchmark``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,12 +17,12 @@ DEFAULT_SPACE = CONFIG_DIR / "search_space.yaml"
 
 
 @dataclass
-class TuneConfig:
-    """A search of ``trials`` samples of ``space`` around the ``train`` config; each trial is a ``spai train`` run."""
+class TrialsConfig:
+    """What every job whose trials are ``spai train`` runs shares (``spai tune``, ``spai benchmark``): the data, the
+    resources and weights of each trial, where the trials run and are tracked, and the base training config."""
 
     manifest: str | None = option(None, flag="--manifest", short="-m",
                                   help="manifest path or s3:// URI with train and val rows")
-    trials: int = option(8, flag="--trials", help="number of trials to sample (a grid: repeats of it)")
     max_concurrent: int | None = option(None, flag="--max-concurrent",
                                         help="trials running at once (default: as many as the cluster's CPUs/GPUs "
                                         "hold)")
@@ -35,41 +37,69 @@ class TuneConfig:
                                           "trial (e.g. mfm_pretrain_vit_base.pth for the official recipe's "
                                           "mfm_vit_b16, which needs them)")
     tracking: TrackingConfig = field(default_factory=partial(TrackingConfig, experiment="spai-tune"))
-    space: SearchSpace = section(SearchSpace, flags=False)
     train: TrainConfig = section(TrainConfig, flags=False)  # set by --config and KEY=VALUE, not spai train's flags
 
     def validate(self) -> None:
-        for name in ("trials", "workers_per_trial"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"must be at least 1, got {getattr(self, name)}", name)
+        if self.workers_per_trial < 1:
+            raise ConfigError(f"must be at least 1, got {self.workers_per_trial}", "workers_per_trial")
         if self.max_concurrent is not None and self.max_concurrent < 1:
             raise ConfigError(f"must be at least 1, got {self.max_concurrent}", "max_concurrent")
         if self.gpus_per_worker < 0:
             raise ConfigError(f"must be 0 or more, got {self.gpus_per_worker}", "gpus_per_worker")
-        base = self.trial_base(self.output)
         try:
-            trial_config(base, {})
+            trial_config(self.trial_base(self.output), {})
         except ConfigError as exc:
             raise ConfigError(f"the base training config does not fit {self.workers_per_trial} worker(s) per trial "
-                              f"and {self.space.scheduler.max_t} epochs: {exc}", "workers_per_trial") from None
-        try:
-            check_space(self.space, base)
-        except ConfigError as exc:
-            raise ConfigError(str(exc), f"space.{exc.field}") from None
+                              f"and {self.trial_epochs} epochs: {exc}", "workers_per_trial") from None
+
+    @property
+    def trial_epochs(self) -> int:
+        """Epochs every trial trains: the base config's."""
+        return self.train.epochs
 
     def trial_base(self, train_dir: str, tracking_uri: str | None = None) -> dict[str, Any]:
-        """The training config every trial starts from (as a dict): ``train`` with the search's data, weights,
-        resources and tracking, ``epochs`` = ASHA's ``max_t``, runs under ``train_dir``, and no model registration
-        (the search registers its best trial once)."""
+        """The training config every trial starts from (as a dict): ``train`` with the job's data, weights,
+        resources and tracking, :attr:`trial_epochs`, runs under ``train_dir``, and no model registration (a
+        search registers its best trial once)."""
         tracking = {**to_dict(self.tracking), "uri": tracking_uri or self.tracking.uri}
         return {**to_dict(self.train), "manifest": self.manifest, "output": train_dir, "init": self.init,
-                "backbone_weights": self.backbone_weights, "epochs": self.space.scheduler.max_t,
+                "backbone_weights": self.backbone_weights, "epochs": self.trial_epochs,
                 "workers": self.workers_per_trial, "gpus_per_worker": self.gpus_per_worker,
                 "registered_model": None, "tracking": tracking}
 
     @property
     def gpus_per_trial(self) -> float:
         return self.workers_per_trial * self.gpus_per_worker
+
+
+@dataclass
+class TuneConfig(TrialsConfig):
+    """A search of ``trials`` samples of ``space`` around the ``train`` config; each trial is a ``spai train`` run."""
+
+    trials: int = option(8, flag="--trials", help="number of trials to sample (a grid: repeats of it)")
+    space: SearchSpace = section(SearchSpace, flags=False)
+
+    def validate(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"must be at least 1, got {self.trials}", "trials")
+        super().validate()
+        try:
+            check_space(self.space, self.trial_base(self.output))
+        except ConfigError as exc:
+            raise ConfigError(str(exc), f"space.{exc.field}") from None
+
+    @property
+    def trial_epochs(self) -> int:
+        """ASHA's ``max_t``: a trial that no rung stops trains that long."""
+        return self.space.scheduler.max_t
+
+
+def trial_layers(config: str | None) -> dict[str, Any]:
+    """The config file layer of a job whose trials are training runs, from ``--config``: either a saved config of the
+    job (it has a ``train`` section) or a training config, which becomes the base of every trial (default: the
+    official recipe)."""
+    data = read_yaml(config) if config else {}
+    return data if "train" in data else {"train": data if config else read_yaml(OFFICIAL_RECIPE)}
 
 
 def search_layers(config: str | None, space: str | None) -> dict[str, Any]:
@@ -79,9 +109,7 @@ def search_layers(config: str | None, space: str | None) -> dict[str, Any]:
     base of every trial (default: the official recipe). ``--space`` replaces the search space (default:
     ``configs/search_space.yaml`` unless a saved search brings its own).
     """
-    data = read_yaml(config) if config else {}
-    if "train" not in data:
-        data = {"train": data if config else read_yaml(OFFICIAL_RECIPE)}
+    data = trial_layers(config)
     if space or "space" not in data:
         data["space"] = read_yaml(space or DEFAULT_SPACE, "search space")
     return data

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,11 +35,12 @@ from pipelines.infra import storage, tracking
 from pipelines.infra.resume import check_resumable
 from pipelines.infra.runtime import check_gpus, init_ray, node_cpus
 from pipelines.train import files
+from pipelines.train.config import TrainConfig
 from pipelines.train.epochs import epoch_metric_names
 from pipelines.train.model import initial_model
-from pipelines.train.run import check_local_resources, run_training
+from pipelines.train.run import TrainResult, check_local_resources, run_training
 from spai_core.config import ConfigError, check_config, dump_config, to_dict
-from tune.config import TuneConfig
+from tune.config import TrialsConfig, TuneConfig
 from tune.report import TIME_ATTR, SearchRecord, SearchResult, report_search
 from tune.space import trial_config, tune_param_space
 
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 DRIVER_CPUS = 0.01  # a trial only starts and watches its Train run; the Train workers request their own resources
 DATA_CPUS = 2  # CPU slots init_ray keeps beyond the reservation for the Ray Data decode tasks that feed the workers
 RESUMABLE_CHANGES = ("max_concurrent", "tracking")  # how a resumed search runs, not what it searches
+T = TypeVar("T", bound=TrialsConfig)
 
 
 class EpochReport(TuneReportCallback):
@@ -71,13 +73,15 @@ class TrialSetup:
 
 @dataclass
 class Search:
-    """A search as it runs: its config, folder, MLflow parent run and concurrency (``spai_search.json``)."""
+    """A search as it runs: its config, folder, MLflow parent run and concurrency (``spai_search.json``). Other jobs
+    whose trials are training runs (``spai benchmark``) run as searches too, under their own ``command``."""
 
-    cfg: TuneConfig
+    cfg: TrialsConfig
     dir: str
     tracking_uri: str | None
     parent_run_id: str | None
     max_concurrent: int
+    command: str = "spai tune"  # what runs it: its log lines and its resume hint say so
 
     @property
     def setup(self) -> TrialSetup:
@@ -100,9 +104,14 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     A trial restarted by a resumed search finds its Train run and continues it from its last checkpoint.
     """
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg = dataclasses.replace(trial_config(setup.base, params), name=trial_id)
-    resume = storage.exists(storage.join(cfg.output, trial_id, files.RUN_MARKER))
-    run_training(cfg, resume=resume, callbacks=[EpochReport()], parent_run_id=setup.parent_run_id)
+    train_trial(dataclasses.replace(trial_config(setup.base, params), name=trial_id), setup.parent_run_id)
+
+
+def train_trial(cfg: TrainConfig, parent_run_id: str | None) -> TrainResult:
+    """A trial's ``spai train`` run ``cfg``, reporting every epoch to Tune; a trial restarted by a resumed search
+    finds its Train run (by ``cfg.name``) and continues it from its last checkpoint."""
+    resume = storage.exists(storage.join(cfg.output, cfg.name, files.RUN_MARKER))
+    return run_training(cfg, resume=resume, callbacks=[EpochReport()], parent_run_id=parent_run_id)
 
 
 def trial_dirname(trial) -> str:
@@ -136,7 +145,6 @@ def make_tuner(search: Search, options: storage.StorageOptions) -> ray.tune.Tune
     # exports the best checkpoint and closes its MLflow run instead of being killed at the last report.
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=asha.max_t - 1, grace_period=asha.grace_period,
                               reduction_factor=asha.reduction_factor, stop_last_trials=False)
-    fs, path = storage.filesystem(storage.parent(search.dir), options)
     return ray.tune.Tuner(
         _trainable(search),
         param_space=tune_param_space(space),
@@ -145,41 +153,58 @@ def make_tuner(search: Search, options: storage.StorageOptions) -> ray.tune.Tune
                                         search_alg=BasicVariantGenerator(random_state=space.seed,
                                                                          max_concurrent=search.max_concurrent),
                                         num_samples=search.cfg.trials, trial_dirname_creator=trial_dirname),
-        run_config=ray.tune.RunConfig(name=storage.basename(search.dir), storage_path=path,
-                                      storage_filesystem=fs if storage.is_s3(search.dir) else None),
+        run_config=run_config(search.dir, options),
     )
 
 
+def run_config(search_dir: str, options: storage.StorageOptions) -> ray.tune.RunConfig:
+    """Tune keeps a search's state (and its trials' results) in the search folder, on s3:// too."""
+    fs, path = storage.filesystem(storage.parent(search_dir), options)
+    return ray.tune.RunConfig(name=storage.basename(search_dir), storage_path=path,
+                              storage_filesystem=fs if storage.is_s3(search_dir) else None)
+
+
 def _trainable(search: Search):
-    """``run_trial`` bound to the search's trial setup, asking Tune for a driver's tiny CPU share only."""
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=search.setup), {"CPU": DRIVER_CPUS})
+    """``run_trial`` bound to the search's trial setup."""
+    return driver_trainable(run_trial, search.setup)
+
+
+def driver_trainable(trial, setup: Any):
+    """Function trainable ``trial`` bound to ``setup``, asking Tune for a driver's tiny CPU share only."""
+    return ray.tune.with_resources(ray.tune.with_parameters(trial, setup=setup), {"CPU": DRIVER_CPUS})
 
 
 # ----------------------------------------------------------------------------------------------- entry points
 
 
-def resolved(cfg: TuneConfig) -> TuneConfig:
-    """``cfg`` checked, with absolute paths (trials run in other folders and on other nodes) and a search name."""
+def resolved(cfg: T, prefix: str = "tune", splits: str = "train and val") -> T:
+    """``cfg`` checked, with absolute paths (trials run in other folders and on other nodes) and a name (default:
+    ``prefix`` and the time); a manifest with rows of ``splits`` is required."""
     check_config(cfg)
     if not cfg.manifest:
-        raise ConfigError("--manifest (manifest): no manifest given; pass the manifest (a path or s3:// URI) with "
-                          "train and val rows")
+        raise ConfigError(f"--manifest (manifest): no manifest given; pass the manifest (a path or s3:// URI) with "
+                          f"{splits} rows")
     absolute = {k: storage.absolute(getattr(cfg, k)) for k in ("manifest", "output", "init", "backbone_weights")
                 if getattr(cfg, k)}
-    return dataclasses.replace(cfg, **absolute, name=cfg.name or time.strftime("tune-%Y%m%d-%H%M%S"))
+    return dataclasses.replace(cfg, **absolute, name=cfg.name or time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
 
 
 def preflight(cfg: TuneConfig, options: storage.StorageOptions) -> None:
     """What a search can check before Ray starts: the manifest and metric, the weights, and that a trial fits."""
     # fail fast on a missing manifest or a metric training never reports, before starting Ray and MLflow runs
     check_metric(cfg.space.scheduler.metric, read_manifest(cfg.manifest, options))
+    check_trial(cfg)
+
+
+def check_trial(cfg: TrialsConfig) -> None:
+    """The weights every trial starts from load, and a trial fits this machine (a local Ray)."""
     one_trial = trial_config(cfg.trial_base(cfg.output), {})
     if cfg.init or cfg.backbone_weights:  # a wrong file fails here, not in every trial
         initial_model(one_trial)
     check_local_resources(one_trial)
 
 
-def start_ray(cfg: TuneConfig) -> int:
+def start_ray(cfg: TrialsConfig) -> int:
     """Start (or join) Ray for the search; returns how many trials run at once."""
     per_trial = per_trial_cpus(cfg.trial_base(cfg.output))
     init_ray(reserved_cpus=(cfg.max_concurrent or 1) * per_trial)
@@ -205,19 +230,25 @@ def run_search(cfg: TuneConfig) -> SearchResult:
         raise FileExistsError(f"{search_dir} already holds a search; pass --resume to continue it or choose another "
                               "--name")
     preflight(cfg, options)
-    max_concurrent = start_ray(cfg)
+    search = open_search(cfg, search_dir, start_ray(cfg), "tune", options)
+    logger.info(f"[spai tune] {search_dir}: {cfg.trials} trial(s), at most {search.max_concurrent} at once, "
+                f"{cfg.workers_per_trial} worker(s) each")
+    return _fit(make_tuner(search, options), search, options)
+
+
+def open_search(cfg: TrialsConfig, search_dir: str, max_concurrent: int, kind: str,
+                options: storage.StorageOptions, command: str = "spai tune") -> Search:
+    """A new search: its MLflow parent run (tagged ``spai.kind``: ``kind``) when tracked, and its record."""
     tracking_uri = parent_run_id = None
     if cfg.tracking.enabled:
         tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri)
         params = {k: v for k, v in to_dict(cfg).items() if k != "tracking"}
         parent_run_id = tracking.start_run(tracking_uri, cfg.tracking.experiment, cfg.name,
                                            {**params, "max_concurrent": max_concurrent},
-                                           {"spai.kind": "tune", "output": search_dir})
-    search = Search(cfg, search_dir, tracking_uri, parent_run_id, max_concurrent)
+                                           {"spai.kind": kind, "output": search_dir})
+    search = Search(cfg, search_dir, tracking_uri, parent_run_id, max_concurrent, command)
     search.record(options)
-    logger.info(f"[spai tune] {search_dir}: {cfg.trials} trial(s), at most {max_concurrent} at once, "
-                f"{cfg.workers_per_trial} worker(s) each")
-    return _fit(make_tuner(search, options), search, options)
+    return search
 
 
 def check_metric(metric: str, manifest: pa.Table) -> None:
@@ -248,21 +279,31 @@ def resume_search(cfg: TuneConfig) -> SearchResult:
     rungs start empty: trials are compared only with results reported after the resume.
     """
     options = storage.StorageOptions.from_env()
-    cfg = resolved(cfg)
+    search = reopen_search(resolved(cfg), options)
+    return _fit(restore_tuner(search, _trainable(search), options), search, options)
+
+
+def reopen_search(cfg: TrialsConfig, options: storage.StorageOptions, command: str = "spai tune") -> Search:
+    """A search to resume, as recorded, once ``cfg`` is checked against the config it was started with; starts Ray."""
     search_dir = storage.join(cfg.output, cfg.name)
     recorded = saved_search(cfg.output, cfg.name)
     check_resumable(recorded, to_dict(cfg), RESUMABLE_CHANGES, f"search {cfg.name}",
                     "Resume it with the settings it was started with, or start a new search with another --name")
     marker = json.loads(storage.read_bytes(storage.join(search_dir, files.SEARCH_MARKER), options))
-    search = Search(cfg, search_dir, marker["tracking_uri"], marker["mlflow_run_id"], marker["max_concurrent"])
-    fs, path = storage.filesystem(search_dir, options)
+    search = Search(cfg, search_dir, marker["tracking_uri"], marker["mlflow_run_id"], marker["max_concurrent"],
+                    command)
     init_ray(reserved_cpus=search.max_concurrent * per_trial_cpus(cfg.trial_base(cfg.output)))
+    return search
+
+
+def restore_tuner(search: Search, trainable, options: storage.StorageOptions) -> ray.tune.Tuner:
+    """The Tuner of an interrupted search from its saved state: finished trials stay, the others run again."""
+    fs, path = storage.filesystem(search.dir, options)
     if not ray.tune.Tuner.can_restore(path, storage_filesystem=fs):
-        raise FileNotFoundError(f"{search_dir} has no Tune state (the search stopped before its first trial); "
+        raise FileNotFoundError(f"{search.dir} has no Tune state (the search stopped before its first trial); "
                                 "start it again with another --name")
-    tuner = ray.tune.Tuner.restore(path, trainable=_trainable(search), resume_errored=True, storage_filesystem=fs)
-    logger.info(f"[spai tune] resuming {search_dir}")
-    return _fit(tuner, search, options)
+    logger.info(f"[{search.command}] resuming {search.dir}")
+    return ray.tune.Tuner.restore(path, trainable=trainable, resume_errored=True, storage_filesystem=fs)
 
 
 def unfinished_trials(search_dir: str, options: storage.StorageOptions) -> list[str]:
@@ -276,7 +317,15 @@ def unfinished_trials(search_dir: str, options: storage.StorageOptions) -> list[
 
 
 def _fit(tuner: ray.tune.Tuner, search: Search, options: storage.StorageOptions) -> SearchResult:
-    """Run the trials, then report; an interrupted search leaves its parent MLflow run KILLED until resumed."""
+    """Run the trials, then report."""
+    record = SearchRecord(search.dir, storage.join(search.dir, files.SEARCH_TRIALS), search.tracking_uri,
+                          search.parent_run_id)
+    return report_search(fit_trials(tuner, search, options), search.cfg, record, options)
+
+
+def fit_trials(tuner: ray.tune.Tuner, search: Search, options: storage.StorageOptions) -> list:
+    """Run the trials; returns Tune's result per trial. An interrupted search leaves its parent MLflow run KILLED
+    until resumed, and raises KeyboardInterrupt."""
     def finish(status: str) -> None:
         if search.parent_run_id:
             tracking.finish_run(search.tracking_uri, search.parent_run_id, status)
@@ -288,9 +337,7 @@ def _fit(tuner: ray.tune.Tuner, search: Search, options: storage.StorageOptions)
         raise
     if unfinished_trials(search.dir, options):
         finish("KILLED")
-        logger.warning(f"search interrupted; continue it with: spai tune --resume --output "
+        logger.warning(f"search interrupted; continue it with: {search.command} --resume --output "
                        f"{storage.parent(search.dir)} --name {storage.basename(search.dir)}")
         raise KeyboardInterrupt
-    record = SearchRecord(search.dir, storage.join(search.dir, files.SEARCH_TRIALS), search.tracking_uri,
-                          search.parent_run_id)
-    return report_search(list(grid), search.cfg, record, options)
+    return list(grid)
