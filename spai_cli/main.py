@@ -35,6 +35,7 @@ COMMANDS = {
     "tune": ("tune", "search hyperparameters with Ray Tune + ASHA; every trial is a real train run"),
     "score": ("score", "score images (folder, CSV, manifest or s3:// prefix) with Ray Data"),
     "evaluate": ("evaluate", "metrics per generator (and per degradation) from a scored table"),
+    "calibrate": ("calibrate", "choose a decision threshold on a calibration split; keep it in the checkpoint"),
     "convert": ("convert", "convert weights between the official .pth layout and our .safetensors"),
     "backbone": ("backbone", "pretrained backbone weights (real CLIP ViT-B/16 weights offline)"),
     "demo": ("demo", "offline demo: build corpus -> train -> score -> evaluate on this machine"),

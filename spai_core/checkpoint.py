@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .backbones import load_backbone_weights, mfm
@@ -240,14 +240,26 @@ def _radius_of_mask(path: Path, mask: torch.Tensor, size: int) -> int:
     raise CheckpointError(f"{path}: its frequency mask is not a circular mask of any radius for {size}px tiles")
 
 
-def _read_ours(path: Path) -> LoadedCheckpoint:
+def _read_header(path: Path) -> dict[str, str]:
+    """The metadata in a safetensors file's header (its tensors are not read)."""
     try:
-        state = load_file(str(path))
-        from safetensors import safe_open
         with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
+            return fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise _not_weights(path, exc) from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors as stored and the header's metadata of a safetensors file."""
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _not_weights(path, exc) from None
+    return state, _read_header(path)
+
+
+def _parse_ours(path: Path, meta: Mapping[str, str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Format version, model config and provenance from our header; a foreign or newer file is an error."""
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: a safetensors file without our metadata; convert official weights with "
                               "`spai convert spai.pth spai.safetensors`")
@@ -256,9 +268,14 @@ def _read_ours(path: Path) -> LoadedCheckpoint:
         raise CheckpointError(f"{path}: {FORMAT_NAME} format {version}, newer than this version reads "
                               f"({FORMAT_VERSION}); upgrade spai-ray")
     try:
-        config, provenance = json.loads(meta["model_config"]), json.loads(meta.get("metadata", "{}"))
+        return version, json.loads(meta["model_config"]), json.loads(meta.get("metadata", "{}"))
     except (KeyError, ValueError) as exc:  # only a hand-edited or foreign file gets here; ours always parses
         raise CheckpointError(f"{path}: its {FORMAT_NAME} metadata is damaged ({exc!r}); export it again") from None
+
+
+def _read_ours(path: Path) -> LoadedCheckpoint:
+    state, meta = _read_safetensors(path)
+    version, config, provenance = _parse_ours(path, meta)
     cfg = from_dict(ModelConfig, config, where=f"{path}:model_config")
     if version == "1":  # config without a backbone: the MFM ViT, whose layout the filter adapts
         state = _map_backbone(state, mfm.checkpoint_filter_fn)
@@ -330,6 +347,36 @@ def save_checkpoint(path: str | Path, model: SPAI, metadata: Mapping[str, Any] |
             "metadata": json.dumps(dict(metadata or {}), default=str)}
     with _writing(path) as dst:
         save_file(state, str(dst), metadata=meta)
+
+
+def _require_ours(path: Path) -> None:
+    if not _is_safetensors(_read_head(path)):
+        raise CheckpointError(f"{path}: a PyTorch checkpoint (the official layout?), which has no metadata to keep "
+                              f"this in; convert it first: `spai convert {path} {path.with_suffix('.safetensors')}`, "
+                              "and use that file")
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The provenance metadata of our checkpoint, from its header alone."""
+    path = Path(path)
+    _require_ours(path)
+    return _parse_ours(path, _read_header(path))[2]
+
+
+def update_metadata(src: str | Path, dst: str | Path, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``src`` (our format) to ``dst`` with ``changes`` merged into its provenance metadata; returns the new
+    metadata. Tensors, their dtypes and the model config are copied as stored, so the file loads as before;
+    ``dst`` may be ``src`` (replaced whole, through a temporary file)."""
+    src = Path(src)
+    _require_ours(src)
+    state, header = _read_safetensors(src)
+    provenance = {**_parse_ours(src, header)[2], **changes}
+    header = {**header, "metadata": json.dumps(provenance, default=str)}
+    with _writing(dst) as path:
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp), metadata=header)
+        tmp.replace(path)
+    return provenance
 
 
 def save_official(path: str | Path, model: SPAI, epoch: int = 0) -> None:
