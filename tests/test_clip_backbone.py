@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from spai_core.backbones import BackboneError, create_backbone, get_backbone_spec
-from spai_core.backbones import clip, clip_onnx
+from spai_core.backbones import clip, clip_onnx, hf
 from spai_core.backbones.clip_onnx import ClipOnnxError, convert_clip_onnx, packaged_onnx_path
 
 DEPTH = 12
@@ -32,7 +32,7 @@ def converted(tmp_path_factory):
 def clip_model(converted):
     """timm's CLIP tower with its 512-d projection head, loaded strictly through the backbone's filter."""
     model = timm.create_model(clip.TIMM_NAME, pretrained=False, num_classes=512).eval()
-    model.load_state_dict(clip.checkpoint_filter_fn(converted[1], model), strict=True)
+    model.load_state_dict(hf.checkpoint_filter_fn(converted[1], model), strict=True)
     return model
 
 
@@ -127,10 +127,10 @@ def test_filter_loads_strictly_and_fuses_q_k_v_in_order(converted, clip_model):
 
 def test_filter_reads_openai_layout_to_the_same_tensors(clip_model):
     timm_state = clip_model.state_dict()
-    filtered = clip.checkpoint_filter_fn(to_openai_layout(timm_state), clip_model)
+    filtered = hf.checkpoint_filter_fn(to_openai_layout(timm_state), clip_model)
     assert set(filtered) == set(timm_state)
     assert all(torch.equal(filtered[k], v) for k, v in timm_state.items())
-    assert set(clip.checkpoint_filter_fn(timm_state, clip_model)) == set(timm_state)  # timm keys pass through
+    assert set(hf.checkpoint_filter_fn(timm_state, clip_model)) == set(timm_state)  # timm keys pass through
 
 
 def test_registry_builds_the_backbone_from_the_converted_file(converted, clip_model):

@@ -11,7 +11,7 @@ Names (:func:`list_backbones`):
 - ``mfm_vit_b16``: the official SPAI backbone, MFM-pretrained ViT-B/16 (``mfm.py``);
 - ``clip_vit_b16``: OpenAI CLIP ViT-B/16 image tower (``clip.py``);
 - ``timm:<model>[.<tag>]``: any timm ViT by name, e.g. ``timm:vit_small_patch16_224.augreg_in21k``; mean/std from
-  timm's pretrained config of that name, weights in timm, open_clip or OpenAI CLIP layout through timm's filter.
+  timm's pretrained config of that name, weights in timm, open_clip, OpenAI CLIP or Hugging Face layout (``hf.py``).
 
 A model family adds its entry from its own module at import::
 
@@ -29,9 +29,9 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import get_pretrained_cfg
 from timm.models.vision_transformer import VisionTransformer
-from timm.models.vision_transformer import checkpoint_filter_fn as timm_checkpoint_filter
 
 from ..errors import UserError
+from .hf import checkpoint_filter_fn as any_layout_filter
 
 _logger = logging.getLogger(__name__)
 
@@ -51,14 +51,15 @@ class BackboneSpec:
     """How to build one backbone and read its weights.
 
     ``model_args`` are timm ``create_model`` arguments on top of ``timm_name``'s own; ``checkpoint_filter`` adapts a
-    weights file's keys (timm's ViT filter by default: timm, open_clip and OpenAI CLIP layouts).
+    weights file's keys (by default :func:`.hf.checkpoint_filter_fn`: timm, open_clip, OpenAI CLIP and the Hugging
+    Face CLIP / ViT / DeiT / DINOv2 layouts).
     """
 
     timm_name: str
     mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
     std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
     model_args: Mapping[str, Any] = field(default_factory=dict)
-    checkpoint_filter: CheckpointFilter = timm_checkpoint_filter
+    checkpoint_filter: CheckpointFilter = any_layout_filter
     description: str = ""
 
 
