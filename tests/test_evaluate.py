@@ -74,7 +74,7 @@ def test_degradation_runs_are_labelled_from_options_and_compared():
     report = evaluate([score_table(), score_table(weaker, jpeg_quality=75)])
     assert report.runs == ["clean", "jpeg_quality=75"]
     assert by_generator(report, "jpeg_quality=75")["sdxl"]["auc"] == pytest.approx(15 / 16)
-    assert "AUC per run:" in report.markdown()
+    assert "### AUC per run" in report.markdown()
     assert "| sdxl | 1.0000 | 0.9375 |" in report.markdown()
     assert list(label_runs({"a/x.parquet": score_table(), "b/y.parquet": score_table()}).values()) == [
         "clean [x.parquet]", "clean [y.parquet]"]
@@ -129,7 +129,7 @@ def test_splits_are_pooled_with_a_note_or_selected():
     selected = evaluate(table, split="test")
     assert by_generator(selected)["flux"]["auc"] == pytest.approx(6 / 16)
     assert by_generator(selected)["real"]["n_real"] == 4
-    assert selected.pooled == {} and "pool" not in selected.markdown()
+    assert selected.pooled == {} and "the metrics pool" not in selected.markdown()
     assert selected.excluded == {"clean": {"errors": 1, "unlabelled": 1}}
     assert evaluate(with_splits(test=score_table())).pooled == {}  # one split: nothing pooled
     with pytest.raises(EvaluateError, match="no rows of split 'val'; its splits are test, train"):
@@ -156,7 +156,7 @@ def test_report_files(tmp_path):
     report = evaluate([score_table(), score_table(jpeg_quality=50)])
     written = write_report(report, str(tmp_path))
     names = sorted(p.rsplit("/", 1)[-1] for p in written)
-    assert names == ["metrics.csv", "metrics.md", "roc_flux.png", "roc_overall.png", "roc_sdxl.png"]
+    assert names == ["metrics.csv", "metrics.md", "report.html", "roc_flux.png", "roc_overall.png", "roc_sdxl.png"]
     assert (tmp_path / "roc_sdxl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "jpeg_quality=50" in (tmp_path / "metrics.csv").read_text()
 
@@ -204,7 +204,7 @@ def test_a_saved_config_makes_the_same_report_again(tmp_path, monkeypatch, capsy
     assert cli(["evaluate", "scores.parquet", "-o", "report", "--split", "test", "--seen", "sdxl", "--threshold",
                 "0.3", "--no-mlflow"]) == 0
     first = (tmp_path / "report" / "metrics.csv").read_text()
-    assert "wrote 6 report file(s) to report" in capsys.readouterr().out  # the config is one of them
+    assert "wrote 7 report file(s) to report" in capsys.readouterr().out  # the config is one of them
     (tmp_path / "report" / "metrics.csv").unlink()
     monkeypatch.chdir(tmp_path / "report")  # the saved paths are absolute
     assert cli(["evaluate", "--config", "config.yaml"]) == 0

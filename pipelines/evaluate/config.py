@@ -10,6 +10,9 @@ from spai_core.config import ConfigError, option
 from spai_core.errors import UserError
 
 
+PROTOCOLS = ("auto", "paired", "pooled")
+
+
 class EvaluateError(UserError, ValueError):
     """A score table that cannot be evaluated; the message says what to do."""
 
@@ -31,7 +34,15 @@ class EvaluateConfig:
                                "(Parquet or CSV, local or s3://)")
     output: str | None = option(None, flag="--output", short="-o", help="report directory (table CSV/Markdown + ROC "
                                 "PNG + config.yaml; default: print the table only)")
-    threshold: float = option(0.5, flag="--threshold", help="score threshold for accuracy")
+    threshold: float = option(0.5, flag="--threshold", help="score threshold for accuracy (tables scored with "
+                              "calibrated weights also get accuracy at the checkpoint's own threshold)")
+    protocol: str = option("auto", flag="--protocol", choices=PROTOCOLS, help="paired: each generator's fakes "
+                           "against each real source (the `source` of the real rows) apart, then the mean over "
+                           "sources, as the SPAI paper reports; pooled: against all reals at once; auto: paired "
+                           "where the reals come from two or more sources")
+    bootstrap: int = option(1000, flag="--bootstrap", help="resamples behind the 95 percent intervals of AUC and AP "
+                            "(0: no intervals)")
+    seed: int = option(0, flag="--seed", help="seed of the bootstrap resamples (the same seed, the same intervals)")
     seen: list[str] | None = option(None, flag="--seen", help="generators seen in training (listed apart)")
     split: str | None = option(None, flag="--split", help="evaluate only the rows of this split, e.g. test (default: "
                                "all rows; the report notes when they pool several splits)")
@@ -45,5 +56,7 @@ class EvaluateConfig:
             raise ConfigError("give at least one score table (the output of `spai score`)", "scores")
         if problem := threshold_problem(self.threshold):
             raise ConfigError(problem, "threshold")
+        if self.bootstrap < 0:
+            raise ConfigError(f"must be 0 (no intervals) or a number of resamples, got {self.bootstrap}", "bootstrap")
         if self.run_id and not self.tracking.enabled:
             raise ConfigError("contradicts --no-mlflow; drop one of them", "run_id")

@@ -1,5 +1,6 @@
-"""``spai evaluate``: metrics per generator from score tables (the SPAI paper's protocol, :mod:`.protocol`), a report
-folder (:mod:`.report`) and an MLflow run.
+"""``spai evaluate``: metrics per generator from score tables (the SPAI paper's paired or the pooled protocol,
+:mod:`.protocol`), a report folder (:mod:`.report`: CSV, Markdown, a self-contained HTML page, plots) and an MLflow
+run.
 
 Several tables (e.g. one per degradation: ``spai score --jpeg-quality 75``) are compared side by side, each labelled
 from the ``options`` column ``spai score`` writes. A scored manifest holds several splits; their rows are pooled
@@ -34,7 +35,7 @@ def run_evaluation(cfg: EvaluateConfig, options: StorageOptions | None = None) -
     """Evaluate the score tables of ``cfg``; write the report folder (with the config) and log to MLflow as asked."""
     check_config(cfg)
     report = evaluate({uri: read_scores(uri, options) for uri in cfg.scores}, threshold=cfg.threshold, seen=cfg.seen,
-                      split=cfg.split)
+                      split=cfg.split, protocol=cfg.protocol, bootstrap=cfg.bootstrap, seed=cfg.seed)
     written = []
     if cfg.output:
         written = write_report(report, cfg.output, options)

@@ -33,11 +33,18 @@ def read_scores(uri: str, options: StorageOptions | None = None) -> pa.Table:
     return table
 
 
+def table_options(table: pa.Table) -> dict | None:
+    """The options ``spai score`` recorded in the table's ``options`` column (None without one)."""
+    if "options" not in table.column_names or table.num_rows == 0:
+        return None
+    return json.loads(table.column("options")[0].as_py() or "{}")
+
+
 def run_label(table: pa.Table, fallback: str) -> str:
     """``jpeg_quality=75,scale=0.5`` from the table's ``options`` column, :data:`CLEAN` when nothing was degraded."""
-    if "options" not in table.column_names or table.num_rows == 0:
+    options = table_options(table)
+    if options is None:
         return fallback
-    options = json.loads(table.column("options")[0].as_py() or "{}")
     return ",".join(f"{k}={options[k]}" for k in LABEL_KEYS if options.get(k) is not None) or CLEAN
 
 
@@ -65,6 +72,17 @@ class UsableRows(NamedTuple):
     generators: np.ndarray
     scores: np.ndarray
     excluded: dict[str, int]  # {"errors": n, "unlabelled": n}
+    sources: np.ndarray  # the ``source`` column (the real set a real row belongs to), "unknown" where absent
+    predicted: np.ndarray | None = None  # 0/1 at the calibrated threshold, where the weights carried one
+    thresholds: tuple[float, ...] = ()  # the calibrated threshold(s) of those predictions
+
+
+class Variant(NamedTuple):
+    """One perturbation setting of a sweep (``spai score --perturb``): its label, registry name and strength."""
+
+    label: str  # "none", "jpeg=75", "filter=clarendon"
+    perturbation: str  # "none", "jpeg", "filter"
+    strength: float | None  # None for kinds without one
 
 
 def select_split(table: pa.Table, source: str, split: str | None) -> tuple[pa.Table, list[str]]:
@@ -104,6 +122,25 @@ def _checked_values(table: pa.Table, source: str) -> tuple[np.ndarray, np.ndarra
     return labels, scores
 
 
+def _calibrated(table: pa.Table, scores: np.ndarray) -> tuple[np.ndarray | None, tuple[float, ...]]:
+    """Predictions at the calibrated threshold (its ``predicted`` column, else ``score > threshold``) and the
+    threshold values; (None, ()) for tables scored without one."""
+    names = table.column_names
+    if "predicted" not in names and "threshold" not in names:
+        return None, ()
+    threshold = (table.column("threshold").cast(pa.float64()).to_numpy(zero_copy_only=False) if "threshold" in names
+                 else np.full(table.num_rows, np.nan))
+    predicted = (table.column("predicted").cast(pa.float64()).to_numpy(zero_copy_only=False) if "predicted" in names
+                 else np.full(table.num_rows, np.nan))
+    predicted = np.where(np.isnan(predicted), scores > threshold, predicted)
+    return predicted, tuple(sorted(set(threshold[~np.isnan(threshold)].tolist())))
+
+
+def _strings(table: pa.Table, name: str, missing: str) -> np.ndarray:
+    values = table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+    return np.array([missing if v is None else v for v in values], dtype=object)
+
+
 def usable_rows(table: pa.Table, source: str) -> UsableRows:
     """The rows of a score table that scored and have a label; raises when there are none."""
     labels, scores = _checked_values(table, source)
@@ -111,9 +148,32 @@ def usable_rows(table: pa.Table, source: str) -> UsableRows:
     failed = np.array([bool(e) for e in errors], dtype=bool) | np.isnan(scores)
     unlabelled = np.isnan(labels) & ~failed
     keep = ~failed & ~unlabelled
-    generators = np.array([g if g is not None else "unknown" for g in table.column("generator").to_pylist()], object)
     if not keep.any():
         raise EvaluateError(f"score table {source} has no labelled rows that scored; evaluation needs labels "
                             "(score a manifest or an official CSV, not a bare folder)")
     counts = {"errors": int(failed.sum()), "unlabelled": int(unlabelled.sum())}
-    return UsableRows(labels[keep].astype(np.int64), generators[keep], scores[keep], counts)
+    predicted, thresholds = _calibrated(table.filter(pa.array(keep)), scores[keep])
+    return UsableRows(labels[keep].astype(np.int64), _strings(table, "generator", "unknown")[keep], scores[keep],
+                      counts, _strings(table, "source", "unknown")[keep],
+                      None if predicted is None else predicted.astype(np.int64), thresholds)
+
+
+def variant_parts(table: pa.Table) -> list[tuple[Variant | None, pa.Table]]:
+    """The rows of each perturbation setting of a sweep table, the original images ("none") first, then grouped by
+    perturbation in the order they appear; ``[(None, table)]`` for a table scored without ``--perturb``."""
+    if "variant" not in table.column_names:
+        return [(None, table)]
+    labels = _strings(table, "variant", "unknown")
+    kinds = _strings(table, "perturbation", "unknown")
+    strengths = (table.column("strength").cast(pa.float64()).to_numpy(zero_copy_only=False)
+                 if "strength" in table.column_names else np.full(table.num_rows, np.nan))
+    first = {label: i for i, label in reversed(list(enumerate(labels)))}
+    kind_order = {kind: i for i, kind in reversed(list(enumerate(kinds)))}
+    order = sorted(first, key=lambda label: (kinds[first[label]] != "none", kind_order[kinds[first[label]]],
+                                             first[label]))
+    parts = []
+    for label in order:
+        i = first[label]
+        strength = None if np.isnan(strengths[i]) else float(strengths[i])
+        parts.append((Variant(label, kinds[i], strength), table.filter(pa.array(labels == label))))
+    return parts
