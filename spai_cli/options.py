@@ -12,9 +12,9 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from spai_core.config import has_flags, load_config
+from spai_core.config import ConfigError, has_flags, load_config
 
 CONFIG_DEST = "config"
 OVERRIDES_DEST = "overrides"
@@ -101,3 +101,18 @@ def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> A
     given and the ``KEY=VALUE`` overrides, validated in one place."""
     path = getattr(args, CONFIG_DEST, None) or base
     return load_config(cls, path, getattr(args, OVERRIDES_DEST, None) or (), flag_values(args))
+
+
+def trials_config(cls: type, args: argparse.Namespace, layers: Callable[[], Any], job: str) -> Any:
+    """The config of a job whose trials are training runs (``spai tune``, ``spai benchmark``): ``KEY=VALUE`` set its
+    base training config; with ``--resume`` it starts from the saved config of the job ``--name`` names, else from
+    ``layers()`` (what ``--config`` gave)."""
+    from tune.search import saved_search  # the library a command uses is imported when it runs
+
+    flags = flag_values(args)
+    overrides = [f"train.{item}" for item in getattr(args, OVERRIDES_DEST) or ()]
+    if not args.resume:
+        return load_config(cls, layers(), overrides, flags)
+    if not flags.get("name"):
+        raise ConfigError(f"--resume needs the --name of the {job} to continue (its folder under --output)")
+    return load_config(cls, saved_search(flags.get("output", cls().output), flags["name"]), overrides, flags)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from spai_cli.options import CONFIG_DEST, OVERRIDES_DEST, add_config_options, flag_values
+from spai_cli.options import CONFIG_DEST, add_config_options, trials_config
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +27,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from pipelines.infra import tracking
-    from spai_core.config import ConfigError, load_config
     from tune.config import TuneConfig, search_layers
-    from tune.search import resume_search, run_search, saved_search
+    from tune.search import resume_search, run_search
 
-    flags = flag_values(args)
-    overrides = [f"train.{item}" for item in getattr(args, OVERRIDES_DEST) or ()]
-    if args.resume:
-        if not flags.get("name"):
-            raise ConfigError("--resume needs the --name of the search to continue (its folder under --output)")
-        saved = saved_search(flags.get("output", TuneConfig().output), flags["name"])
-        result = resume_search(load_config(TuneConfig, saved, overrides, flags))
-    else:
-        layers = search_layers(getattr(args, CONFIG_DEST), args.space)
-        result = run_search(load_config(TuneConfig, layers, overrides, flags))
+    cfg = trials_config(TuneConfig, args, lambda: search_layers(getattr(args, CONFIG_DEST), args.space), "search")
+    result = (resume_search if args.resume else run_search)(cfg)
     logger.info(f"[spai tune] search directory: {result.search_dir}")
     if result.best:
         logger.info(f"[spai tune] best trial {result.best.trial_id}: {result.best.best_value:.4f} at epoch "
