@@ -33,6 +33,7 @@ COMMANDS = {
     "validate": ("validate", "open every image of a manifest; record sizes and hashes, list rejects"),
     "train": ("train", "train or fine-tune SPAI with Ray Train (DDP), tracked in MLflow"),
     "tune": ("tune", "search hyperparameters with Ray Tune + ASHA; every trial is a real train run"),
+    "benchmark": ("benchmark", "benchmarks of parallel train runs: the cross-generator matrix (GenImage Table 4)"),
     "score": ("score", "score images (folder, CSV, manifest or s3:// prefix) with Ray Data"),
     "evaluate": ("evaluate", "metrics per generator (and per degradation) from a scored table"),
     "calibrate": ("calibrate", "choose a decision threshold on a calibration split; keep it in the checkpoint"),
@@ -47,6 +48,7 @@ RESUME_HINTS = {
     "score": "re-run the same command to continue where it stopped",
     "train": "add --resume to the same command to continue from the last checkpoint",
     "tune": "add --resume and the search's --name to the same command to continue it",
+    "benchmark": "add --resume and the benchmark's --name to the same command to continue it",
 }
 
 
