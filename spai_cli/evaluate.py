@@ -8,9 +8,15 @@ from spai_cli.options import add_config_options, config_from_args
 
 logger = logging.getLogger(__name__)
 
-DESCRIPTION = ("AUC, AP, accuracy, TPR at 1%/5% FPR and ECE per generator, each fake "
-               "generator paired with all real rows; writes a table and ROC plots. The report folder keeps "
-               "the config as config.yaml: --config of that file makes the same report again.")
+DESCRIPTION = ("Metrics per generator from score tables: AUC and AP with seeded bootstrap 95% intervals, EER, TPR at "
+               "1%/5% FPR, accuracy and balanced accuracy at --threshold (and at the checkpoint's calibrated "
+               "threshold when the weights carried one), accuracy at the oracle threshold, log-loss and ECE. "
+               "--protocol paired (the SPAI paper's: each generator's fakes against each real source apart, then "
+               "the mean over sources; the default with two or more real sources) or pooled (against all reals). "
+               "Tables of `spai score --perturb` give one run per setting, a table per metric with a column per "
+               "setting and plots against strength. The report folder holds metrics.csv, metrics.md, a "
+               "self-contained report.html and the plots, and keeps the config as config.yaml: --config of that "
+               "file makes the same report again.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -32,14 +32,14 @@ class EvaluateConfig:
 
     scores: list[str] = option(default_factory=list, flag="SCORES", help="scored table(s) written by `spai score` "
                                "(Parquet or CSV, local or s3://)")
-    output: str | None = option(None, flag="--output", short="-o", help="report directory (table CSV/Markdown + ROC "
-                                "PNG + config.yaml; default: print the table only)")
+    output: str | None = option(None, flag="--output", short="-o", help="report directory (metrics.csv, metrics.md, "
+                                "report.html, plots, config.yaml; default: print the tables only)")
     threshold: float = option(0.5, flag="--threshold", help="score threshold for accuracy (tables scored with "
                               "calibrated weights also get accuracy at the checkpoint's own threshold)")
     protocol: str = option("auto", flag="--protocol", choices=PROTOCOLS, help="paired: each generator's fakes "
                            "against each real source (the `source` of the real rows) apart, then the mean over "
                            "sources, as the SPAI paper reports; pooled: against all reals at once; auto: paired "
-                           "where the reals come from two or more sources")
+                           "when some table's reals come from two or more sources, else pooled")
     bootstrap: int = option(1000, flag="--bootstrap", help="resamples behind the 95 percent intervals of AUC and AP "
                             "(0: no intervals)")
     seed: int = option(0, flag="--seed", help="seed of the bootstrap resamples (the same seed, the same intervals)")
