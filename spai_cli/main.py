@@ -38,6 +38,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "metrics per generator (and per degradation) from a scored table"),
     "calibrate": ("calibrate", "choose a decision threshold on a calibration split; keep it in the checkpoint"),
     "convert": ("convert", "convert weights between the official .pth layout and our .safetensors"),
+    "export": ("export", "export a checkpoint as ONNX graphs (tile encoder + aggregator) for onnxruntime / TensorRT"),
     "backbone": ("backbone", "pretrained backbone weights (real CLIP ViT-B/16 weights offline)"),
     "demo": ("demo", "offline demo: build corpus -> train -> score -> evaluate on this machine"),
     "demo-data": ("demo_data", "build only the offline demo corpus (photos + CPU generators)"),

@@ -23,7 +23,7 @@ from torch import nn
 from .backbones import create_backbone, embed, get_backbone_spec, shape_of
 from .config import ConfigError
 from .filters import frequency_mask, split_frequencies
-from .tiling import Offset, pad_to_min_size, tile_offsets
+from .tiling import Offset, plan_tiles
 
 
 @dataclass
@@ -216,7 +216,10 @@ class PatchEncoder(nn.Module):
         The three images share one ViT pass; each block's tokens (prefix tokens dropped) are reduced to statistics
         before the next block runs, so activation memory is that of one layer, not of all ``depth`` layers.
         """
-        low, high = split_frequencies(tiles, self.frequencies_mask)
+        return self.encode_split(tiles, *split_frequencies(tiles, self.frequencies_mask))
+
+    def encode_split(self, tiles: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` given the tiles' low- and high-pass images (the ONNX export computes them without FFT)."""
         with self._backbone_grad():
             x = embed(self.vit, (torch.cat([tiles, low, high]) - self.mean) / self.std)
         per_layer = []
@@ -325,9 +328,7 @@ class SPAI(nn.Module):
 
     def plan_tiles(self, image: torch.Tensor) -> tuple[torch.Tensor, list[Offset]]:
         """Pad an image as the official pipeline does and list the offsets of the tiles to pool."""
-        padded, _ = pad_to_min_size(image, self.cfg.img_size)
-        return padded, tile_offsets(*padded.shape[-2:], self.cfg.img_size, self.cfg.minimum_patches,
-                                    self.cfg.max_tiles)
+        return plan_tiles(image, self.cfg.img_size, self.cfg.minimum_patches, self.cfg.max_tiles)
 
     def _encode_offsets(self, padded: list[torch.Tensor], keys: list[tuple[int, Offset]], chunk: int) -> torch.Tensor:
         size = self.cfg.img_size

@@ -72,3 +72,10 @@ def tile_offsets(height: int, width: int, size: int = 224, minimum_patches: int 
     if max_tiles is not None and len(grid) > max_tiles:
         grid = [grid[i] for i in spread_indices(len(grid), max_tiles)]
     return grid
+
+
+def plan_tiles(image: torch.Tensor, size: int = 224, minimum_patches: int = 4,
+               max_tiles: int | None = None) -> tuple[torch.Tensor, list[Offset]]:
+    """Pad a ``C x H x W`` image as the official pipeline does and list the offsets of the tiles to pool."""
+    padded, _ = pad_to_min_size(image, size)
+    return padded, tile_offsets(*padded.shape[-2:], size, minimum_patches, max_tiles)

@@ -1,0 +1,1 @@
+"""Exports of trained SPAI models for deployment runtimes (``spai export``)."""
