@@ -110,7 +110,7 @@ class Explanation:
 class Detector:
     """A loaded SPAI model with its device, precision and tiling options.
 
-    On CPU (unless ``fuse_cpu`` is False) the model's backbone is patched in place with fused oneDNN linears
+    On CPU (unless ``fuse_cpu`` is False) the model's linears are patched in place with fused oneDNN ones
     (:mod:`spai_core.onednn`): same parameters and state dict, same scores up to float rounding, faster inference.
     """
 
@@ -123,7 +123,7 @@ class Detector:
         if self.device.type == "cpu":
             keep_freed_memory()
             if fuse_cpu:
-                fuse_for_cpu_inference(model.mfvit.vit)
+                fuse_for_cpu_inference(model)
         default = min(model.cfg.feature_batch, CPU_FEATURE_BATCH) if self.device.type == "cpu" else None
         self.feature_batch = feature_batch or default or model.cfg.feature_batch
         self.model_id = model_id

@@ -1,11 +1,11 @@
-"""An optional CPU inference patch over timm ViT blocks: oneDNN linears on weights packed once, GELU fused.
+"""An optional CPU inference patch over a model's linears (timm's ViT blocks, SPAI's projectors): oneDNN linears on
+weights packed once, GELU fused.
 
 On CPU, ``F.linear`` hands the weight to MKL (fp32) or oneDNN (bf16), which reorders it into a blocked layout on
-every call and, for fp32, first copies the broadcast bias into the output; the GELU after ``fc1`` is another pass
-over the widest activation. :func:`fuse_for_cpu_inference` swaps each block's ``nn.Linear`` for a
-:class:`PackedLinear`, an ``nn.Linear`` subclass sharing the same parameters (state-dict keys and values
-unchanged), which in CPU inference calls oneDNN's linear on a weight reordered once, with the bias and an exact GELU
-fused into the GEMM. Results equal the plain ops up to float rounding (parity-tested); everywhere else (GPU,
+every call and, for fp32, first copies the broadcast bias into the output; a GELU after a linear is another pass over
+the widest activation. :func:`fuse_for_cpu_inference` swaps each ``nn.Linear`` for a :class:`PackedLinear`, an
+``nn.Linear`` subclass sharing the same parameters (state-dict keys and values unchanged), which in CPU inference
+calls oneDNN's linear on a weight reordered once, with the bias and an exact GELU fused into the GEMM. Results equal the plain ops up to float rounding (parity-tested); everywhere else (GPU,
 autograd, no oneDNN) it is the plain ``nn.Linear``. ``benchmarks/bench_core.py`` measures what it gains.
 """
 from __future__ import annotations
@@ -93,23 +93,34 @@ class PackedLinear(nn.Linear):
         return super().extra_repr() + (", gelu=True" if self.gelu else "")
 
 
-def _exact_gelu(module: nn.Module) -> bool:
+def _exact_gelu(module: nn.Module | None) -> bool:
     return type(module) is nn.GELU and module.approximate == "none"
 
 
-def fuse_for_cpu_inference(vit: nn.Module) -> int:
-    """Swap the ``nn.Linear`` layers of ``vit``'s blocks for :class:`PackedLinear` in place, folding an exact GELU
-    that follows ``mlp.fc1`` into it; returns the number of layers swapped. Idempotent. Layers of other types
-    (SVD fine-tuning's factored linears) stay as they are."""
+def _fold_gelu(module: nn.Module) -> int:
+    """Fold an exact GELU into the ``nn.Linear`` right before it: a timm ``Mlp``'s ``fc1``/``act``, or neighbours in
+    an ``nn.Sequential``. The GELU's place becomes an ``nn.Identity`` (it has no parameters, so keys stay)."""
+    if type(getattr(module, "fc1", None)) is nn.Linear and _exact_gelu(getattr(module, "act", None)):
+        module.fc1, module.act = PackedLinear.from_linear(module.fc1, gelu=True), nn.Identity()
+        return 1
+    folded = 0
+    if isinstance(module, nn.Sequential):
+        for i in range(len(module) - 1):
+            if type(module[i]) is nn.Linear and _exact_gelu(module[i + 1]):
+                module[i], module[i + 1] = PackedLinear.from_linear(module[i], gelu=True), nn.Identity()
+                folded += 1
+    return folded
+
+
+def fuse_for_cpu_inference(model: nn.Module) -> int:
+    """Swap every ``nn.Linear`` of ``model`` for :class:`PackedLinear` in place, folding an exact GELU that follows
+    one into it; returns the number of layers swapped. Idempotent. Layers of other types (SVD fine-tuning's
+    factored linears) stay as they are."""
     swapped = 0
-    for block in vit.blocks:
-        mlp = getattr(block, "mlp", None)
-        if mlp is not None and type(getattr(mlp, "fc1", None)) is nn.Linear and _exact_gelu(getattr(mlp, "act", None)):
-            mlp.fc1, mlp.act = PackedLinear.from_linear(mlp.fc1, gelu=True), nn.Identity()
-            swapped += 1
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, PackedLinear.from_linear(child))
-                    swapped += 1
+    for parent in list(model.modules()):
+        swapped += _fold_gelu(parent)
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PackedLinear.from_linear(child))
+                swapped += 1
     return swapped

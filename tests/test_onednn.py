@@ -22,11 +22,13 @@ def _tiny() -> nn.Module:
 def test_fused_model_keeps_its_state_dict_and_scores() -> None:
     plain = _tiny()
     fused = copy.deepcopy(plain)
-    swapped = fuse_for_cpu_inference(fused.mfvit.vit)
-    depth = len(plain.mfvit.vit.blocks)
-    assert swapped == 4 * depth  # qkv, proj, fc1 (+GELU), fc2 per block
-    assert fuse_for_cpu_inference(fused.mfvit.vit) == 0  # idempotent
+    swapped = fuse_for_cpu_inference(fused)
+    assert swapped == sum(type(m) is nn.Linear for m in plain.modules())
+    assert fuse_for_cpu_inference(fused) == 0  # idempotent
     assert all(isinstance(b.mlp.fc1, PackedLinear) and b.mlp.fc1.gelu for b in fused.mfvit.vit.blocks)
+    projector = fused.mfvit.features_processor.patch_projector.projectors[0].projector  # Linear, GELU as in Sequential
+    assert projector[1].gelu and isinstance(projector[2], nn.Identity)
+    assert not any(type(m) in (nn.Linear, nn.GELU) for m in fused.modules())
     before, after = plain.state_dict(), fused.state_dict()
     assert list(before) == list(after) and all(torch.equal(before[k], after[k]) for k in before)
     images = [torch.rand(3, 300, 260), torch.rand(3, 224, 224)]
