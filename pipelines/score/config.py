@@ -16,6 +16,7 @@ from pipelines.infra.settings import TrackingConfig
 from spai_core.config import ConfigError, option
 from spai_core.detector import PRECISIONS, resolve_precision
 from spai_core.errors import UserError
+from spai_core.onnx_runtime import RUNTIMES
 
 GPU_ACTOR_THREADS = 2  # a GPU actor only pads and tiles on the CPU
 DEVICES = ("auto", "cpu", "cuda")
@@ -36,6 +37,8 @@ class ScoreConfig:
 
     weights: str = option("", flag="--weights", short="-w", help="official spai.pth or our checkpoint "
                           "(.safetensors); local path or s3://")
+    runtime: str = option("pytorch", flag="--runtime", choices=RUNTIMES, help="pytorch: --weights is a checkpoint; "
+                          "onnxruntime: a local folder of `spai export onnx` (fp32 graphs), scored the same way")
     input: str = option("", flag="--input", short="-i", help="image, folder, official CSV, manifest or s3:// prefix")
     recursive: bool = option(False, flag="--recursive", short="-r", help="score a folder's subfolders too (default: "
                              "its top level, like the official tool)")
@@ -74,6 +77,8 @@ class ScoreConfig:
         for name in ("weights", "input", "output"):
             if not getattr(self, name):
                 raise ConfigError("is required", name)
+        if self.runtime == "onnxruntime" and self.precision == "bf16":
+            raise ConfigError("needs --runtime pytorch: an ONNX export runs in fp32", "precision")
         if not self.output.lower().endswith((".parquet", ".csv")):
             raise ConfigError(f"{self.output!r} must end with .parquet or .csv", "output")
         if self.official_csv and not self.output.lower().endswith(".csv"):

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 from pipelines.data.manifest import NOTES_KEY, present_splits, resolve_input, split_rows
 from pipelines.infra.storage import Files, StorageOptions, basename, filesystem, is_s3
 from pipelines.score.config import ScoreConfig, ScoreError
-from spai_core.detector import Detector
+from spai_core.onnx_runtime import load_detector
 
 RESULT_COLUMNS = ("row_id", "score", "logit", "tiles", "error", "model_id", "precision", "options", "threshold",
                   "predicted")
@@ -59,7 +59,7 @@ def input_table(cfg: ScoreConfig, options: StorageOptions) -> tuple[pa.Table, di
     return table.append_column("row_id", ids), skipped
 
 
-def check_weights(uri: str, options: StorageOptions) -> tuple[str, dict[str, Any]]:
+def check_weights(uri: str, options: StorageOptions, runtime: str = "pytorch") -> tuple[str, dict[str, Any]]:
     """Load the weights once on the driver, the way every actor will; return their hash (``Detector.model_id``) and
     their provenance (our checkpoints name their training run and epoch).
 
@@ -68,13 +68,19 @@ def check_weights(uri: str, options: StorageOptions) -> tuple[str, dict[str, Any
     """
     files = Files(options)
     kind = files.info(uri).type
+    if runtime == "onnxruntime":  # an export folder, read where it is
+        if is_s3(uri):
+            raise ScoreError(f"--runtime onnxruntime reads a local export folder (or one on shared storage), not "
+                             f"{uri}; copy it to each node")
+        detector = load_detector(uri, runtime, device="cpu", precision="fp32")
+        return detector.model_id, detector.provenance
     if kind == pafs.FileType.Directory:
         raise ScoreError(f"--weights {uri} is a folder; give the weights file in it (an official spai.pth or our "
-                         ".safetensors)")
+                         ".safetensors), or add --runtime onnxruntime for a folder of `spai export onnx`")
     if kind != pafs.FileType.File:
         raise files.missing(uri)
     with local_weights(uri, options) as path:
-        detector = Detector.from_pretrained(path, "cpu", "fp32")
+        detector = load_detector(path, runtime, device="cpu", precision="fp32")
     return detector.model_id, detector.provenance
 
 

@@ -149,7 +149,7 @@ def prepare(cfg: ScoreConfig, options: StorageOptions) -> Job:
     # an unreachable store fails now
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
     table, skipped = input_table(cfg, options)
-    model_id, provenance = check_weights(cfg.weights, options)
+    model_id, provenance = check_weights(cfg.weights, options, cfg.runtime)
     job = Job(cfg, files, work, table, skipped, model_id, provenance, tracking_uri)
     if job.threshold is not None:
         logger.info("predicting AI-generated iff score > %g, the threshold the weights carry (%s); output columns "

@@ -17,18 +17,18 @@ from pipelines.infra.storage import StorageOptions, absolute
 from pipelines.score.config import ActorPlan, ScoreConfig, ScoreError
 from pipelines.score.inputs import local_weights
 from pipelines.score.workdir import PART_SCHEMA, PartBuffer, WorkDir
-from spai_core.detector import Detector
+from spai_core.onnx_runtime import load_detector
 
 
 class Scorer:
     """Ray Data actor: loads the Detector once, then turns decoded rows into ``row_id, logit, tiles, error``."""
 
     def __init__(self, weights: str, model_id: str, plan: ActorPlan, max_tiles: int | None,
-                 feature_batch: int | None, options: StorageOptions):
+                 feature_batch: int | None, options: StorageOptions, runtime: str = "pytorch"):
         torch.set_num_threads(plan.threads)
         with local_weights(weights, options) as path:
-            self.detector = Detector.from_pretrained(path, plan.device, plan.precision, feature_batch=feature_batch,
-                                                     max_tiles=max_tiles)
+            self.detector = load_detector(path, runtime, device=plan.device, precision=plan.precision,
+                                          feature_batch=feature_batch, max_tiles=max_tiles)
         if self.detector.model_id != model_id:
             raise ScoreError(f"the weights at {weights} on this node (hash {self.detector.model_id}) differ from "
                              f"the driver's (hash {model_id}); put one copy on shared storage or s3://")
@@ -80,7 +80,7 @@ def scored_batches(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: 
                         # absolute: actors on a running cluster (RAY_ADDRESS) work in another folder than the driver
                         fn_constructor_kwargs={"weights": absolute(cfg.weights), "model_id": model_id, "plan": plan,
                                                "max_tiles": cfg.max_tiles, "feature_batch": cfg.feature_batch,
-                                               "options": options})
+                                               "options": options, "runtime": cfg.runtime})
     # Ray Data's own bars count only this run's rows; the driver's bar counts the whole corpus instead. (The dataset's
     # context, shared by its whole chain, is a copy made when it was read: changing the global one now does nothing.)
     ds.context.enable_progress_bars = False
