@@ -36,6 +36,7 @@ COMMANDS = {
     "benchmark": ("benchmark", "benchmarks of parallel train runs: the cross-generator matrix (GenImage Table 4)"),
     "score": ("score", "score images (folder, CSV, manifest or s3:// prefix) with Ray Data"),
     "evaluate": ("evaluate", "metrics per generator (and per degradation) from a scored table"),
+    "explain": ("explain", "overlays of where each score comes from (tile attention) on the images, with an index"),
     "calibrate": ("calibrate", "choose a decision threshold on a calibration split; keep it in the checkpoint"),
     "convert": ("convert", "convert weights between the official .pth layout and our .safetensors"),
     "export": ("export", "export a checkpoint as ONNX graphs (tile encoder + aggregator) for onnxruntime / TensorRT"),
