@@ -26,8 +26,8 @@ PHOTOS = Path(__file__).resolve().parents[1] / "pipelines" / "assets" / "photos"
     (["convert", "{tmp}/nope.pth", "{tmp}/out.safetensors"], "nope.pth"),  # CheckpointError, from spai_core
     (["tune", "--manifest", "{tmp}/m", "--resume"], "--resume needs the --name"),  # ConfigError, before any work
     (["train", "--manifest", "{tmp}/m", "--output", "{tmp}/runs", "--name", "gone", "--resume"], "nothing to resume"),
-    (["score", "--weights", "{tmp}/w", "--input", "{tmp}", "--output", "{tmp}/s.parquet", "--jpeg-quality", "0"],
-     "--jpeg-quality (transform.jpeg_quality): must be in 1..100"),  # a transform setting, checked before Ray starts
+    (["score", "--weights", "{tmp}/w", "--input", "{tmp}", "--output", "{tmp}/s.parquet", "--perturb", "jpeg=0"],
+     "--perturb (perturb): jpeg=0: the JPEG quality must be a whole number in [1, 100]"),  # checked before Ray starts
     (["validate", "{tmp}/nope"], "does not exist"),  # ManifestError
     (["evaluate", "{tmp}/nope.parquet"], "{tmp}/nope.parquet does not exist"),  # StorageError
     (["evaluate", "{tmp}/odd.parquet"], "found labels [2.0]"),  # EvaluateError

@@ -16,12 +16,12 @@ from pipelines.data.transforms import (
     largest_inscribed_rect,
     make_score_transform,
     make_train_transform,
-    resize_bilinear,
     rotate_crop,
     row_rng,
     score_transform,
     train_views,
 )
+from pipelines.perturb.degrade import resize_bilinear
 from spai_core.config import ConfigError, load_config
 from spai_core.tiling import reflect101
 
@@ -66,7 +66,7 @@ def test_transforms_pickle_for_ray_workers(photo: np.ndarray) -> None:
     train = make_train_transform(AugmentConfig(views=2))
     restored = pickle.loads(pickle.dumps(train))
     assert np.array_equal(train(photo, np.random.default_rng(5)), restored(photo, np.random.default_rng(5)))
-    score = make_score_transform(ScoreTransformConfig(noise_sigma=3.0))
+    score = make_score_transform(ScoreTransformConfig(resize_to=300))
     assert score is not None
     restored_score = pickle.loads(pickle.dumps(score))
     assert np.array_equal(score(photo, row_rng(0, "a.jpg")), restored_score(photo, row_rng(0, "a.jpg")))
@@ -172,41 +172,6 @@ def test_resize_to_on_a_real_photo(photo: np.ndarray) -> None:
         assert abs(out.shape[0] / out.shape[1] - image.shape[0] / image.shape[1]) < 0.01
 
 
-def test_score_transform_keeps_resolution_without_padding() -> None:
-    small = np.random.default_rng(0).integers(0, 256, size=(100, 80, 3), dtype=np.uint8)
-    cfg = ScoreTransformConfig(jpeg_quality=90, blur_sigma=1.0, noise_sigma=2.0)
-    assert score_transform(small, cfg, row_rng(0, "small")).shape == (100, 80, 3)
-    assert score_transform(small, ScoreTransformConfig(scale=0.5), row_rng(0, "small")).shape == (50, 40, 3)
-
-
-def test_jpeg_degradation_changes_pixels_and_keeps_size(photo: np.ndarray) -> None:
-    out = score_transform(photo, ScoreTransformConfig(jpeg_quality=50), row_rng(0, "p"))
-    assert out.shape == photo.shape and out.dtype == np.uint8
-    assert not np.array_equal(out, photo)
-    assert np.abs(out.astype(np.int16) - photo).mean() < 10, "quality 50 should stay close to the original"
-
-
-def test_noise_sigma_statistics() -> None:
-    flat = np.full((300, 300, 3), 128, np.uint8)
-    noisy = score_transform(flat, ScoreTransformConfig(noise_sigma=5.0), row_rng(0, "flat"))
-    residual = noisy.astype(np.float64) - 128
-    assert abs(residual.mean()) < 0.1
-    assert abs(residual.std() - 5.0) < 0.1
-    channels = residual.reshape(-1, 3).T
-    assert np.abs(np.corrcoef(channels)[np.triu_indices(3, 1)]).max() < 0.02, "noise must be independent per channel"
-
-
-def test_degradations_are_seeded_per_image(photo: np.ndarray) -> None:
-    cfg = ScoreTransformConfig(noise_sigma=3.0)
-
-    def noisy(key: str, seed: int = 0) -> np.ndarray:
-        return score_transform(photo, cfg, row_rng(seed, key))
-
-    assert np.array_equal(noisy("a.jpg", 7), noisy("a.jpg", 7))
-    assert not np.array_equal(noisy("a.jpg"), noisy("b.jpg"))
-    assert not np.array_equal(noisy("a.jpg", 0), noisy("a.jpg", 1))
-
-
 def test_make_score_transform_is_none_when_nothing_to_do() -> None:
     assert make_score_transform(ScoreTransformConfig()) is None
     assert make_score_transform(ScoreTransformConfig(resize_to=512)) is not None
@@ -220,8 +185,8 @@ def test_configs_load_from_overrides_and_reject_bad_values() -> None:
         load_config(AugmentConfig, overrides=["hflip_p=1.5"])
     with pytest.raises(ConfigError, match="^crop_scale: must be two values"):
         make_train_transform(AugmentConfig(crop_scale=(0.9, 0.2)))  # a config built in Python is checked too
-    with pytest.raises(ConfigError, match=r"^--jpeg-quality \(jpeg_quality\): must be in 1..100"):
-        make_score_transform(ScoreTransformConfig(jpeg_quality=0))
+    with pytest.raises(ConfigError, match=r"^--resize-to \(resize_to\): must be a positive number"):
+        make_score_transform(ScoreTransformConfig(resize_to=0))
     with pytest.raises(ConfigError):
         load_config(AugmentConfig, overrides=["views=2.5"])
 

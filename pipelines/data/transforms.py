@@ -1,26 +1,29 @@
-"""Image transforms for training (the official SPAI augmentation) and scoring (resize + robustness degradations).
+"""Image transforms for training (the official SPAI augmentation, plus registry perturbations) and scoring (resize).
 
 Every transform is a plain function ``f(image, rng) -> image`` on ``H x W x 3`` uint8 RGB arrays, built from a typed
 dataclass config with :func:`make_train_transform` / :func:`make_score_transform`. The built transforms are
 ``functools.partial`` objects of module-level functions, so they pickle and Ray can ship them to workers. All
 randomness comes from the ``numpy.random.Generator`` passed in, so a seeded generator reproduces a result exactly.
 
-The official code uses albumentations/OpenCV; this is a numpy + Pillow re-implementation of the same operations,
-probabilities and ranges (spec 1.9). Resampling is OpenCV-style bilinear (half-pixel centres, edge clamping, no
-antialiasing when downscaling), so it may differ from OpenCV's fixed-point arithmetic by one grey level.
+The official code uses albumentations/OpenCV; this is a re-implementation of the same operations, probabilities and
+ranges (spec 1.9) on the one implementation of each pixel operation, :mod:`pipelines.perturb.degrade` (the robustness
+perturbations use it too). Resampling is OpenCV-style bilinear, so it may differ from OpenCV's fixed-point arithmetic
+by one grey level. Robustness perturbations of the registry (``augment.perturb``) join the augmentation: see
+:class:`AugmentConfig`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import io
 import math
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
+from pipelines.perturb import RandomPerturb, parse_augment
+from pipelines.perturb.degrade import (add_gaussian_noise, gaussian_blur, jpeg_roundtrip, resize_bilinear,
+                                       resize_shorter_side, to_uint8)
 from spai_core.config import ConfigError, check_config, option
 from spai_core.tiling import reflect101
 
@@ -43,6 +46,12 @@ class AugmentConfig:
 
     Per view, in order: random resized crop to ``size``, horizontal flip, vertical flip, rotation with crop to the
     largest inscribed rectangle then resize back to ``size``, Gaussian blur, Gaussian noise, JPEG re-encoding.
+
+    Before the views are cut, each ``perturb`` entry (``NAME[=S1,S2,...|=LOW:HIGH][@P]``, a perturbation of
+    :mod:`pipelines.perturb`) is applied to the whole image with probability ``P`` (default ``perturb_p``), in the
+    order listed, at a strength drawn from the listed ones or uniformly from the range: e.g. ``["jpeg=30:95@0.3",
+    "recompress=1,2@0.2", "filter=all@0.2", "meme@0.1"]``. Whole-image, because that is what a platform or an editor
+    does: a meme caption or a 1080-px re-encode happens before anyone crops. Off by default (the official recipe).
     """
 
     views: int = 4
@@ -60,13 +69,16 @@ class AugmentConfig:
     noise_var: tuple[float, float] = (10.0, 50.0)  # variance on the 0..255 scale, independent per channel
     jpeg_p: float = 0.5
     jpeg_quality: tuple[int, int] = (50, 100)
+    perturb: list[str] = dataclasses.field(default_factory=list)
+    perturb_p: float = 0.5  # probability of a perturb entry without @P
 
     def validate(self) -> None:
         for name in ("views", "size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"must be >= 1, got {getattr(self, name)}", name)
-        for name in ("hflip_p", "vflip_p", "rotate_p", "blur_p", "noise_p", "jpeg_p"):
+        for name in ("hflip_p", "vflip_p", "rotate_p", "blur_p", "noise_p", "jpeg_p", "perturb_p"):
             _check_probability(name, getattr(self, name))
+        self.perturbations()  # each entry parses
         _check_range("crop_scale", self.crop_scale, 1e-6, 1.0)
         _check_range("crop_ratio", self.crop_ratio, 1e-6, math.inf)
         _check_range("blur_kernel", self.blur_kernel, 1, math.inf)
@@ -78,35 +90,23 @@ class AugmentConfig:
         if not 0.0 <= self.rotate_limit <= 180.0:
             raise ConfigError(f"must be in [0, 180] degrees, got {self.rotate_limit}", "rotate_limit")
 
+    def perturbations(self) -> list[RandomPerturb]:
+        return [parse_augment(spec, self.perturb_p) for spec in self.perturb]
+
 
 @dataclasses.dataclass
 class ScoreTransformConfig:
-    """Preprocessing before scoring: optional resize plus robustness degradations (all off by default).
+    """Preprocessing before scoring, after any robustness perturbation (``spai score --perturb``): an optional resize.
 
-    Degradations run in the official test-transform order: JPEG, blur, noise, scale; then ``resize_to``. The result
-    keeps its resolution otherwise (no crop, no pad: the model pads sides < 224 itself). Noise is random, so callers
-    seed it per image (:func:`row_rng`) to make robustness runs independent of worker count and order.
+    The result keeps its resolution otherwise (no crop, no pad: the model pads sides < 224 itself).
     """
 
     resize_to: int | None = option(None, flag="--resize-to", help="resize so the SHORTER side is N, up or down "
                                    "(official behaviour)")
-    jpeg_quality: int | None = option(None, flag="--jpeg-quality", help="degradation: re-encode as JPEG at this "
-                                      "quality (1..100)")
-    blur_sigma: float | None = option(None, flag="--blur-sigma", help="degradation: Gaussian blur sigma (the kernel "
-                                      "covers +-3 sigma)")
-    noise_sigma: float | None = option(None, flag="--noise-sigma", help="degradation: Gaussian noise sigma (0-255 "
-                                       "scale, independent per channel)")
-    scale: float | None = option(None, flag="--scale", help="degradation: resize both sides by this factor")
 
     def validate(self) -> None:
         if self.resize_to is not None and self.resize_to < 1:
             raise ConfigError(f"must be a positive number of pixels or null, got {self.resize_to}", "resize_to")
-        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"must be in 1..100 or null, got {self.jpeg_quality}", "jpeg_quality")
-        for name in ("blur_sigma", "noise_sigma", "scale"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ConfigError(f"must be > 0 or null (off), got {value}", name)
 
 
 def _check_image(image: np.ndarray) -> None:
@@ -115,30 +115,6 @@ def _check_image(image: np.ndarray) -> None:
             f"expected an H x W x 3 uint8 RGB array, got {image.dtype} {image.shape}; "
             "convert inputs with spai_core.images.to_rgb_array"
         )
-
-
-def _to_uint8(values: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
-
-
-def _linear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear source indices and weights for one axis, OpenCV style (half-pixel centres, clamped at edges)."""
-    coords = (np.arange(target, dtype=np.float64) + 0.5) * (source / target) - 0.5
-    coords = np.clip(coords, 0.0, source - 1)
-    low = np.floor(coords).astype(np.intp)
-    high = np.minimum(low + 1, source - 1)
-    return low, high, (coords - low).astype(np.float32)
-
-
-def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize to ``height x width`` with OpenCV ``INTER_LINEAR`` semantics (the official resampling)."""
-    if image.shape[:2] == (height, width):
-        return image
-    top, bottom, wy = _linear_taps(image.shape[0], height)
-    left, right, wx = _linear_taps(image.shape[1], width)
-    rows = image[top].astype(np.float32) * (1 - wy)[:, None, None] + image[bottom] * wy[:, None, None]
-    out = rows[:, left] * (1 - wx)[None, :, None] + rows[:, right] * wx[None, :, None]
-    return _to_uint8(out)
 
 
 def random_resized_crop(
@@ -209,37 +185,7 @@ def rotate_crop(image: np.ndarray, angle: float) -> np.ndarray:
     pixels = image.astype(np.float32)
     upper = pixels[y_a, x_a] * (1 - wx) + pixels[y_a, x_b] * wx
     lower = pixels[y_b, x_a] * (1 - wx) + pixels[y_b, x_b] * wx
-    return _to_uint8(upper * (1 - wy) + lower * wy)
-
-
-def gaussian_blur(image: np.ndarray, kernel: int, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur with an odd ``kernel``-tap kernel and reflect-101 borders (OpenCV's default)."""
-    radius = kernel // 2
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps = (taps / taps.sum()).astype(np.float32)
-    # numpy's "reflect" does not repeat the edge pixel, i.e. it is reflect-101.
-    padded = np.pad(image.astype(np.float32), ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
-    height, width = image.shape[:2]
-    rows = sum(w * padded[i : i + height] for i, w in enumerate(taps))
-    out = sum(w * rows[:, i : i + width] for i, w in enumerate(taps))
-    return _to_uint8(out)
-
-
-def add_gaussian_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Add zero-mean Gaussian noise of standard deviation ``sigma`` (0..255 scale), independently per channel."""
-    noise = rng.standard_normal(image.shape, dtype=np.float32)  # float32 draws: half the time of float64 on big images
-    noise *= sigma
-    noise += image
-    return _to_uint8(noise)
-
-
-def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
-    """Encode as JPEG at ``quality`` and decode again, in memory (libjpeg defaults, 4:2:0 chroma)."""
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=int(quality))
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
-        return np.asarray(decoded.convert("RGB"))
+    return to_uint8(upper * (1 - wy) + lower * wy)
 
 
 def random_native_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -285,34 +231,25 @@ def augment_view(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator
     return np.ascontiguousarray(view)
 
 
+def perturb_image(image: np.ndarray, steps: list[RandomPerturb], rng: np.random.Generator) -> np.ndarray:
+    """``image`` through each training perturbation whose coin comes up, in order (see :class:`AugmentConfig`)."""
+    for step in steps:
+        variant = step.draw(rng)
+        if variant is not None:
+            image = variant.apply(image, rng)
+    return image
+
+
 def train_views(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """``cfg.views`` independently augmented views of one image, shape ``(views, size, size, 3)`` uint8."""
+    """``cfg.views`` independently augmented views of one (perturbed) image, shape ``(views, size, size, 3)`` uint8."""
     _check_image(image)
+    image = perturb_image(image, cfg.perturbations(), rng)
     return np.stack([augment_view(image, cfg, rng) for _ in range(cfg.views)])
 
 
-def resize_shorter_side(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize so the shorter side is exactly ``size`` (up or down), keeping the aspect ratio (``SmallestMaxSize``)."""
-    height, width = image.shape[:2]
-    factor = size / min(height, width)
-    return resize_bilinear(image, max(1, round(height * factor)), max(1, round(width * factor)))
-
-
 def score_transform(image: np.ndarray, cfg: ScoreTransformConfig, rng: np.random.Generator) -> np.ndarray:
-    """Apply the enabled degradations (JPEG, blur, noise, scale) and ``resize_to``, in the official order.
-
-    ``rng`` only drives the noise; pass a generator seeded per image (:func:`row_rng`) for reproducible runs.
-    """
+    """``image`` resized as ``cfg`` says (perturbations come before, from the sweep)."""
     _check_image(image)
-    if cfg.jpeg_quality is not None:
-        image = jpeg_roundtrip(image, cfg.jpeg_quality)
-    if cfg.blur_sigma is not None:
-        image = gaussian_blur(image, 2 * math.ceil(3 * cfg.blur_sigma) + 1, cfg.blur_sigma)
-    if cfg.noise_sigma is not None:
-        image = add_gaussian_noise(image, cfg.noise_sigma, rng)
-    if cfg.scale is not None:
-        height, width = image.shape[:2]
-        image = resize_bilinear(image, max(1, round(height * cfg.scale)), max(1, round(width * cfg.scale)))
     if cfg.resize_to is not None:
         image = resize_shorter_side(image, cfg.resize_to)
     return image

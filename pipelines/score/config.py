@@ -13,6 +13,7 @@ import torch
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.data.transforms import ScoreTransformConfig
 from pipelines.infra.settings import TrackingConfig
+from pipelines.perturb import Variant, parse_variants
 from spai_core.config import ConfigError, option
 from spai_core.detector import PRECISIONS, resolve_precision
 from spai_core.errors import UserError
@@ -59,10 +60,18 @@ class ScoreConfig:
     feature_batch: int | None = option(None, flag="--feature-batch", help="tiles encoded at once, bounds memory "
                                        "(default: the Detector's, 4 on CPU, the model's on GPU)")
     max_tiles: int | None = option(None, flag="--max-tiles", help="cap on 224-px tiles per image (huge images)")
+    perturb: list[str] = option(default_factory=list, flag="--perturb", help="robustness sweep: score every "
+                                "variant of each image in this one job, e.g. --perturb jpeg=95,75,50 webp=80 blur=1,3 "
+                                "resize=0.5 meme filter=all (NAME[=S1,S2,...]; the perturbations are listed in "
+                                "README, pipelines/perturb); output rows get variant, perturbation and strength. Put "
+                                "KEY=VALUE overrides before it")
+    original: bool = option(True, flag="--original", help="with --perturb, also score each image as it is (variant "
+                            "none)")
     transform: ScoreTransformConfig = dataclasses.field(default_factory=ScoreTransformConfig)
     root: str | None = option(None, flag="--root", help="root dir for relative paths of a CSV input")
     split: str | None = option(None, flag="--split", help="score only rows of this split")
-    seed: int = option(0, flag="--seed", help="seeds the noise degradation, per image")
+    seed: int = option(0, flag="--seed", help="seeds the random perturbations (noise, random crop, captions...), per "
+                       "image and variant")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, flag="--max-pixels", help="larger images are rows with a "
                              "decompression_bomb error")
     tag: str = option("spai", flag="--tag", help="score column name in the official CSV layout")
@@ -83,6 +92,9 @@ class ScoreConfig:
             raise ConfigError(f"{self.output!r} must end with .parquet or .csv", "output")
         if self.official_csv and not self.output.lower().endswith(".csv"):
             raise ConfigError("writes a CSV: give an --output ending with .csv", "official_csv")
+        if self.official_csv and self.perturb:
+            raise ConfigError("has one score per image, a --perturb sweep several: drop one of them", "official_csv")
+        self.variants()  # the sweep parses
         for name, what in _POSITIVE.items():
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -94,10 +106,19 @@ class ScoreConfig:
             if self.device == "cpu":
                 raise ConfigError("asks for GPUs but --device is cpu; drop one of them", "gpus_per_worker")
 
+    @property
+    def sweep(self) -> bool:
+        """Whether this job scores variants (its output has the variant columns)."""
+        return bool(self.perturb)
+
+    def variants(self) -> list[Variant]:
+        """What each image is scored as: the original alone, or the sweep's variants."""
+        return parse_variants(self.perturb, self.original) if self.perturb else parse_variants([])
+
     def options(self, precision: str) -> dict[str, Any]:
         """Every option that changes scores (with the resolved precision); what a resume must match."""
         return {"precision": precision, "max_tiles": self.max_tiles, "seed": self.seed, "max_pixels": self.max_pixels,
-                **dataclasses.asdict(self.transform)}
+                "variants": [v.label for v in self.variants()], **dataclasses.asdict(self.transform)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,8 +20,8 @@ from pipelines.infra.storage import Files, StorageOptions, basename, filesystem,
 from pipelines.score.config import ScoreConfig, ScoreError
 from spai_core.onnx_runtime import load_detector
 
-RESULT_COLUMNS = ("row_id", "score", "logit", "tiles", "error", "model_id", "precision", "options", "threshold",
-                  "predicted")
+RESULT_COLUMNS = ("row_id", "variant", "perturbation", "strength", "score", "logit", "tiles", "error", "model_id",
+                  "precision", "options", "threshold", "predicted")
 
 
 def row_ids(uris: Sequence[str]) -> list[str]:

@@ -9,6 +9,12 @@ Checks first, then Ray: the config, the output (a finished one needs ``--overwri
 listing, the weights (loaded once on the driver, the way every actor will) and, for a local Ray, the GPUs asked for
 and the resume record all fail before Ray starts; on a cluster (``RAY_ADDRESS``) the last two once it is joined.
 
+Sweeps (:mod:`~pipelines.score.variants`): ``--perturb`` scores every variant of each image (``jpeg=75``,
+``filter=clarendon``, ``meme``... and ``none``, the image as it is) in the one job; each image is read and decoded once
+and its variants made in the same Ray Data task. A result is one (input row, variant) pair: that is what resumes, what
+fails on its own, and what the output's ``variant``, ``perturbation`` and ``strength`` columns name (a plain job scores
+the variant ``none`` only and has no such columns).
+
 Resumability (:mod:`~pipelines.score.workdir`): every input row gets a stable ``row_id`` (hash of its uri and its
 occurrence number). Finished rows are written in small Parquet part files under a work directory next to the output
 (``<output>.parts/``), together with ``job.json`` (model hash, scoring options, input fingerprint). A re-run of the
@@ -19,7 +25,7 @@ A re-run with other weights, options or input is refused, so one output never mi
 Output (:mod:`~pipelines.score.outputs`, our layout): the input columns (a name that clashes with a result column gets
 an ``input_`` prefix), then ``row_id``, ``score`` (sigmoid of the logit), ``logit``, ``tiles`` (224-px tiles pooled),
 ``error`` (null, or ``"reason: message"``: a decode reason from :data:`pipelines.data.decode.REASONS`,
-``transform_failed`` or ``model_failed``), ``model_id`` (checkpoint hash), ``precision`` and ``options`` (JSON of every
+``perturb_failed``, ``transform_failed`` or ``model_failed``), ``model_id`` (checkpoint hash), ``precision`` and ``options`` (JSON of every
 option that changes scores; ``spai evaluate`` labels degradation runs from it). Weights with a threshold from ``spai
 calibrate`` add ``threshold`` and ``predicted`` (1: AI-generated, iff score > threshold). Rows that failed keep null
 score, logit and prediction. With ``--official-csv`` the output is the official layout instead: the input CSV's columns (``image, split,
@@ -43,7 +49,6 @@ import time
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import ray
 
@@ -55,6 +60,7 @@ from pipelines.score.config import ActorPlan, ScoreConfig, ScoreError, plan_acto
 from pipelines.score.inputs import check_weights, input_digest, input_table
 from pipelines.score.outputs import absolute_paths, assemble, write_config, write_outputs
 from pipelines.score.scorer import score_rows
+from pipelines.score.variants import pairs, todo_rows
 from pipelines.score.workdir import WorkDir
 from spai_core.config import check_config, to_dict
 
@@ -73,6 +79,7 @@ class ScoreResult:
     first: tuple[float, int] | None = None  # seconds to the first results and their rows: start-up apart from speed
     tracking_uri: str | None = None  # the MLflow store of the job's run, when tracked
     run_id: str | None = None
+    decoded: int = 0  # images this invocation read and decoded (a sweep scores several variants of each)
 
     @property
     def errors(self) -> list[str]:
@@ -88,7 +95,7 @@ class ScoreResult:
         errors = self.errors
         reasons = self.reasons(errors)
         return {"rows": self.table.num_rows, "scored": self.table.num_rows - len(errors), "failed": len(errors),
-                "scored_now": self.scored_now, "seconds": self.seconds,
+                "scored_now": self.scored_now, "decoded": self.decoded, "seconds": self.seconds,
                 "images_per_s": self.scored_now / self.seconds if self.seconds else 0.0,
                 **({"first_results_s": self.first[0]} if self.first else {}),
                 **{f"failed_{reason}": count for reason, count in reasons.items()}}
@@ -101,7 +108,9 @@ class ScoreResult:
         if self.first and self.scored_now > self.first[1] and self.first[0] <= self.seconds / 2:
             since = (self.scored_now - self.first[1]) / (self.seconds - self.first[0])
             rate += f"; first results after {self.first[0]:.1f} s, {since:.2f} img/s since"
-        lines = [f"scored {self.scored_now} images in {self.seconds:.1f} s ({rate}); output has "
+        what = (f"{self.scored_now} images" if self.decoded in (0, self.scored_now)
+                else f"{self.scored_now} variants of {self.decoded} images")
+        lines = [f"scored {what} in {self.seconds:.1f} s ({rate}); output has "
                  f"{self.table.num_rows} rows: {self.table.num_rows - len(errors)} scored, {len(errors)} failed"
                  + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else "")]
         if self.skipped:
@@ -216,25 +225,27 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
 def run_job(job: Job, plan: ActorPlan, progress: bool) -> ScoreResult:
     """Score the rows not done yet, assemble and write the output, and track the run."""
     cfg, table, work = job.cfg, job.table, job.work
-    todo = table.filter(pc.invert(pc.is_in(table.column("row_id"), value_set=work.read_parts().column("row_id"))))
-    if todo.num_rows < table.num_rows:
-        logger.info("resuming %s: %d of %d rows were scored before", work.uri, table.num_rows - todo.num_rows,
-                    table.num_rows)
-    run_id = start_tracking(job, plan, resumed=table.num_rows - todo.num_rows)
+    variants = cfg.variants()
+    todo = todo_rows(table, work.read_parts(), [v.label for v in variants])
+    total, left = table.num_rows * len(variants), pairs(todo)
+    if left < total:
+        logger.info("resuming %s: %d of %d rows were scored before", work.uri, total - left, total)
+    run_id = start_tracking(job, plan, resumed=total - left)
     with tracking.ended_on_error(job.tracking_uri, run_id) if run_id else contextlib.nullcontext():
         started, first = time.monotonic(), None
-        if todo.num_rows:
+        if left:
             logger.info("loading the model on %d %s actor(s); scoring starts when it is loaded", plan.workers,
                         "GPU" if plan.device == "cuda" else "CPU")
-            with progress_bar(progress, total=table.num_rows, initial=table.num_rows - todo.num_rows, unit="img",
-                              desc="scoring", smoothing=0.05) as bar:
+            with progress_bar(progress, total=total, initial=total - left, unit="img", desc="scoring",
+                              smoothing=0.05) as bar:
                 first = score_rows(todo, cfg, plan, job.model_id, job.files.options, work, bar)
         seconds = time.monotonic() - started
-        out = assemble(table, work.read_parts(), job.model_id, cfg.options(plan.precision), job.threshold)
+        out = assemble(table, work.read_parts(), job.model_id, cfg.options(plan.precision), job.threshold,
+                       variants if cfg.sweep else None)
         write_outputs(out, cfg, job.files)
         work.remove()
-    result = ScoreResult(cfg.output, out, todo.num_rows, seconds, job.skipped,
-                         first and (first[0] - started, first[1]), job.tracking_uri, run_id)
+    result = ScoreResult(cfg.output, out, left, seconds, job.skipped, first and (first[0] - started, first[1]),
+                         job.tracking_uri, run_id, decoded=todo.num_rows)
     if run_id:
         finish_tracking(result)
     return result

@@ -6,7 +6,7 @@ import csv
 import dataclasses
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -16,8 +16,10 @@ import pyarrow.fs as pafs
 
 from pipelines.data.manifest import parquet_bytes
 from pipelines.infra.storage import Files, absolute
+from pipelines.perturb import NONE, Variant
 from pipelines.score.config import ScoreConfig, ScoreError
 from pipelines.score.inputs import clash_free
+from pipelines.score.variants import expand, result_keys, variant_columns
 from pipelines.score.workdir import write_atomic
 from spai_core.config import dump_config
 from spai_core.metrics import sigmoid
@@ -39,21 +41,24 @@ def write_config(cfg: ScoreConfig, files: Files) -> str:
 
 
 def assemble(table: pa.Table, parts: pa.Table, model_id: str, options: Mapping[str, Any],
-             threshold: float | None = None) -> pa.Table:
-    """Input rows joined with their results (first result per row id), in input order; every row must have one.
+             threshold: float | None = None, variants: Sequence[Variant] | None = None) -> pa.Table:
+    """Input rows joined with their results (first result per row and variant), in input order; every row must have
+    one. A sweep's ``variants`` repeat each row once per variant, with the variant columns after ``row_id``.
     With the calibrated ``threshold`` of the weights, also that and ``predicted`` (1 iff score > threshold)."""
-    index = pc.index_in(table.column("row_id"), value_set=parts.column("row_id"))
+    table = expand(table, variants or [NONE])
+    n = table.num_rows
+    labels = variant_columns(variants, n // len(variants)) if variants else {}
+    keys = result_keys(table.column("row_id"), labels.get("variant", pa.repeat(pa.scalar(NONE.label), n)))
+    index = pc.index_in(keys, value_set=result_keys(parts.column("row_id"), parts.column("variant")))
     if index.null_count:
-        raise ScoreError(f"{index.null_count} of {table.num_rows} rows have no result; re-run the same command to "
-                         "score them")
+        raise ScoreError(f"{index.null_count} of {n} rows have no result; re-run the same command to score them")
     found = parts.take(index)
     logit = found.column("logit")
     # failed rows (null logit) keep a null score
     score = pa.array(sigmoid(logit.fill_null(0.0).to_numpy()), pa.float64(),
                      mask=logit.is_null().to_numpy(zero_copy_only=False))
-    n = table.num_rows
-    results = {"score": score, "logit": logit, "tiles": found.column("tiles"), "error": found.column("error"),
-               "model_id": pa.repeat(pa.scalar(model_id), n),
+    results = {**labels, "score": score, "logit": logit, "tiles": found.column("tiles"),
+               "error": found.column("error"), "model_id": pa.repeat(pa.scalar(model_id), n),
                "precision": pa.repeat(pa.scalar(options["precision"]), n),
                "options": pa.repeat(pa.scalar(json.dumps(options, sort_keys=True)), n)}
     if threshold is not None:

@@ -1,5 +1,6 @@
-"""The scoring pipeline on Ray Data: manifest rows -> decode (+ degradations) on CPU tasks -> :class:`Scorer` actors,
-each holding one :class:`~spai_core.detector.Detector` -> the driver, which keeps finished rows in the work folder."""
+"""The scoring pipeline on Ray Data: manifest rows -> decode, then each image's variants (+ resize), on CPU tasks ->
+:class:`Scorer` actors, each holding one :class:`~spai_core.detector.Detector` -> the driver, which keeps finished
+rows in the work folder."""
 from __future__ import annotations
 
 import time
@@ -16,12 +17,14 @@ from pipelines.data.transforms import make_score_transform
 from pipelines.infra.storage import StorageOptions, absolute
 from pipelines.score.config import ActorPlan, ScoreConfig, ScoreError
 from pipelines.score.inputs import local_weights
+from pipelines.score.variants import variant_block
 from pipelines.score.workdir import PART_SCHEMA, PartBuffer, WorkDir
 from spai_core.onnx_runtime import load_detector
 
 
 class Scorer:
-    """Ray Data actor: loads the Detector once, then turns decoded rows into ``row_id, logit, tiles, error``."""
+    """Ray Data actor: loads the Detector once, then turns decoded rows into ``row_id, variant, logit, tiles,
+    error``."""
 
     def __init__(self, weights: str, model_id: str, plan: ActorPlan, max_tiles: int | None,
                  feature_batch: int | None, options: StorageOptions, runtime: str = "pytorch"):
@@ -42,7 +45,8 @@ class Scorer:
         for i, image, (logit, error) in zip(good, images, self._logits(images)):
             logits[i], errors[i] = logit, error
             tiles[i] = None if error else self.detector.num_tiles(*image.shape[:2])
-        return pa.Table.from_arrays([pa.array(list(batch["row_id"]), pa.string()), pa.array(logits, pa.float32()),
+        return pa.Table.from_arrays([pa.array(list(batch["row_id"]), pa.string()),
+                                     pa.array(list(batch["variant"]), pa.string()), pa.array(logits, pa.float32()),
                                      pa.array(tiles, pa.int32()), pa.array(errors, pa.string())], schema=PART_SCHEMA)
 
     def _logits(self, images: list[np.ndarray]) -> list[tuple[float | None, str | None]]:
@@ -60,11 +64,15 @@ class Scorer:
 
 def scored_batches(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
                    options: StorageOptions) -> ray.data.Dataset:
-    """The dataset of ``todo``'s results: decode tasks feeding a pool of :class:`Scorer` actors."""
+    """The dataset of ``todo``'s results: decode and variant tasks feeding a pool of :class:`Scorer` actors."""
     # width/height of a validated manifest let the input blocks be sized by pixels (see dataset.block_bounds)
-    ds = read_manifest_dataset(todo.select([c for c in (*CORE_COLUMNS, "row_id", "width", "height")
+    ds = read_manifest_dataset(todo.select([c for c in (*CORE_COLUMNS, "row_id", "variants", "width", "height")
                                             if c in todo.column_names]))
-    ds = decode_images(ds, make_score_transform(cfg.transform), cfg.seed, options, cfg.max_pixels)
+    ds = decode_images(ds, None, cfg.seed, options, cfg.max_pixels)
+    # the same task as decoding (Ray fuses the two stages): the decoded image does not cross the object store
+    ds = ds.map_batches(variant_block, batch_format="numpy", batch_size=None,
+                        fn_kwargs={"variants": {v.label: v for v in cfg.variants()},
+                                   "transform": make_score_transform(cfg.transform), "seed": cfg.seed})
     # Blocks of one model batch each; the repartition boundary also keeps Ray from fusing decoding into the actors,
     # so decode tasks run beside scoring instead of stalling it (and a GPU never waits on JPEG decoding).
     ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)

@@ -20,8 +20,9 @@ from pipelines.infra.storage import Files, is_s3, join
 
 logger = logging.getLogger(__name__)
 
-PART_SCHEMA = pa.schema([("row_id", pa.string()), ("logit", pa.float32()), ("tiles", pa.int32()),
-                         ("error", pa.string())])
+# one row per (input row, variant) scored; a plain job's variant is "none"
+PART_SCHEMA = pa.schema([("row_id", pa.string()), ("variant", pa.string()), ("logit", pa.float32()),
+                         ("tiles", pa.int32()), ("error", pa.string())])
 JOB_FILE = "job.json"
 PART_SECONDS = 60.0  # a part file is written at least this often, so a kill loses at most a minute of work
 
