@@ -2,6 +2,7 @@
 run resumes without duplicates or gaps; the official layout and the official parity scores are reproduced."""
 from __future__ import annotations
 
+import collections
 import csv
 import io
 import json
@@ -31,8 +32,11 @@ from pipelines.infra.settings import TrackingConfig
 from pipelines.score.config import ActorPlan, ScoreConfig, plan_actors
 from pipelines.score.job import ScoreResult, prepare, record, score
 from pipelines.score.scorer import Scorer
+from pipelines.score.variants import variant_block
 from pipelines.score.workdir import WorkDir
 from pipelines.infra.storage import Files, StorageOptions, read_bytes
+from pipelines.data.transforms import row_rng
+from pipelines.perturb import parse_variants
 from polling import free_port
 from s3server import upload_folder
 from spai_cli.main import main as spai
@@ -41,6 +45,7 @@ from spai_core.config import load_config
 from spai_core.detector import Detector
 from spai_core.errors import UserError
 from spai_core.images import to_rgb_array
+from spai_core.onnx_runtime import OnnxDetector
 from spai_core.onnx_runtime import OnnxDetector
 from spai_core.spai import build_model
 
@@ -126,7 +131,8 @@ def test_folder_input_matches_detector_and_truncated_file_is_an_error(weights, c
         "truncated", "zero_byte", "not_an_image", "missing"]
     assert out.column("logit").null_count == 4
     assert set(out.column("precision").to_pylist()) == {"fp32"}
-    assert json.loads(out.column("options")[0].as_py())["jpeg_quality"] is None
+    assert json.loads(out.column("options")[0].as_py())["variants"] == ["none"]
+    assert "variant" not in out.column_names  # a plain job has no sweep columns
     tiles = dict(zip([Path(u).name for u in out.column("uri").to_pylist()], out.column("tiles").to_pylist()))
     assert tiles["cut.jpg"] is None and all(tiles[name] >= 4 for name in expected)
     assert not (tmp_path / "scores.parquet.parts").exists()
@@ -243,12 +249,81 @@ def test_killed_run_resumes_without_duplicates_or_gaps(weights, corpus, expected
     assert not parts.exists()
 
 
+SWEEP = ["jpeg=50", "blur=2", "meme"]
+
+
+def test_sweep_scores_every_variant_once_and_resumes_after_a_kill(weights, corpus, tmp_path):
+    """`spai score --perturb`: one row per (image, variant), each the Detector's logit of that variant (seeded per
+    image and variant); killed half-way, the same command finishes the pairs left, decoding only their images."""
+    (tmp_path / "small").mkdir()
+    images = [tmp_path / "small" / f.name for f in sorted(corpus.iterdir())[:3]]
+    for source, small in zip(sorted(corpus.iterdir()), images):  # one or two tiles each: the test is about rows
+        with Image.open(source) as image:
+            image.convert("RGB").resize((240, 230)).save(small, quality=95)
+    bad = bad_files(tmp_path / "bad", corpus / "img0.jpg")[1]  # not an image: every variant fails with its reason
+    source = write_csv(tmp_path / "input.csv", [{"image": str(p), "class": 0, "split": "test"} for p in [*images, bad]])
+    output = tmp_path / "sweep.parquet"
+    command = [sys.executable, "-m", "spai_cli.main", "score", "-w", str(weights), "-i", str(source), "-o",
+               str(output), "--batch-size", "1", "--part-rows", "1", "--device", "cpu", "--no-mlflow", "--perturb",
+               *SWEEP]
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    parts = Path(str(output) + ".parts")
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    deadline = time.monotonic() + 300  # a cap for a loaded machine: the parts usually come within seconds
+    while len(list(parts.glob("part-*.parquet"))) < 5 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = pq.read_table(list(parts.glob("part-*.parquet")))
+    pairs = 4 * (1 + len(SWEEP))
+    assert not output.exists() and 5 <= before.num_rows < pairs, "the run must be killed half-way"
+    unfinished = sum(n < 1 + len(SWEEP) for n in collections_counts(before.column("row_id").to_pylist(), 4))
+
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert f"scored {pairs - before.num_rows} variants of {unfinished} images" in finished.stdout
+    out = pq.read_table(output)
+    labels = ["none", *SWEEP]
+    assert out.num_rows == pairs and len(set(zip(out.column("row_id").to_pylist(),
+                                                 out.column("variant").to_pylist()))) == pairs
+    assert out.column("variant").to_pylist() == labels * 4  # image-major, in sweep order
+    assert out.column("perturbation").to_pylist()[:4] == ["none", "jpeg", "blur", "meme"]
+    assert out.column("strength").to_pylist()[:4] == [None, 50.0, 2.0, None]
+    assert out.column("error").to_pylist()[-4:] == [out.column("error")[-1].as_py()] * 4
+    assert out.column("error")[-1].as_py().startswith("not_an_image")
+    detector = Detector.from_pretrained(weights, "cpu", "fp32")
+    wanted = detector.logits([variant.apply(to_rgb_array(Image.open(p)), row_rng(0, f"{p}\n{variant.label}"))
+                              for p in images for variant in parse_variants(SWEEP)])
+    np.testing.assert_allclose(out.column("logit").to_numpy()[:12], wanted, rtol=1e-5, atol=1e-5)
+    assert not parts.exists()
+
+
+def collections_counts(ids: list[str], rows: int) -> list[int]:
+    """How many results each of ``rows`` input rows has among ``ids`` (rows with none count 0)."""
+    counts = list(collections.Counter(ids).values())
+    return counts + [0] * (rows - len(counts))
+
+
+def test_a_variant_that_fails_is_its_own_row_error():
+    """WebP cannot hold a 17000-px panorama: that variant fails with its reason, the image's others are made."""
+    wide = np.zeros((2, 17000, 3), np.uint8)
+    batch = {"row_id": np.array(["a"], object), "uri": np.array(["wide.png"], object),
+             "image": wide[None], "error": np.array([None], object),
+             "variants": np.array([np.array(["webp=80", "none"], object)], object)}
+    variants = {v.label: v for v in parse_variants(["webp=80"])}
+    out = pa.concat_tables(variant_block(batch, variants, None, seed=0)).to_pydict()
+    assert out["variant"] == ["webp=80", "none"] and out["error"][1] is None
+    assert out["error"][0].startswith("perturb_failed: webp=80: ValueError") and "WebP limit" in out["error"][0]
+
+
 def test_scorer_isolates_an_image_the_model_cannot_take(weights, corpus, expected):
     """A batch that fails is retried image by image: the others are scored, the culprit gets the model's error."""
     plan = ActorPlan("cpu", "fp32", workers=1, num_cpus=1.0, num_gpus=0.0, threads=2)
     scorer = Scorer(str(weights), Detector.from_pretrained(weights, "cpu").model_id, plan, None, 16, StorageOptions())
     good = to_rgb_array(Image.open(corpus / "img0.jpg"))
-    batch = {"row_id": np.array(["a", "b", "c"], object), "error": np.array([None, None, "zero_byte: empty"], object),
+    batch = {"row_id": np.array(["a", "b", "c"], object), "variant": np.array(["none"] * 3, object),
+             "error": np.array([None, None, "zero_byte: empty"], object),
              "image": np.array([good, np.zeros((0, 300, 3), np.uint8), np.zeros((0, 0, 3), np.uint8)], object)}
     out = scorer(batch).to_pydict()
     assert out["logit"][0] == pytest.approx(expected["img0.jpg"], abs=1e-5) and out["logit"][1:] == [None, None]
@@ -306,12 +381,12 @@ def test_a_saved_config_reruns_the_same_job(weights, corpus, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     shutil.copytree(corpus, "images")
     argv = ["score", "-w", str(weights), "-i", "images", "-o", "first.parquet", "--batch-size", "3", "--seed", "7",
-            "--noise-sigma", "2", "--no-mlflow"]
+            "--no-mlflow", "--no-original", "--perturb", "noise=2"]
     assert spai(argv) == 0
     saved = tmp_path / "first.parquet.config.yaml"
     cfg = load_config(ScoreConfig, saved)
-    assert (cfg.input, cfg.seed, cfg.transform.noise_sigma, cfg.tracking.enabled) == (str(tmp_path / "images"), 7,
-                                                                                      2.0, False)
+    assert (cfg.input, cfg.seed, cfg.perturb, cfg.original, cfg.tracking.enabled) == (
+        str(tmp_path / "images"), 7, ["noise=2"], False, False)
     first = pq.read_table("first.parquet")
     monkeypatch.chdir(corpus)  # anywhere else
     assert spai(["score", "--config", str(saved), "--overwrite"]) == 0
@@ -416,6 +491,22 @@ def test_parity_images_reproduce_official_logits(tmp_path):
     np.testing.assert_allclose([got[r["image"]] for r in rows], [float(r["logit"]) for r in rows], rtol=1e-4,
                                atol=1e-5)
     assert out.column("tiles").to_pylist() == [int(r["n_patches"]) for r in sorted(rows, key=lambda r: r["image"])]
+
+def test_onnxruntime_runtime_scores_as_the_detector(weights, corpus, expected, tmp_path):
+    """`--runtime onnxruntime --weights EXPORT_DIR`: the same job on the exported graphs gives the Detector's logits
+    and keeps bad files as row errors."""
+    from spai_core.export import export_checkpoint
+
+    export_checkpoint(weights, tmp_path / "onnx")
+    folder = shutil.copytree(corpus, tmp_path / "images")
+    bad_files(folder, next(corpus.iterdir()))
+    out = run(tmp_path / "onnx", folder, tmp_path / "onnx.parquet", runtime="onnxruntime")
+    check_logits(out, expected)
+    errors = dict(zip((Path(u).name for u in out.column("uri").to_pylist()), out.column("error").to_pylist()))
+    assert all(errors[name] for name in BAD_FILES) and not any(errors[name] for name in expected)
+    assert set(out.column("model_id").to_pylist()) == {OnnxDetector(tmp_path / "onnx", "cpu").model_id}
+    with pytest.raises(UserError, match="is a folder.*--runtime onnxruntime"):
+        run(tmp_path / "onnx", folder, tmp_path / "pytorch.parquet")
 
 def test_onnxruntime_runtime_scores_as_the_detector(weights, corpus, expected, tmp_path):
     """`--runtime onnxruntime --weights EXPORT_DIR`: the same job on the exported graphs gives the Detector's logits
