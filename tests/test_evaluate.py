@@ -165,7 +165,7 @@ def test_cli_prints_writes_and_logs_to_mlflow(tmp_path, capsys):
     pq.write_table(score_table(), tmp_path / "scores.parquet")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = cli(["evaluate", str(tmp_path / "scores.parquet"), "--output", str(tmp_path / "report"), "--seen", "sdxl",
-                "--mlflow-uri", tracking])
+                "--mlflow-uri", tracking, "--bootstrap", "200"])
     out = capsys.readouterr().out
     assert code == 0 and "| clean | sdxl | seen | 1.0000 |" in out
     assert (tmp_path / "report" / "roc_flux.png").exists()
@@ -174,9 +174,11 @@ def test_cli_prints_writes_and_logs_to_mlflow(tmp_path, capsys):
     client = MlflowClient(tracking)
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval/clean/flux/auc"] == pytest.approx(6 / 16)
-    assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {"evaluation/metrics.md",
-                                                                          "evaluation/roc_sdxl.png"}
-    assert np.isfinite(metrics["eval/clean/overall/ap"])
+    assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {
+        "evaluation/metrics.md", "evaluation/report.html", "evaluation/roc_sdxl.png"}
+    assert np.isfinite(metrics["eval/clean/overall/ap"]) and metrics["eval/clean/flux/auc_lo"] <= 6 / 16
+    params = client.get_run(run_id).data.params
+    assert (params["protocol"], params["bootstrap"]) == ("pooled", "200")  # one real source: pooled
     assert client.get_run(run_id).info.run_name == "evaluate clean"
 
 
@@ -202,9 +204,10 @@ def test_a_saved_config_makes_the_same_report_again(tmp_path, monkeypatch, capsy
     monkeypatch.chdir(tmp_path)
     pq.write_table(with_splits(test=score_table(), train=score_table({"flux": [0.95, 0.96]})), "scores.parquet")
     assert cli(["evaluate", "scores.parquet", "-o", "report", "--split", "test", "--seen", "sdxl", "--threshold",
-                "0.3", "--no-mlflow"]) == 0
+                "0.3", "--no-mlflow", "--protocol", "paired", "--bootstrap", "300", "--seed", "3"]) == 0
     first = (tmp_path / "report" / "metrics.csv").read_text()
-    assert "wrote 7 report file(s) to report" in capsys.readouterr().out  # the config is one of them
+    assert "protocol: paired" in (tmp_path / "report" / "config.yaml").read_text()
+    assert "wrote 8 report file(s) to report" in capsys.readouterr().out  # the config and pairs.csv among them
     (tmp_path / "report" / "metrics.csv").unlink()
     monkeypatch.chdir(tmp_path / "report")  # the saved paths are absolute
     assert cli(["evaluate", "--config", "config.yaml"]) == 0

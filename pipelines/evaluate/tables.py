@@ -1,5 +1,7 @@
-"""The score tables ``spai evaluate`` reads: each one read, labelled by the options it was scored with, and reduced
-to the rows that can be evaluated (labelled, scored, probabilities)."""
+"""The score tables ``spai evaluate`` reads: each one read, labelled by the options it was scored with, split into
+the settings of a sweep (``variant``, ``perturbation``, ``strength`` of ``spai score --perturb``) and reduced to the
+rows that can be evaluated (labelled, scored, probabilities), with their real source and, for weights that carried
+a calibrated threshold, the ``predicted`` label at it."""
 from __future__ import annotations
 
 import io
