@@ -58,11 +58,10 @@ def _decisions(report: EvalReport) -> tuple[tuple[str, str], ...]:
 def _comparisons(report: EvalReport, metric: str, name: str) -> list[Section]:
     """``metric`` per generator with a column per run: the settings of sweep tables (one row per table and
     generator, GenImage's Table 5 layout), and separately the other runs when there are several."""
-    swept = [run for run in report.runs if run in report.variants]
     plain = [run for run in report.runs if run not in report.variants]
     sections = []
-    if swept:
-        places = {run: report.variants[run][0:1] + (report.variants[run][1].label,) for run in swept}
+    if report.variants:
+        places = {run: (table, variant.label) for run, (table, variant) in report.variants.items()}
         sections.append(_grid(report, metric, places, f"{name} under perturbations",
                               "one column per setting of `spai score --perturb`; none = the original images"))
     if len(plain) > 1:
