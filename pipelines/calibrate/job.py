@@ -21,11 +21,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from pipelines.calibrate.config import CalibrateConfig, CalibrateError
 from pipelines.evaluate.tables import read_scores, select_split, usable_rows
 from pipelines.infra import tracking
 from pipelines.infra.storage import Files, StorageOptions, absolute, basename, is_s3
+from pipelines.perturb import NONE
 from pipelines.score.inputs import local_weights
 from pipelines.score.workdir import write_atomic
 from spai_core import calibration
@@ -44,15 +47,16 @@ class CalibrationResult:
     output: str
     threshold: dict[str, Any]  # as in the checkpoint's metadata
     rates: dict[str, float]  # fpr, tpr, real and balanced accuracy on the calibration rows
-    excluded: dict[str, int]  # rows left out: {"errors": n, "unlabelled": n}
+    excluded: dict[str, int]  # rows left out: {"errors": n, "unlabelled": n, "perturbed": n}
     warnings: list[str]
     run_id: str | None = None
 
     def summary(self) -> str:
         t, r = self.threshold, self.rates
-        failed, unlabelled = self.excluded["errors"], self.excluded["unlabelled"]
+        names = {"errors": "failed", "unlabelled": "unlabelled", "perturbed": "perturbed"}
+        left_out = ", ".join(f"{n} {names[why]}" for why, n in self.excluded.items() if n)
         return (f"threshold {t['value']:.6g} ({t['target']}) from {t['n_real']} real and {t['n_fake']} fake images"
-                + (f" ({failed} failed and {unlabelled} unlabelled rows left out)" if failed or unlabelled else "")
+                + (f" (left out: {left_out} rows)" if left_out else "")
                 + f"; on them: real accuracy {r['real_accuracy']:.3f}, TPR {r['tpr']:.3f}, balanced accuracy "
                 f"{r['balanced_accuracy']:.3f}\nwrote {self.output}"
                 + (f"\ntracked as MLflow run {self.run_id}" if self.run_id else ""))
@@ -77,13 +81,20 @@ def calibration_scores(table: pa.Table, cfg: CalibrateConfig) -> tuple[np.ndarra
     if pooled:
         raise CalibrateError(f"{cfg.scores} holds the splits {', '.join(pooled)}; pick the calibration split with "
                              "--split (e.g. val; a threshold from training rows would be too optimistic)")
+    perturbed = 0
+    if "variant" in rows.column_names:  # a sweep (`spai score --perturb`): the threshold is for the images as they are
+        originals = rows.filter(pc.equal(rows.column("variant"), NONE.label))
+        perturbed, rows = rows.num_rows - originals.num_rows, originals
+        if rows.num_rows == 0:
+            raise CalibrateError(f"{cfg.scores} holds only perturbed images (a `spai score --perturb` sweep without "
+                                 f"the {NONE.label!r} variant); calibrate on scores of the images as they are")
     usable = usable_rows(rows, cfg.scores)
     real, fake = usable.scores[usable.labels == 0], usable.scores[usable.labels == 1]
     for what, scores in (("real (label 0)", real), ("AI-generated (label 1)", fake)):
         if scores.size == 0:
             raise CalibrateError(f"{cfg.scores}{f' split {cfg.split}' if cfg.split else ''} has no {what} images "
                                  "that scored; a calibration split needs both real and AI-generated images")
-    return real, fake, usable.excluded
+    return real, fake, {**usable.excluded, "perturbed": perturbed}
 
 
 def choose_threshold(real: np.ndarray, fake: np.ndarray, cfg: CalibrateConfig) -> tuple[float, list[str]]:
@@ -124,9 +135,11 @@ def calibrate(cfg: CalibrateConfig, options: StorageOptions | None = None) -> Ca
     files = Files(options)
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None  # fails now
     table = read_scores(cfg.scores, options)
+    if is_s3(cfg.weights) and files.info(cfg.weights).type != pafs.FileType.File:
+        raise files.missing(cfg.weights)  # a local path gets read_metadata's own message
     with local_weights(cfg.weights, options) as path:
-        model_id = file_sha256(path, 16)  # how ``spai score`` names the weights (Detector.model_id)
         earlier = read_metadata(path).get("calibrated_from", [])
+        model_id = file_sha256(path, 16)  # how ``spai score`` names the weights (Detector.model_id)
         check_scored_with(table, cfg, {model_id, *earlier})
         real, fake, excluded = calibration_scores(table, cfg)
         value, warnings = choose_threshold(real, fake, cfg)
