@@ -33,6 +33,7 @@ from pipelines.data.manifest import read_manifest, write_manifest
 from pipelines.evaluate.tables import read_scores
 from pipelines.infra import storage, tracking
 from pipelines.score.config import ScoreConfig
+from pipelines.score.job import score
 from pipelines.train import files
 from pipelines.train.run import check_splits
 from spai_core.config import ConfigError, field_flag, from_dict
@@ -97,8 +98,6 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     trained = train_trial(cfg, setup.parent_run_id)
     if trained.best_checkpoint is None:
         raise TrialError(f"training {row} ended without a checkpoint to test")
-    from pipelines.score.job import score  # Ray Data's scoring pipeline, run from inside the trial
-
     score(from_dict(ScoreConfig, {**setup.score, "weights": trained.best_checkpoint, "output": scores}),
           progress=False)
 
