@@ -46,7 +46,6 @@ from spai_core.detector import Detector
 from spai_core.errors import UserError
 from spai_core.images import to_rgb_array
 from spai_core.onnx_runtime import OnnxDetector
-from spai_core.onnx_runtime import OnnxDetector
 from spai_core.spai import build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session", "module_mlflow_store")]
@@ -492,21 +491,6 @@ def test_parity_images_reproduce_official_logits(tmp_path):
                                atol=1e-5)
     assert out.column("tiles").to_pylist() == [int(r["n_patches"]) for r in sorted(rows, key=lambda r: r["image"])]
 
-def test_onnxruntime_runtime_scores_as_the_detector(weights, corpus, expected, tmp_path):
-    """`--runtime onnxruntime --weights EXPORT_DIR`: the same job on the exported graphs gives the Detector's logits
-    and keeps bad files as row errors."""
-    from spai_core.export import export_checkpoint
-
-    export_checkpoint(weights, tmp_path / "onnx")
-    folder = shutil.copytree(corpus, tmp_path / "images")
-    bad_files(folder, next(corpus.iterdir()))
-    out = run(tmp_path / "onnx", folder, tmp_path / "onnx.parquet", runtime="onnxruntime")
-    check_logits(out, expected)
-    errors = dict(zip((Path(u).name for u in out.column("uri").to_pylist()), out.column("error").to_pylist()))
-    assert all(errors[name] for name in BAD_FILES) and not any(errors[name] for name in expected)
-    assert set(out.column("model_id").to_pylist()) == {OnnxDetector(tmp_path / "onnx", "cpu").model_id}
-    with pytest.raises(UserError, match="is a folder.*--runtime onnxruntime"):
-        run(tmp_path / "onnx", folder, tmp_path / "pytorch.parquet")
 
 def test_onnxruntime_runtime_scores_as_the_detector(weights, corpus, expected, tmp_path):
     """`--runtime onnxruntime --weights EXPORT_DIR`: the same job on the exported graphs gives the Detector's logits
