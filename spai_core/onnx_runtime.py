@@ -35,9 +35,11 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
     """The ``spai_onnx.json`` of an export folder; with ``verify``, both graphs are checked against its hashes."""
     folder = Path(folder)
     path = folder / MANIFEST_FILE
+    if folder.is_file():
+        raise OnnxExportError(f"{folder}: is a file; onnxruntime takes the folder `spai export onnx` writes (from this "
+                              f"checkpoint: spai export onnx {folder} -o DIR)")
     if not path.is_file():
-        hint = " (it is a file: give the folder `spai export onnx` wrote)" if folder.is_file() else ""
-        raise OnnxExportError(f"{folder}: no {MANIFEST_FILE} here{hint}; export one with "
+        raise OnnxExportError(f"{folder}: no {MANIFEST_FILE} here; export a checkpoint into it with "
                               f"`spai export onnx CHECKPOINT -o {folder}`")
     try:
         manifest = json.loads(path.read_text())

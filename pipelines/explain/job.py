@@ -123,10 +123,10 @@ def explain(cfg: ExplainConfig) -> list[dict]:
     """Explain every image of ``cfg.images`` into ``cfg.output``; returns the index rows."""
     files = Files(StorageOptions.from_env())
     uris = list_images(cfg.images, files)
+    detector = Detector.from_pretrained(cfg.weights, cfg.device, cfg.precision, max_tiles=cfg.max_tiles)
     out = Path(cfg.output)
     (out / OVERLAYS).mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(dump_config(cfg))
-    detector = Detector.from_pretrained(cfg.weights, cfg.device, cfg.precision, max_tiles=cfg.max_tiles)
     rows = [explain_image(detector, uri, files, out / OVERLAYS / name, cfg)
             for uri, name in zip(progress_bar(iterable=uris, desc="explain", unit="image"), _overlay_names(uris))]
     write_index(rows, out)
