@@ -22,8 +22,8 @@ class CalibrateConfig:
                           ".pth with `spai convert` first), local or s3://")
     scores: str = option("", flag="--scores", short="-s", help="the table `spai score` wrote for the calibration "
                          "images with these very weights (Parquet or CSV of our layout)")
-    split: str | None = option(None, flag="--split", help="calibrate on the rows of this split, e.g. val (default: "
-                               "every row; never the training split)")
+    split: str | None = option(None, flag="--split", help="calibrate on the rows of this split, e.g. val (needed when "
+                               "the table holds several; never calibrate on training rows)")
     target_fpr: float | None = option(None, flag="--target-fpr", help="choose the threshold that keeps the "
                                       "false-positive rate on new real images at most this, e.g. 0.05")
     balanced: bool = option(False, flag="--balanced", help="choose the threshold of the best balanced accuracy "
