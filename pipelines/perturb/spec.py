@@ -96,7 +96,8 @@ class RandomPerturb:
 
 
 def parse_augment(spec: str, p: float) -> RandomPerturb:
-    """``NAME[=S1,S2,...|=LOW:HIGH][@P]``: ``jpeg=30:95@0.3``, ``filter=all@0.2``, ``meme@0.1``; ``p`` when no ``@P``."""
+    """``NAME[=S1,S2,...|=LOW:HIGH][@P]``, e.g. ``jpeg=30:95@0.3``, ``filter=all@0.2``, ``meme@0.1``; probability
+    ``p`` where there is no ``@P``."""
     body, at, prob = spec.strip().partition("@")
     if at:
         try:

@@ -23,14 +23,15 @@ result per row id wins), checks that every input row is there exactly once, writ
 A re-run with other weights, options or input is refused, so one output never mixes two configurations.
 
 Output (:mod:`~pipelines.score.outputs`, our layout): the input columns (a name that clashes with a result column gets
-an ``input_`` prefix), then ``row_id``, ``score`` (sigmoid of the logit), ``logit``, ``tiles`` (224-px tiles pooled),
-``error`` (null, or ``"reason: message"``: a decode reason from :data:`pipelines.data.decode.REASONS`,
-``perturb_failed``, ``transform_failed`` or ``model_failed``), ``model_id`` (checkpoint hash), ``precision`` and ``options`` (JSON of every
-option that changes scores; ``spai evaluate`` labels degradation runs from it). Weights with a threshold from ``spai
-calibrate`` add ``threshold`` and ``predicted`` (1: AI-generated, iff score > threshold). Rows that failed keep null
-score, logit and prediction. With ``--official-csv`` the output is the official layout instead: the input CSV's columns (``image, split,
-class`` for other inputs) plus the ``--tag`` column; failed rows have an empty score and are listed in
-``<output>.errors.csv``. The :class:`~pipelines.score.config.ScoreConfig` is written next to the output as
+an ``input_`` prefix), then ``row_id`` (a sweep's ``variant``, ``perturbation`` and ``strength`` after it), ``score``
+(sigmoid of the logit), ``logit``, ``tiles`` (224-px tiles pooled), ``error`` (null, or ``"reason: message"``: a decode
+reason from :data:`pipelines.data.decode.REASONS`, ``perturb_failed``, ``transform_failed`` or ``model_failed``),
+``model_id`` (checkpoint hash), ``precision`` and ``options`` (JSON of every option that changes scores, the variants
+included). Weights with a threshold from ``spai calibrate`` add ``threshold`` and ``predicted`` (1: AI-generated, iff
+score > threshold). Rows that failed keep null score, logit and prediction. With ``--official-csv`` the output is the
+official layout instead: the input CSV's columns (``image, split, class`` for other inputs) plus the ``--tag`` column;
+failed rows have an empty score and are listed in ``<output>.errors.csv``. The
+:class:`~pipelines.score.config.ScoreConfig` is written next to the output as
 ``<output>.config.yaml`` when the job starts: ``spai score --config`` of it reruns (or continues) the job.
 
 Tracking: each invocation is an MLflow run (experiment ``spai-score``, named after the output file) with every option,
