@@ -109,6 +109,7 @@ def test_vit_b_export_matches_the_official_parity_fixtures(tmp_path):
     checkpoint = write_official_checkpoint(tmp_path / "spai_parity.pth")
     export_checkpoint(checkpoint, tmp_path / "export")
     checkpoint.unlink()
-    rows = [r for r in expected_rows() if r["image"].startswith(("pub01", "pub03"))]  # five-crop and 2 x 2 grid
+    # One image: its five-crop is one distinct tile, so the check costs three ViT-B passes (tiling is checked above).
+    rows = [r for r in expected_rows() if r["image"].startswith("pub01")]
     logits = OnnxDetector(tmp_path / "export", "cpu").logits([FIXTURE / "images" / r["image"] for r in rows])
     np.testing.assert_allclose(logits, [float(r["logit"]) for r in rows], rtol=1e-4, atol=1e-5)
