@@ -24,13 +24,13 @@ FAKES = {"sdxl": [0.6, 0.7, 0.8, 0.9],  # above every real: AUC 1
 pytestmark = pytest.mark.usefixtures("mlflow_store")  # `spai evaluate` logs to MLflow by default
 
 
-def score_table(fakes: dict[str, list[float]] = FAKES, jpeg_quality: int | None = None) -> pa.Table:
+def score_table(fakes: dict[str, list[float]] = FAKES, resize_to: int | None = None) -> pa.Table:
     """Reals, fakes per generator, plus one failed row and one unlabelled row that must be left out."""
     rows = [{"label": 0, "generator": "real", "score": s, "error": None} for s in REALS]
     rows += [{"label": 1, "generator": g, "score": s, "error": None} for g, scores in fakes.items() for s in scores]
     rows += [{"label": 1, "generator": "sdxl", "score": None, "error": "truncated: cut short"},
              {"label": None, "generator": None, "score": 0.99, "error": None}]
-    options = json.dumps({"precision": "fp32", "jpeg_quality": jpeg_quality, "blur_sigma": None})
+    options = json.dumps({"precision": "fp32", "resize_to": resize_to, "max_tiles": None})
     return pa.Table.from_pylist([{**r, "options": options} for r in rows])
 
 
@@ -71,9 +71,9 @@ def test_seen_generators_are_listed_apart():
 
 def test_degradation_runs_are_labelled_from_options_and_compared():
     weaker = {"sdxl": [0.35, 0.45, 0.8, 0.9], "flux": FAKES["flux"]}  # 0.35 beats 3 reals, the rest 4: 15/16
-    report = evaluate([score_table(), score_table(weaker, jpeg_quality=75)])
-    assert report.runs == ["clean", "jpeg_quality=75"]
-    assert by_generator(report, "jpeg_quality=75")["sdxl"]["auc"] == pytest.approx(15 / 16)
+    report = evaluate([score_table(), score_table(weaker, resize_to=512)])
+    assert report.runs == ["clean", "resize_to=512"]
+    assert by_generator(report, "resize_to=512")["sdxl"]["auc"] == pytest.approx(15 / 16)
     assert "### AUC per run" in report.markdown()
     assert "| sdxl | 1.0000 | 0.9375 |" in report.markdown()
     assert list(label_runs({"a/x.parquet": score_table(), "b/y.parquet": score_table()}).values()) == [
@@ -93,7 +93,7 @@ def test_errors_name_the_score_table_not_its_run_label():
     with pytest.raises(EvaluateError, match=r"^score table /data/scores\.parquet lacks column\(s\) \['label'\]"):
         evaluate({"/data/scores.parquet": score_table().drop_columns(["label"])})
     with pytest.raises(EvaluateError, match=r"^score table table #1 has no rows of split 'test'"):
-        evaluate([with_splits(test=score_table()), score_table(jpeg_quality=75)], split="test")
+        evaluate([with_splits(test=score_table()), score_table(resize_to=512)], split="test")
 
 
 def test_threshold_must_be_a_probability_strictly_inside_0_1():
@@ -116,8 +116,8 @@ def test_seen_generators_must_be_in_the_data():
     with pytest.raises(EvaluateError, match=r"\['dalle'\] have no scored .* present are flux, sdxl"):
         evaluate(score_table(), seen=["sdxl", "dalle"])
     # one table holding it is enough: tables of different test sets share one list of training generators
-    report = evaluate([score_table({"flux": FAKES["flux"]}), score_table(jpeg_quality=75)], seen=["sdxl"])
-    assert by_generator(report, "jpeg_quality=75")["sdxl"]["group"] == "seen"
+    report = evaluate([score_table({"flux": FAKES["flux"]}), score_table(resize_to=512)], seen=["sdxl"])
+    assert by_generator(report, "resize_to=512")["sdxl"]["group"] == "seen"
 
 
 def test_splits_are_pooled_with_a_note_or_selected():
@@ -153,12 +153,12 @@ def test_cli_refuses_bad_inputs_and_selects_a_split(tmp_path, capsys):
 
 
 def test_report_files(tmp_path):
-    report = evaluate([score_table(), score_table(jpeg_quality=50)])
+    report = evaluate([score_table(), score_table(resize_to=256)])
     written = write_report(report, str(tmp_path))
     names = sorted(p.rsplit("/", 1)[-1] for p in written)
     assert names == ["metrics.csv", "metrics.md", "report.html", "roc_flux.png", "roc_overall.png", "roc_sdxl.png"]
     assert (tmp_path / "roc_sdxl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "jpeg_quality=50" in (tmp_path / "metrics.csv").read_text()
+    assert "resize_to=256" in (tmp_path / "metrics.csv").read_text()
 
 
 def test_cli_prints_writes_and_logs_to_mlflow(tmp_path, capsys):

@@ -211,7 +211,7 @@ def evaluate(score_tables: Mapping[str, pa.Table] | Sequence[pa.Table] | pa.Tabl
 
     ``score_tables``: one table, a list, or ``{source: table}`` (sources, e.g. file names, name a table in errors and
     break ties between tables with the same options). Each table is a run, labelled by the options it was scored
-    with (``jpeg_quality=75``, ``clean`` when nothing was degraded).
+    with (``resize_to=512``, ``clean`` when none was set; a sweep table's settings by its variant column).
     ``seen``: generators seen in training, reported as their own group.
     ``split``: evaluate only the rows of this split; by default all rows, pooling splits (noted in the report).
     ``protocol``: ``paired``, ``pooled`` or ``auto`` (see the module); ``bootstrap`` resamples (0: none) seeded by

@@ -52,7 +52,7 @@ def write_report(report: EvalReport, output: str, options: StorageOptions | None
 
 def mlflow_metrics(report: EvalReport) -> dict[str, float]:
     """``eval/<run>/<generator>/<metric>`` values; each part's runs of other characters
-    than MLflow's (and spaces) become one ``_``: ``jpeg_quality=75 [a.parquet]`` -> ``jpeg_quality_75_a.parquet``,
+    than MLflow's (and spaces) become one ``_``: ``resize_to=512 [a.parquet]`` -> ``resize_to_512_a.parquet``,
     ``mean (unseen)`` -> ``mean_unseen``."""
     def key(*parts: str) -> str:
         return "/".join(re.sub(r"[^\w.\-]+", "_", p).strip("_") for p in parts)

@@ -17,8 +17,9 @@ from pipelines.data.manifest import present_splits, split_rows, table_from_parqu
 from pipelines.evaluate.config import EvaluateError
 from pipelines.infra.storage import Files, StorageOptions, basename
 
-# Options that tell degradation runs apart (the rest of ``options`` is the same across a comparison).
-LABEL_KEYS = ("jpeg_quality", "blur_sigma", "noise_sigma", "scale", "resize_to", "max_tiles")
+# Options that tell runs apart (the rest of ``options`` is the same across a comparison); the settings of a
+# perturbation sweep come from its variant columns instead.
+LABEL_KEYS = ("resize_to", "max_tiles")
 REQUIRED = ("label", "generator", "score")
 CLEAN = "clean"  # the label of a table scored without any degradation
 
@@ -43,7 +44,7 @@ def table_options(table: pa.Table) -> dict | None:
 
 
 def run_label(table: pa.Table, fallback: str) -> str:
-    """``jpeg_quality=75,scale=0.5`` from the table's ``options`` column, :data:`CLEAN` when nothing was degraded."""
+    """``resize_to=512`` from the table's ``options`` column, :data:`CLEAN` when none of :data:`LABEL_KEYS` is set."""
     options = table_options(table)
     if options is None:
         return fallback
