@@ -57,16 +57,23 @@ def read_manifest(folder: str | Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def _providers(device: str) -> list[str]:
+def onnx_device(device: str) -> str:
+    """``cuda`` or ``cpu``: where this onnxruntime runs for ``--device``; ``cuda`` asked of a CPU-only build (the
+    ``onnxruntime`` wheel, not ``onnxruntime-gpu``) is an error."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return "cuda"
     if device.startswith("cuda"):
         raise OnnxExportError(f"--device cuda was asked for but this onnxruntime has no CUDA provider (it has "
                               f"{', '.join(available)}); install onnxruntime-gpu or use --device cpu")
-    return ["CPUExecutionProvider"]
+    return "cpu"
+
+
+def _providers(device: str) -> list[str]:
+    return (["CUDAExecutionProvider", "CPUExecutionProvider"] if onnx_device(device) == "cuda"
+            else ["CPUExecutionProvider"])
 
 
 class OnnxDetector:

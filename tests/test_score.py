@@ -466,6 +466,23 @@ def test_actor_plan_follows_the_cluster():
     assert plan_actors(ScoreConfig(device="cuda"), {"CPU": 8}).workers == 1
 
 
+def test_onnxruntime_plans_gpu_actors_only_when_it_has_a_cuda_provider(monkeypatch):
+    import onnxruntime
+
+    from pipelines.score.job import local_plan
+    from spai_core.onnx_runtime import OnnxExportError
+
+    monkeypatch.setattr("pipelines.score.job.local_capacity", lambda: (16, 1))  # a local Ray on a 1-GPU machine
+    onnx = ScoreConfig(runtime="onnxruntime")
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert local_plan(onnx).device == "cpu" and local_plan(ScoreConfig()).device == "cuda"
+    with pytest.raises(OnnxExportError, match="--device cuda .* no CUDA provider"):
+        local_plan(ScoreConfig(runtime="onnxruntime", device="cuda"))
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert local_plan(onnx).device == "cuda"
+
+
 def test_gpus_a_local_ray_lacks_are_an_error_and_a_cluster_may_add_them(monkeypatch, caplog):
     import pipelines.infra.runtime
 

@@ -17,7 +17,7 @@ from pipelines.perturb import Variant, parse_variants
 from spai_core.config import ConfigError, option
 from spai_core.detector import PRECISIONS, resolve_precision
 from spai_core.errors import UserError
-from spai_core.onnx_runtime import RUNTIMES
+from spai_core.onnx_runtime import RUNTIMES, onnx_device
 
 GPU_ACTOR_THREADS = 2  # a GPU actor only pads and tiles on the CPU
 DEVICES = ("auto", "cpu", "cuda")
@@ -159,6 +159,10 @@ def plan_actors(cfg: ScoreConfig, resources: Mapping[str, float], node_cpus: Seq
     # GPUs asked for mean GPU actors even while an autoscaling cluster has no GPU node yet (see runtime.check_gpus)
     device = ("cuda" if cfg.device == "cuda" or cfg.gpus_per_worker or (cfg.device == "auto" and gpus_total > 0)
               else "cpu")
+    if device == "cuda" and cfg.runtime == "onnxruntime":
+        # A CPU-only onnxruntime would make GPU actors that fail at start; the driver's build stands for the actors'
+        # (one environment), so auto falls back to CPU here and GPUs asked for are refused before Ray starts.
+        device = onnx_device("cuda" if cfg.device == "cuda" or cfg.gpus_per_worker else "auto")
     precision = resolve_precision(cfg.precision, torch.device(device))
     if device == "cuda":
         gpus = cfg.gpus_per_worker or 1.0
