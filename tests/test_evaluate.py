@@ -2,6 +2,7 @@
 splits, refused inputs, report files and MLflow logging, on hand-made score tables with known AUCs."""
 from __future__ import annotations
 
+import base64
 import json
 import math
 
@@ -222,3 +223,34 @@ def test_a_wrong_value_fails_before_any_table_is_read(tmp_path, capsys):
         assert cli(["evaluate", *scores, *flags]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: {message}"), err
+
+
+def test_explain_draws_the_most_confident_mistakes(tmp_path, photos):
+    import torch
+
+    from spai_core.checkpoint import save_checkpoint
+    from spai_core.spai import build_model
+
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.safetensors"
+    save_checkpoint(weights, build_model("spai_tiny"))
+    small = sorted(photos, key=lambda p: p.stat().st_size)[:4]  # small photos: three overlays to draw, kept fast
+    # reals a (0.9, FP 1), b (0.7, FP 2), c (0.2, right); fakes d (0.1, FN 1), e (0.8, right), a moved file (0.3, FN 2)
+    uris = [str(small[0]), str(small[1]), str(small[2]), str(small[3]), str(small[0]), str(tmp_path / "moved.jpg")]
+    table = pa.table({"uri": uris, "label": [0, 0, 0, 1, 1, 1], "score": [0.9, 0.7, 0.2, 0.1, 0.8, 0.3],
+                      "generator": ["real", "real", "real", "sd", "sd", "sd"], "error": [None] * 6})
+    scores = tmp_path / "scores.parquet"
+    pq.write_table(table, scores)
+    out = tmp_path / "report"
+    assert cli(["evaluate", str(scores), "-o", str(out), "--bootstrap", "0", "--no-mlflow", "--explain",
+                 str(weights), "--explain-count", "2"]) == 0
+    drawn = sorted(p.name for p in (out / "explain").iterdir())
+    stem = [p.stem for p in small]
+    assert drawn == sorted([f"fp_1_{stem[0]}.png", f"fp_2_{stem[1]}.png", f"fn_1_{stem[3]}.png"])
+    md = (out / "metrics.md").read_text()
+    assert f"| false negative 2 | {uris[5]} | sd | 0.3000 | error: missing" in md
+    assert f"| false positive 1 | {uris[0]} | real | 0.9000 | explain/fp_1_{stem[0]}.png |" in md
+    assert uris[2] not in md.split("Most confident mistakes")[1]  # right answers are not mistakes
+    page = (out / "report.html").read_text()
+    overlay = base64.b64encode((out / "explain" / f"fn_1_{stem[3]}.png").read_bytes()).decode()
+    assert "Most confident mistakes" in page and overlay in page

@@ -46,6 +46,11 @@ class EvaluateConfig:
     seen: list[str] | None = option(None, flag="--seen", help="generators seen in training (listed apart)")
     split: str | None = option(None, flag="--split", help="evaluate only the rows of this split, e.g. test (default: "
                                "all rows; the report notes when they pool several splits)")
+    explain: str | None = option(None, flag="--explain", help="weights (spai.pth or .safetensors) to draw the "
+                                 "per-tile attention of each run's most confident false positives and false "
+                                 "negatives with, on CPU, into the report (needs --output)")
+    explain_count: int = option(3, flag="--explain-count", help="false positives and false negatives drawn per "
+                                "run with --explain")
     run_id: str | None = option(None, flag="--run-id", help="MLflow run to attach the report to (e.g. the training "
                                 "run) instead of a new one")
     tracking: TrackingConfig = dataclasses.field(
@@ -58,5 +63,9 @@ class EvaluateConfig:
             raise ConfigError(problem, "threshold")
         if self.bootstrap < 0:
             raise ConfigError(f"must be 0 (no intervals) or a number of resamples, got {self.bootstrap}", "bootstrap")
+        if self.explain_count < 1:
+            raise ConfigError(f"must be a positive number, got {self.explain_count}", "explain_count")
+        if self.explain and not self.output:
+            raise ConfigError("needs --output: the overlays go in the report folder", "explain")
         if self.run_id and not self.tracking.enabled:
             raise ConfigError("contradicts --no-mlflow; drop one of them", "run_id")

@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 
+from pipelines.evaluate.mistakes import Mistake, caption
 from pipelines.evaluate.protocol import EvalReport
 from pipelines.evaluate.render import Section, notes, sections, summary
 
@@ -55,13 +56,23 @@ def _options(options: Mapping[str, Mapping]) -> str:
     return _table(["option", *options], rows, "options") if rows else "<p>The tables carry no options column.</p>"
 
 
-def page(report: EvalReport, plots: Mapping[str, tuple[str, bytes]]) -> str:
-    """The HTML report; ``plots`` maps each plot's file name to its (title, PNG bytes)."""
+def _mistakes(mistakes: Sequence[Mistake], threshold: float) -> str:
+    shown = "".join(_figure(m.title, m.png) if m.png is not None else
+                    f"<p>{html.escape(m.title)}: not drawn, {html.escape(m.error or '')}</p>" for m in mistakes)
+    return (f'<h2>Most confident mistakes</h2><p class="caption">{html.escape(caption(threshold))}</p>'
+            + (shown or "<p>No mistakes at this threshold.</p>"))
+
+
+def page(report: EvalReport, plots: Mapping[str, tuple[str, bytes]], mistakes: Sequence[Mistake] | None = None) -> str:
+    """The HTML report; ``plots`` maps each plot's file name to its (title, PNG bytes); ``mistakes`` (drawn) get
+    their section."""
     runs = f"{len(report.runs)} runs" if len(report.runs) > 1 else report.runs[0]
     parts = [f"<h1>SPAI evaluation: {html.escape(runs)}</h1>",
              "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in summary(report)) + "</ul>"]
     parts += [_section(s) for s in sections(report)]
     parts.append("<h2>Plots</h2>" + "".join(_figure(title, png) for title, png in plots.values()))
+    if mistakes is not None:
+        parts.append(_mistakes(mistakes, report.threshold))
     parts.append("<h2>Options of each run</h2>" + _options(report.options))
     left = notes(report)
     parts.append("<h2>Left out, and caveats</h2>" + ("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in left)

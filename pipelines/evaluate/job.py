@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from pipelines.evaluate.config import EvaluateConfig
+from pipelines.evaluate.mistakes import draw_mistakes, pick_mistakes
 from pipelines.evaluate.protocol import EvalReport, evaluate
 from pipelines.evaluate.report import log_report, write_report
 from pipelines.evaluate.tables import read_scores
@@ -34,16 +35,19 @@ class EvaluationResult:
 def run_evaluation(cfg: EvaluateConfig, options: StorageOptions | None = None) -> EvaluationResult:
     """Evaluate the score tables of ``cfg``; write the report folder (with the config) and log to MLflow as asked."""
     check_config(cfg)
-    report = evaluate({uri: read_scores(uri, options) for uri in cfg.scores}, threshold=cfg.threshold, seen=cfg.seen,
-                      split=cfg.split, protocol=cfg.protocol, bootstrap=cfg.bootstrap, seed=cfg.seed)
+    tables = {uri: read_scores(uri, options) for uri in cfg.scores}
+    report = evaluate(tables, threshold=cfg.threshold, seen=cfg.seen, split=cfg.split, protocol=cfg.protocol,
+                      bootstrap=cfg.bootstrap, seed=cfg.seed)
+    mistakes = (draw_mistakes(pick_mistakes(tables, cfg.threshold, cfg.explain_count, cfg.split), cfg.explain,
+                              options) if cfg.explain else None)
     written = []
     if cfg.output:
-        written = write_report(report, cfg.output, options)
+        written = write_report(report, cfg.output, options, mistakes)
         # absolute paths: the saved config makes the same report from any folder
         saved = dataclasses.replace(cfg, scores=[absolute(uri) for uri in cfg.scores], output=absolute(cfg.output))
         written.append(join(cfg.output, CONFIG_FILE))
         Files(options).write(written[-1], dump_config(saved).encode())
     run_id = None
     if cfg.tracking.enabled:
-        run_id = log_report(report, cfg.tracking.uri, cfg.run_id, cfg.tracking.experiment)
+        run_id = log_report(report, cfg.tracking.uri, cfg.run_id, cfg.tracking.experiment, mistakes)
     return EvaluationResult(report, written, run_id)

@@ -7,11 +7,14 @@ from __future__ import annotations
 import io
 import re
 import tempfile
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipelines.evaluate.html import page
+from pipelines.evaluate.mistakes import Mistake
+from pipelines.evaluate.mistakes import markdown as mistakes_markdown
 from pipelines.evaluate.plots import roc_png, sweep_png, sweep_tables
 from pipelines.evaluate.protocol import CALIBRATED, INTERVALS, METRICS, EvalReport
 from pipelines.infra.storage import Files, StorageOptions, join
@@ -35,15 +38,18 @@ def plots(report: EvalReport) -> dict[str, tuple[str, bytes]]:
     return out
 
 
-def write_report(report: EvalReport, output: str, options: StorageOptions | None = None) -> list[str]:
-    """The report files under ``output`` (local or s3://); their URIs."""
+def write_report(report: EvalReport, output: str, options: StorageOptions | None = None,
+                 mistakes: list[Mistake] | None = None) -> list[str]:
+    """The report files under ``output`` (local or s3://), with the overlays of ``mistakes`` when given; their URIs."""
     figures = plots(report)
+    text = report.markdown() + ("" if mistakes is None else "\n\n" + mistakes_markdown(mistakes, report.threshold))
     written = {join(output, "metrics.csv"): _csv(report.table()),
-               join(output, "metrics.md"): (report.markdown() + "\n").encode(),
-               join(output, "report.html"): page(report, figures).encode()}
+               join(output, "metrics.md"): (text + "\n").encode(),
+               join(output, "report.html"): page(report, figures, mistakes).encode()}
     if report.pairs:
         written[join(output, "pairs.csv")] = _csv(pa.Table.from_pylist(report.pairs))
     written.update({join(output, name): png for name, (_, png) in figures.items()})
+    written.update({join(output, m.file): m.png for m in mistakes or () if m.png is not None})
     files = Files(options)
     for uri, data in written.items():
         files.write(uri, data)
@@ -62,7 +68,7 @@ def mlflow_metrics(report: EvalReport) -> dict[str, float]:
 
 
 def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None,
-               experiment: str = "spai-evaluate") -> str:
+               experiment: str = "spai-evaluate", mistakes: list[Mistake] | None = None) -> str:
     """Log metrics and report files to ``run_id`` (or a new run in ``experiment``); the run id."""
     from pipelines.infra import tracking  # MLflow is slow to import; only this path needs it
 
@@ -76,8 +82,9 @@ def log_report(report: EvalReport, tracking_uri: str | None, run_id: str | None,
                                      "runs": ",".join(report.runs)[:500]})
     tracking.log_metrics(uri, run_id, mlflow_metrics(report), step=0)
     with tempfile.TemporaryDirectory(prefix="spai-eval-") as tmp:
-        for path in write_report(report, tmp):
-            tracking.log_artifact(uri, run_id, path, "evaluation")
+        for path in write_report(report, tmp, mistakes=mistakes):
+            # overlays keep their folder (explain/...) under the artifact path
+            tracking.log_artifact(uri, run_id, path, "/".join(["evaluation", *Path(path).relative_to(tmp).parts[:-1]]))
     if own_run:
         tracking.finish_run(uri, run_id)
     return run_id

@@ -78,6 +78,7 @@ class UsableRows(NamedTuple):
     sources: np.ndarray  # the ``source`` column (the real set a real row belongs to), "unknown" where absent
     predicted: np.ndarray | None = None  # 0/1 at the calibrated threshold, where the weights carried one
     thresholds: tuple[float, ...] = ()  # the calibrated threshold(s) of those predictions
+    uris: np.ndarray | None = None  # the ``uri`` column ("" where absent): the images behind the mistakes
 
 
 class Variant(NamedTuple):
@@ -158,7 +159,8 @@ def usable_rows(table: pa.Table, source: str) -> UsableRows:
     predicted, thresholds = _calibrated(table.filter(pa.array(keep)), scores[keep])
     return UsableRows(labels[keep].astype(np.int64), _strings(table, "generator", "unknown")[keep], scores[keep],
                       counts, _strings(table, "source", "unknown")[keep],
-                      None if predicted is None else predicted.astype(np.int64), thresholds)
+                      None if predicted is None else predicted.astype(np.int64), thresholds,
+                      _strings(table, "uri", "")[keep])
 
 
 def variant_parts(table: pa.Table) -> list[tuple[Variant | None, pa.Table]]:
