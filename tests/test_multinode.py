@@ -216,9 +216,10 @@ def test_training_survives_losing_a_node(small_corpus, s3_server, tmp_path):
         out = log.read_text()
         assert proc.returncode == 0, out[-4000:]
         assert "runs/lost/best.safetensors" in s3_keys(s3_server, "runs/lost/")
-        # A second worker group ran, and it used the spare node, not the lost one.
+        # Another worker group ran, and it used the spare node, not the lost one. Under load a restart can itself
+        # fail once (a group placed before the lost node is declared dead) and take one more of max_failures.
         workers = actors("RayTrainWorker")
-        assert len(workers) == 4, workers
+        assert len(workers) >= 4 and len(workers) % 2 == 0, workers
         later = {node_of(a) for a in workers} - first
         assert later == set(cluster.node_ids.values()) - first, (later, first)
     epochs_seen = [int(m.group(1)) for m in map(EPOCH_LINE.search, out.splitlines()) if m]
