@@ -273,8 +273,14 @@ def _parse_ours(path: Path, meta: Mapping[str, str]) -> tuple[str, dict[str, Any
         raise CheckpointError(f"{path}: its {FORMAT_NAME} metadata is damaged ({exc!r}); export it again") from None
 
 
+FUSED_KIND = "fused"  # the header's ``kind`` of a fused (Sem-SPAI) detector, whose tensors hold three models
+
+
 def _read_ours(path: Path) -> LoadedCheckpoint:
     state, meta = _read_safetensors(path)
+    if meta.get("kind") == FUSED_KIND:
+        raise CheckpointError(f"{path}: a fused (Sem-SPAI) detector, not a SPAI model; score it with `spai score "
+                              "--weights` or load it with spai_core.onnx_runtime.load_detector")
     version, config, provenance = _parse_ours(path, meta)
     cfg = from_dict(ModelConfig, config, where=f"{path}:model_config")
     if version == "1":  # config without a backbone: the MFM ViT, whose layout the filter adapts
@@ -282,11 +288,12 @@ def _read_ours(path: Path) -> LoadedCheckpoint:
     return LoadedCheckpoint(_fp32(state), cfg, provenance, FORMAT_NAME)
 
 
-def load_state_strict(model: SPAI, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
-    """Load every parameter of ``model`` from ``state``; any missing, unexpected or mis-shaped key is an error."""
-    expected = model.state_dict()
+def fit_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                 unexpected_ok: bool = False) -> list[str]:
+    """What keeps ``state`` from loading strictly into a module whose state dict is ``expected`` (empty if
+    nothing): missing keys, unexpected ones (unless ``unexpected_ok``), shape mismatches, a few of each named."""
     missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    unexpected = [] if unexpected_ok else [k for k in state if k not in expected]
     wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
     problems = []
@@ -296,6 +303,27 @@ def load_state_strict(model: SPAI, state: Mapping[str, torch.Tensor], source: st
         problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es), e.g. {wrong[:3]}")
+    return problems
+
+
+def is_fused(path: str | Path) -> bool:
+    """Whether ``path`` is a fused (Sem-SPAI) detector checkpoint, from its header alone."""
+    path = Path(path)
+    return _is_safetensors(_read_head(path)) and _read_header(path).get("kind") == FUSED_KIND
+
+
+def read_fused_parts(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, Any]]:
+    """A fused checkpoint's tensors (fp32), raw header and provenance; any other file is an error."""
+    path = Path(path)
+    if not is_fused(path):
+        raise CheckpointError(f"{path}: not a fused (Sem-SPAI) detector checkpoint")
+    state, header = _read_safetensors(path)
+    return _fp32(state), header, _parse_ours(path, header)[2]
+
+
+def load_state_strict(model: SPAI, state: Mapping[str, torch.Tensor], source: str = "weights") -> None:
+    """Load every parameter of ``model`` from ``state``; any missing, unexpected or mis-shaped key is an error."""
+    problems = fit_problems(model.state_dict(), state)
     if problems:
         raise CheckpointError(f"{source} does not fit model {model.cfg.name}: " + "; ".join(problems) +
                               ". Is the model config right? (`spai convert --model NAME`; for training, the config's "
@@ -324,7 +352,7 @@ def load_model(path: str | Path, config: ModelConfig | str | None = None) -> tup
 
 
 @contextlib.contextmanager
-def _writing(path: str | Path) -> Iterator[Path]:
+def writing(path: str | Path) -> Iterator[Path]:
     """Make the folder for a weights file about to be written; turn a failed write into a message, not a trace.
 
     torch reports a failed write as RuntimeError and safetensors as SafetensorError, both with the OS's reason.
@@ -345,7 +373,7 @@ def save_checkpoint(path: str | Path, model: SPAI, metadata: Mapping[str, Any] |
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
             "model_config": json.dumps(dataclasses.asdict(model.cfg)),
             "metadata": json.dumps(dict(metadata or {}), default=str)}
-    with _writing(path) as dst:
+    with writing(path) as dst:
         save_file(state, str(dst), metadata=meta)
 
 
@@ -372,7 +400,7 @@ def update_metadata(src: str | Path, dst: str | Path, changes: Mapping[str, Any]
     state, header = _read_safetensors(src)
     provenance = {**_parse_ours(src, header)[2], **changes}
     header = {**header, "metadata": json.dumps(provenance, default=str)}
-    with _writing(dst) as path:
+    with writing(dst) as path:
         tmp = path.with_name(path.name + ".tmp")
         save_file(state, str(tmp), metadata=header)
         tmp.replace(path)
@@ -392,7 +420,7 @@ def save_official(path: str | Path, model: SPAI, epoch: int = 0) -> None:
     state = _map_backbone(model.state_dict(), mfm.to_official)
     state = {ours_to_official_key(k): v.detach().float().cpu() for k, v in state.items()}
     state[_MASK_KEY] = model.mfvit.frequencies_mask.long().cpu()
-    with _writing(path) as dst:
+    with writing(path) as dst:
         torch.save({"model": state, "epoch": epoch}, str(dst))
 
 

@@ -96,6 +96,13 @@ def _is_one_image(images: object) -> bool:
     return isinstance(images, (str, os.PathLike, Image.Image))
 
 
+def images_to_tensors(images: Sequence[ImageOrPath] | ImageOrPath, device: torch.device | str) -> list[torch.Tensor]:
+    """A batch of images (one image is a batch of one) as :func:`image_to_tensor` tensors."""
+    if _is_one_image(images):
+        images = [images]
+    return [image_to_tensor(img, device) for img in images]
+
+
 @dataclass
 class Explanation:
     """Where the attention pooling looked: per-tile weights (mean over heads) and a pixel heat map."""
@@ -145,7 +152,8 @@ class Detector:
         return self.model.cfg
 
     @contextlib.contextmanager
-    def _inference(self) -> Iterator[None]:
+    def inference(self) -> Iterator[None]:
+        """No autograd, and bf16 autocast when the precision says so."""
         with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                                      enabled=self.precision == "bf16"):
             yield
@@ -153,12 +161,10 @@ class Detector:
     def logits(self, images: Sequence[ImageOrPath] | ImageOrPath) -> np.ndarray:
         """Raw logits (float32) of a batch of images (arrays, PIL images or paths; one image is a batch of one);
         tiles of all images are encoded together."""
-        if _is_one_image(images):
-            images = [images]
-        if not len(images):
+        tensors = images_to_tensors(images, self.device)
+        if not tensors:
             return np.zeros(0, dtype=np.float32)
-        tensors = [image_to_tensor(img, self.device) for img in images]
-        with self._inference():
+        with self.inference():
             out = self.model.forward_images(tensors, chunk=self.feature_batch)
         return out.float().cpu().numpy()
 
@@ -175,7 +181,7 @@ class Detector:
     def explain(self, image: ImageOrPath) -> Explanation:
         """Score one image and return its tile attention as weights and a heat map."""
         tensor = image_to_tensor(image, self.device)
-        with self._inference():
+        with self.inference():
             logits, attn, plans = self.model.forward_images([tensor], chunk=self.feature_batch, return_attention=True)
         _, offsets = plans[0]
         weights = attn[0].float().mean(dim=0).cpu().numpy()[:len(offsets)]

@@ -19,8 +19,10 @@ import torch
 from PIL import Image
 
 from .detector import CPU_FEATURE_BATCH, Detector, ImageOrPath, _is_one_image, file_sha256, image_to_tensor
+from .checkpoint import is_fused
 from .errors import UserError
 from .export import FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE
+from .fusion import FusedDetector
 from .metrics import sigmoid
 from .tiling import plan_tiles, tile_offsets
 
@@ -150,11 +152,17 @@ class OnnxDetector:
         return sigmoid(self.logits(images))
 
 
-def load_detector(path: str | Path, runtime: str = "pytorch", **kwargs: Any) -> Detector | OnnxDetector:
-    """A Detector of ``runtime`` (``pytorch``: a checkpoint file; ``onnxruntime``: an export folder)."""
+def load_detector(path: str | Path, runtime: str = "pytorch",
+                  **kwargs: Any) -> Detector | OnnxDetector | FusedDetector:
+    """A Detector of ``runtime`` (``pytorch``: a checkpoint file, a fused Sem-SPAI one included; ``onnxruntime``:
+    an export folder)."""
     if runtime not in RUNTIMES:
         raise OnnxExportError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-    return (OnnxDetector if runtime == "onnxruntime" else Detector).from_pretrained(path, **kwargs)
+    if runtime == "onnxruntime":
+        return OnnxDetector.from_pretrained(path, **kwargs)
+    if is_fused(path):  # a Sem-SPAI checkpoint scores through the same calls
+        return FusedDetector.from_pretrained(path, **kwargs)
+    return Detector.from_pretrained(path, **kwargs)
 
 
 @dataclasses.dataclass

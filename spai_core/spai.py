@@ -293,10 +293,17 @@ class SPAI(nn.Module):
         """``T x 3 x S x S`` tiles -> ``T x descriptor_dim`` descriptors, standardised if the config says so."""
         return self.descriptor_norm(self.mfvit(tiles))
 
+    def pool_features(self, desc: torch.Tensor,
+                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tile descriptors ``B x L x D`` -> the pooled spectral feature ``B x D`` the classification head reads
+        (the model's output with the head replaced by identity) and attention over tiles ``B x heads x L``."""
+        pooled, attn = self.sca(desc, valid)
+        return self.norm(pooled), attn
+
     def pool(self, desc: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Tile descriptors ``B x L x D`` -> logits ``B`` and attention over tiles ``B x heads x L``."""
-        pooled, attn = self.sca(desc, valid)
-        return self.cls_head(self.norm(pooled)).squeeze(-1), attn
+        features, attn = self.pool_features(desc, valid)
+        return self.cls_head(features).squeeze(-1), attn
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
         """Training path: ``B x V x 3 x S x S`` augmented views of each image -> ``B`` logits."""
@@ -311,6 +318,15 @@ class SPAI(nn.Module):
         Tiles of all images are encoded together in chunks; each image's tiles are pooled on their own.
         Identical tiles of one image (the five-crop of a 224-px side) are encoded once.
         """
+        features, attn, plans = self.features_images(images, chunk)
+        logits = self.cls_head(features).squeeze(-1)
+        if return_attention:
+            return logits, attn, plans
+        return logits
+
+    def features_images(self, images: Sequence[torch.Tensor], chunk: int | None = None):
+        """:meth:`forward_images` up to the classification head: the pooled spectral features ``N x D``, the
+        attention over tiles ``N x heads x L`` and each image's tile plan."""
         plans = [self.plan_tiles(img) for img in images]
         unique = [(i, off) for i, (_, offsets) in enumerate(plans) for off in dict.fromkeys(offsets)]
         desc = self._encode_offsets([p[0] for p in plans], unique, chunk or self.cfg.feature_batch)
@@ -321,10 +337,8 @@ class SPAI(nn.Module):
         for i, (_, offsets) in enumerate(plans):
             rows[i, :len(offsets)] = torch.tensor([index[(i, off)] for off in offsets])
             valid[i, :len(offsets)] = True
-        logits, attn = self.pool(desc[rows], valid)
-        if return_attention:
-            return logits, attn, plans
-        return logits
+        features, attn = self.pool_features(desc[rows], valid)
+        return features, attn, plans
 
     def plan_tiles(self, image: torch.Tensor) -> tuple[torch.Tensor, list[Offset]]:
         """Pad an image as the official pipeline does and list the offsets of the tiles to pool."""
