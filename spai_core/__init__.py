@@ -25,6 +25,10 @@ _EXPORTS = {
     # the backbone registry
     "BackboneSpec": "backbones", "register_backbone": "backbones", "get_backbone_spec": "backbones",
     "list_backbones": "backbones", "create_backbone": "backbones",
+    # Sem-SPAI: frozen SPAI + a frozen semantic encoder + a trained fusion head
+    "FusedDetector": "fusion", "FusedModel": "fusion", "FusionConfig": "fusion", "build_head": "fusion",
+    "build_fused": "fusion", "save_fused": "fusion", "load_fused": "fusion", "SemanticConfig": "semantic",
+    "SemanticEncoder": "semantic", "load_detector": "onnx_runtime",
     # configs and errors
     "load_config": "config", "ConfigError": "config", "UserError": "errors",
 }

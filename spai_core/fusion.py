@@ -119,6 +119,7 @@ class FusedModel(nn.Module):
         self.spai = spai.requires_grad_(False).eval()
         self.semantic = semantic.requires_grad_(False).eval()
         self.head = head
+        self._identity: dict[str, Any] | None = None
         if head is not None:
             check_head(head.cfg, self.spai.cfg.descriptor_dim, self.semantic.dim)
 
@@ -142,7 +143,13 @@ class FusedModel(nn.Module):
 
     def identity(self) -> dict[str, Any]:
         """The frozen models' identities (names and weight fingerprints): feature tables record it, and
-        :func:`save_fused` checks that a head is saved with the models its features came from."""
+        :func:`save_fused` checks that a head is saved with the models its features came from. Hashed once
+        (the frozen weights do not change; ConvNeXt-XXL's 3.4 GB take seconds)."""
+        if self._identity is None:
+            self._identity = self._hash_identity()
+        return self._identity
+
+    def _hash_identity(self) -> dict[str, Any]:
         return {"spai": {"model": self.spai.cfg.name, "backbone": self.spai.cfg.backbone,
                          "dim": self.spai.cfg.descriptor_dim, "fingerprint": state_fingerprint(self.spai)},
                 "semantic": self.semantic.identity()}

@@ -105,7 +105,13 @@ class SemanticEncoder(nn.Module):
         from .checkpoint import fit_problems
 
         if not filtered:
-            state = _layout_filter(self.cfg.encoder, self.model)(dict(state), self.model)
+            try:
+                state = _layout_filter(self.cfg.encoder, self.model)(dict(state), self.model)
+            except (KeyError, IndexError, RuntimeError, ValueError) as exc:  # a filter meeting another model's keys
+                raise BackboneError(f"{source} cannot be read as weights of semantic encoder {self.cfg.encoder!r} "
+                                    f"({type(self.model).__name__}): its layout filter failed on "
+                                    f"{type(exc).__name__}: {exc}. Give that encoder's weights, or set "
+                                    "semantic.encoder to the one they are for") from None
         expected = self.model.state_dict()
         problems = fit_problems(expected, state, unexpected_ok=not filtered)
         if problems:
