@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from spai_core.backbones import BackboneError
 from spai_core.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
+from spai_core.config import ConfigError
 from spai_core.detector import Detector, file_sha256
 from spai_core.fusion import (FusedDetector, FusedModel, FusionConfig, build_fused, build_head, load_fused,
                               save_fused)
@@ -78,9 +79,14 @@ def test_logit_fusion_starts_as_spai_and_learns_from_the_semantic_probe():
     assert sum(p.numel() for p in head.parameters()) == 2 * 3072 + 3072 + 1 + 3  # LayerNorm, probe, mix
 
 
-def test_a_bad_head_config_names_the_field():
-    with pytest.raises(Exception, match="kind must be one of late, logit"):
+def test_bad_configs_say_what_to_use():
+    with pytest.raises(ConfigError, match="kind must be one of late, logit") as info:
         build_head(FusionConfig(kind="early"), 8, 8)
+    assert info.value.field == "kind"
+    with pytest.raises(BackboneError, match="unknown backbone 'convnext'.*timm:<timm model name>"):
+        SemanticEncoder(SemanticConfig("convnext"))
+    with pytest.raises(CheckpointError, match="no such weights file"):
+        SemanticEncoder(SemanticConfig("timm:test_vit", weights="/nonexistent/clip.safetensors"))
 
 
 def test_frozen_parts_get_no_gradient_and_stay_unchanged(spai_file):
@@ -115,6 +121,8 @@ def test_save_load_round_trip_gives_identical_logits_through_load_detector(spai_
     np.testing.assert_array_equal(loaded.logits(images), expected)
     np.testing.assert_allclose(plain, expected, atol=1e-5)  # the plain PyTorch model, up to oneDNN's rounding
     assert loaded.score(images[0]).shape == (1,) and loaded.num_tiles(500, 500) == 4
+    bf16 = FusedDetector(load_fused(path)[0], "cpu", "bf16").logits(images)
+    np.testing.assert_allclose(bf16, expected, atol=0.05)
     assert read_metadata(path) == {"run": "r1", "epoch": 3}
     with pytest.raises(CheckpointError, match="fused .*spai score"):
         load_model(path)
