@@ -12,7 +12,8 @@ Loading is strict and safe:
 Our format is a ``.safetensors`` file whose metadata holds the model config (so the file alone rebuilds the
 model: backbone, mask radius, sizes) and free-form provenance (training run, epoch, metrics). The backbone is stored
 in timm's layout; the official file and our format 1 hold the MFM ViT's own (``q_bias``/``v_bias``), which
-``backbones.mfm`` maps both ways.
+``backbones.mfm`` maps both ways. A fused (Sem-SPAI) detector is the same format with ``kind: fused`` in the header
+and three models' tensors (``spai.``, ``semantic.model.``, ``head.``); :mod:`spai_core.fusion` reads and writes it.
 """
 from __future__ import annotations
 
