@@ -36,6 +36,7 @@ COMMANDS = {
     "benchmark": ("benchmark", "benchmarks of parallel train runs: the cross-generator matrix (GenImage Table 4)"),
     "score": ("score", "score images (folder, CSV, manifest or s3:// prefix) with Ray Data"),
     "evaluate": ("evaluate", "metrics per generator (and per degradation) from a scored table"),
+    "fusion": ("fusion", "Sem-SPAI: extract SPAI + semantic features (Ray Data), train a fusion head (Ray Train)"),
     "explain": ("explain", "overlays of where each score comes from (tile attention) on the images, with an index"),
     "calibrate": ("calibrate", "choose a decision threshold on a calibration split; keep it in the checkpoint"),
     "convert": ("convert", "convert weights between the official .pth layout and our .safetensors"),
