@@ -68,7 +68,7 @@ def datasets(features: str, options: storage.StorageOptions) -> dict[str, Any]:
     from ray.data.expressions import col
 
     fs, path = storage.Files(options).resolve(storage.join(features, TABLE))
-    table = ray.data.read_parquet(path, filesystem=fs, columns=[*COLUMNS, "split", "error"])
+    table = ray.data.read_parquet(path, filesystem=fs).select_columns([*COLUMNS, "split", "error"])
     table.context.enable_progress_bars = False  # the epoch lines say how training goes
     # materialized (in the object store, not on the driver): every epoch then iterates blocks instead of
     # re-reading and re-filtering the Parquet files
