@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from pipelines.fusion.config import FusionTrainConfig
-from pipelines.infra import tracking
 from pipelines.infra.console import log_to_console
 from pipelines.train.epochs import epoch_line, epoch_metrics, track_best
-from pipelines.train.loop import EpochState
+from pipelines.train.loop import EpochState, WorkerRun
 from pipelines.train.model import lr_at, make_optimizer
 from spai_core.config import from_dict
 from spai_core.fusion import FusionConfig, build_head
@@ -146,24 +145,9 @@ class HeadRun:
                 out["generator"] += [str(g) for g in batch["generator"]]
         return out
 
-    def _gather(self, local: dict[str, Any]) -> list[dict[str, Any]]:
-        if self.world == 1:
-            return [local]
-        import torch.distributed as dist
-
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, local)
-        return gathered
-
-    def _log_metrics(self, metrics: dict[str, Any]) -> None:
-        if self.rank != 0 or not self.inputs.mlflow_run_id:
-            return
-        try:
-            tracking.log_metrics(self.inputs.tracking_uri, self.inputs.mlflow_run_id, metrics,
-                                 step=int(metrics["epoch"]))
-        except Exception as exc:  # noqa: BLE001 - an MLflow outage must not kill (and retry) the run
-            logger.warning(f"epoch {metrics['epoch']}'s metrics were not logged to MLflow "
-                           f"({type(exc).__name__}: {str(exc)[:300]}); training goes on")
+    # the same as spai train's workers: every rank's sums on every rank, and rank 0's MLflow logging
+    _gather = WorkerRun._gather
+    _log_metrics = WorkerRun._log_metrics
 
     def _report(self, metrics: dict[str, Any]) -> None:
         import ray.train
