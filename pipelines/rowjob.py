@@ -3,10 +3,11 @@
 ``spai score``, ``spai validate`` and feature extraction are all this one job with another actor::
 
     shards (file x row group) -> read + row ids + skip done rows (tasks) -> decode (+ expand) (tasks)
-        -> <actor> (actor pool) -> Parquet parts written by the workers (``write_parquet``) -> streaming compaction
+        -> <actor> (actor pool) -> Parquet parts written by the workers -> streaming compaction
 
 The driver plans shards from Parquet footers only (for a small input listed on the driver, a folder, a CSV, one
-image, slices of that table) and reads back nothing but file names and counts.
+image, slices of that table) and reads back nothing but file names and the row count of each part written (which
+feeds its progress bar).
 
 Row ids (:func:`row_ids`): ``sha256(file name, row index within that file, uri)[:32]``, computed in the read task,
 so no task needs the rest of the manifest; the same manifest gives the same ids in any run, which is what resume
@@ -17,8 +18,8 @@ Resume is worker-side rather than Ray Data's ``CheckpointConfig`` (Ray 2.60): th
 read by an id column the files must already hold (ours is computed in the read task), keys by row while a sweep
 result is a (row, variant) pair, and names its part files itself. Here a Ray task reads the keys of the parts done
 (two columns) into a sorted array in the object store (16 bytes a result, never on the driver), and each read task
-drops the pairs found there. A part is one ``write_parquet`` file, written whole or unreadable (Parquet's footer is
-last): an unreadable one is deleted and its rows redone. Exactly once is checked by the compaction, which sorts the
+drops the pairs found there. A part (``part_rows`` results, written by a Ray Data task) appears under its name only
+when whole; one cut short anyway (a file system without atomic moves) is unreadable, deleted, and its rows redone. Exactly once is checked by the compaction, which sorts the
 parts by input position in the cluster and streams them to the driver: the first result of a key wins, and the job
 fails when any key is missing.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -38,12 +40,12 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data.block import BlockAccessor
-from ray.data.datasource import FilenameProvider
 
-from pipelines.data.dataset import DECODED_COLUMNS, DEFAULT_ROWS_PER_BLOCK, decode_images
+from pipelines.data.dataset import DECODED_COLUMNS, block_bounds, decode_images
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
-from pipelines.data.manifest import ManifestError, conform, manifest_files, split_rows
-from pipelines.infra.storage import Files, StorageOptions
+from pipelines.data.manifest import MANIFEST_SCHEMA, ManifestError, conform, manifest_files, split_rows
+from pipelines.infra.console import progress_bar
+from pipelines.infra.storage import Files, StorageOptions, is_s3
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,7 @@ ORDER = "_order"  # input position of a result's row (global, in shard order): w
 LABEL_INDEX = "_label"  # index of a result's label in the job's labels (sweep order)
 KEY_COLUMNS = ("row_id", "variant")
 PART_PREFIX = "part-"
+INPUT_PREFIX = "_input_"  # what an input column named like a decoded one is called between reading and writing
 SHARD_ROWS = 2048  # rows per shard of a table listed on the driver
 COMPACT_ROWS = 250_000  # input positions per partition of the compaction's sort
 
@@ -94,12 +97,11 @@ def row_ids(name: str, offset: int, uris: Sequence[str]) -> list[str]:
     return [hashlib.sha256(f"{name}\n{offset + i}\n{uri}".encode()).hexdigest()[:32] for i, uri in enumerate(uris)]
 
 
-def result_key(row_id: str, label: str) -> bytes:
-    return hashlib.blake2b(f"{row_id}\n{label}".encode(), digest_size=16).digest()
-
-
-def _keys(row_ids: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    return np.array([result_key(r, v) for r, v in zip(row_ids, labels)], dtype="S16")
+def _keys(row_ids: Sequence[str], labels: Sequence[int]) -> np.ndarray:
+    """16-byte keys of (row, label index) results: 15 bytes of the row id's hash, then the label's index, so the
+    results of one row sort together."""
+    return np.array([hashlib.blake2b(r.encode(), digest_size=15).digest() + bytes([i])
+                     for r, i in zip(row_ids, labels)], dtype="S16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +116,8 @@ class Rows:
 def _read_shard(batch: pa.Table, rows: Rows, shards: Sequence[Shard], table: pa.Table | None,
                 options: StorageOptions, labels: Sequence[str], done: Any) -> Iterator[pa.Table]:
     """Manifest rows of the shards in ``batch`` with ``row_id``, ``_order`` and the ``variants`` (labels) still to
-    do; rows with none left are dropped. Blocks of :data:`DEFAULT_ROWS_PER_BLOCK` rows: one decode task each."""
+    do; rows with none left are dropped. Blocks sized by :func:`~pipelines.data.dataset.block_bounds`: one decode
+    task each."""
     done_keys = ray.get(done) if done is not None else None
     for index in batch.column("shard").to_pylist():
         shard = shards[index]
@@ -123,26 +126,32 @@ def _read_shard(batch: pa.Table, rows: Rows, shards: Sequence[Shard], table: pa.
         else:
             fs, path = Files(options).resolve(shard.uri)
             part = conform(pq.ParquetFile(fs.open_input_file(path)).read_row_group(shard.row_group), where=shard.uri)
-        part = part.append_column("row_id", pa.array(row_ids(shard.name, shard.offset,
-                                                             part.column("uri").to_pylist()), pa.string()))
-        part = part.append_column(ORDER, pa.array(np.arange(shard.base, shard.base + shard.rows), pa.int64()))
+        ids = row_ids(shard.name, shard.offset, part.column("uri").to_pylist())
+        order = np.arange(shard.base, shard.base + shard.rows)
         if rows.split is not None:
-            part = split_rows(part, rows.split)
+            keep = split_rows(pa.table({"split": part.column("split"), "i": order - shard.base}), rows.split)
+            keep = keep.column("i").to_numpy()
+            part, ids, order = part.take(pa.array(keep)), [ids[i] for i in keep], order[keep]
         if rows.rename is not None:
-            part = part.rename_columns([name if name in ("row_id", ORDER) else rows.rename(name)
-                                        for name in part.column_names])
-        ids = part.column("row_id").to_pylist()
+            part = part.rename_columns([rows.rename(name) for name in part.column_names])
+        part = (part.append_column("row_id", pa.array(ids, pa.string()))
+                .append_column(ORDER, pa.array(order, pa.int64())))
         left = [list(labels) for _ in ids]
         if done_keys is not None and len(done_keys):
-            found = [np.isin(_keys(ids, [label] * len(ids)), done_keys) for label in labels]
+            found = [np.isin(_keys(ids, [i] * len(ids)), done_keys) for i in range(len(labels))]
             left = [[label for label, hit in zip(labels, hits) if not hit] for hits in zip(*found)]
         keep = [i for i, todo in enumerate(left) if todo]
         if not keep:
             continue
         part = part.take(pa.array(keep)).append_column(
             "variants", pa.array([left[i] for i in keep], pa.list_(pa.string())))
-        for start in range(0, part.num_rows, DEFAULT_ROWS_PER_BLOCK):
-            yield part.slice(start, DEFAULT_ROWS_PER_BLOCK)
+        bounds = block_bounds(part)  # by pixels when the manifest knows image sizes
+        # input columns named like those decoding adds (a CSV's image path, a validated manifest's sizes) keep
+        # their values under another name until the results are written
+        part = part.rename_columns([f"{INPUT_PREFIX}{name}" if name in DECODED_COLUMNS else name
+                                    for name in part.column_names])
+        for start, end in zip(bounds, bounds[1:]):
+            yield part.slice(start, end - start)
 
 
 def one_label(batch: pa.Table, **_: Any) -> pa.Table:
@@ -154,10 +163,12 @@ def one_label(batch: pa.Table, **_: Any) -> pa.Table:
 class _Apply:
     """Runs the job's actor on a batch and keeps the input columns, keys and input position beside its results."""
 
-    def __init__(self, actor: type, kwargs: Mapping[str, Any], schema: pa.Schema, labels: Sequence[str]):
+    def __init__(self, actor: type, kwargs: Mapping[str, Any], schema: pa.Schema, labels: Sequence[str],
+                 columns: Sequence[str]):
         self.actor = actor(**kwargs)
         self.schema = schema
         self.labels = {label: i for i, label in enumerate(labels)}
+        self.columns = [name for name in columns if name not in set(schema.names) | {"row_id", "variant", ORDER}]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         result = self.actor(BlockAccessor.for_block(batch).to_batch_format("numpy"))
@@ -166,10 +177,8 @@ class _Apply:
         if result.num_rows != batch.num_rows:
             raise RuntimeError(f"{type(self.actor).__name__} returned {result.num_rows} rows for a batch of "
                                f"{batch.num_rows}; an actor must return one result row per input row, in order")
-        own = [name for name in self.schema.names if name not in KEY_COLUMNS]
-        keep = [name for name in batch.column_names
-                if name not in (*DECODED_COLUMNS, *own, "variant", "variants", ORDER, "row_id")]
-        out = batch.select(keep)
+        out = pa.table({name: batch.column(f"{INPUT_PREFIX}{name}" if name in DECODED_COLUMNS else name)
+                        for name in self.columns})
         for name in KEY_COLUMNS:
             out = out.append_column(name, batch.column(name).cast(pa.string()))
         for field in self.schema:
@@ -180,14 +189,20 @@ class _Apply:
                 .append_column(LABEL_INDEX, pa.array(index, pa.int32())))
 
 
-class _PartNames(FilenameProvider):
-    """``part-<write uuid>-<task>.parquet``: names never collide across resumed runs."""
-
-    def __init__(self):
-        super().__init__(file_format="parquet")
-
-    def get_filename_for_task(self, write_uuid, task_index):
-        return f"{PART_PREFIX}{write_uuid}-{task_index:06d}.parquet"
+def _write_part(batch: pa.Table, work: str, options: StorageOptions) -> pa.Table:
+    """Write a batch of results as one part (under a temporary name first, so no reader sees half a part); return its
+    row count, all the driver sees of it."""
+    files = Files(options)
+    name = f"{PART_PREFIX}{uuid.uuid4().hex}.parquet"
+    fs, path = files.resolve(f"{work.rstrip('/')}/{name}")
+    temporary = path if is_s3(work) else f"{path.rsplit('/', 1)[0]}/.{name}.tmp"  # an S3 PUT is whole or nothing
+    if not is_s3(work):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(temporary) as sink:
+        pq.write_table(batch, sink)
+    if temporary != path:
+        fs.move(temporary, path)
+    return pa.table({"rows": [batch.num_rows]})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,9 +225,9 @@ def part_uris(work: str, files: Files) -> list[str]:
 
 
 @ray.remote
-def _done_keys(work: str, options: StorageOptions) -> np.ndarray:
+def _done_keys(work: str, options: StorageOptions, labels: Sequence[str]) -> np.ndarray:
     """Sorted keys of the results already in ``work``; unreadable parts (cut by a kill) go."""
-    files, keys = Files(options), []
+    files, keys, index = Files(options), [], {label: i for i, label in enumerate(labels)}
     for uri in part_uris(work, files):
         fs, path = files.resolve(uri)
         try:
@@ -221,8 +236,15 @@ def _done_keys(work: str, options: StorageOptions) -> np.ndarray:
             logger.warning("ignoring unreadable part %s (%s); its rows will be done again", uri, exc)
             files.remove(uri)
             continue
-        keys.append(_keys(part.column("row_id").to_pylist(), part.column("variant").to_pylist()))
+        keys.append(_keys(part.column("row_id").to_pylist(), [index[v] for v in part.column("variant").to_pylist()]))
     return np.unique(np.concatenate(keys)) if keys else np.empty(0, "S16")
+
+
+@ray.remote
+def _counts(done: np.ndarray, labels: int) -> tuple[int, int]:
+    """(results done, rows with every label done)."""
+    rows = np.frombuffer(done.tobytes(), np.uint8).reshape(-1, 16)[:, :15].copy().view("S15").ravel()
+    return len(done), int(np.sum(np.unique(rows, return_counts=True)[1] == labels)) if len(done) else 0
 
 
 @dataclasses.dataclass
@@ -248,29 +270,52 @@ class RowJob:
 
 @dataclasses.dataclass
 class Progress:
-    """What a run found and did: results expected, found done when it started, written by it."""
+    """What a run found when it started: its shards, rows, labels per row, and the results and rows already done."""
 
     shards: list[Shard]
-    expected: int
+    rows: int
+    labels: int
     done_before: int
+    rows_done: int  # rows with every label done
+    columns: list[str]  # the input's columns (after renaming): what the parts carry beside the results
+
+    @property
+    def expected(self) -> int:
+        return self.rows * self.labels
 
     @property
     def left(self) -> int:
         return self.expected - self.done_before
 
+    @property
+    def rows_left(self) -> int:
+        """Rows with a label still to do: what this run reads and decodes."""
+        return self.rows - self.rows_done
 
-def start(job: RowJob) -> tuple[Progress, Any]:
-    """Plan the shards, count the results expected and those done (as an object-store ref for the read tasks)."""
-    shards = plan_shards(job.rows.source, job.options, job.rows.split)
+
+def start(job: RowJob, shards: list[Shard] | None = None) -> tuple[Progress, Any]:
+    """Count the results expected (planning the shards unless given) and those done (as an object-store ref for the
+    read tasks)."""
+    shards = plan_shards(job.rows.source, job.options, job.rows.split) if shards is None else shards
     rows = sum(s.rows for s in shards) if job.rows.split is None else _count_split(job, shards)
-    done_ref = _done_keys.remote(job.work, job.options)
-    count = ray.get(_count.remote(done_ref))
-    return Progress(shards, rows * len(job.labels), count), done_ref if count else None
+    if len(job.labels) > 255:
+        raise ValueError(f"a job has at most 255 labels per row, not {len(job.labels)}")
+    done_ref = _done_keys.remote(job.work, job.options, list(job.labels))
+    count, full = ray.get(_counts.remote(done_ref, len(job.labels)))
+    columns = input_schema(job.rows.source, shards, job.options).names
+    if job.rows.rename is not None:
+        columns = [job.rows.rename(name) for name in columns]
+    return Progress(shards, rows, len(job.labels), count, full, columns), done_ref if count else None
 
 
-@ray.remote
-def _count(done: np.ndarray) -> int:
-    return len(done)
+def input_schema(source: str | pa.Table, shards: Sequence[Shard], options: StorageOptions) -> pa.Schema:
+    """The input's columns as the read tasks give them (a manifest's from its first file's footer)."""
+    if isinstance(source, pa.Table):
+        return conform(source).schema
+    if not shards:
+        return MANIFEST_SCHEMA
+    fs, path = Files(options).resolve(shards[0].uri)
+    return conform(pq.read_schema(fs.open_input_file(path)).empty_table(), where=shards[0].uri).schema
 
 
 @ray.remote
@@ -306,28 +351,43 @@ def dataset(job: RowJob, progress: Progress, done_ref: Any, compute: Compute) ->
     ds = ds.repartition(target_num_rows_per_block=compute.batch_size)
     return ds.map_batches(
         _Apply, batch_size=compute.batch_size, batch_format="pyarrow",
-        # one call at a time on the actor's main thread, where the model was built (a helper thread would start a
-        # second OpenMP pool; see pipelines.score.scorer)
+        # "true multi-threading" with one call at a time runs calls on the actor's main thread, where the model was
+        # built. Ray Data's default hands them to a helper thread: a second OpenMP pool, and with more OpenMP threads
+        # than CPUs libgomp stops spin-waiting, so small ops slow ~2x and a CPU model pass ~5%
         compute=ray.data.ActorPoolStrategy(size=compute.workers, enable_true_multi_threading=True,
                                            max_tasks_in_flight_per_actor=compute.batches_in_flight),
         num_cpus=compute.num_cpus, num_gpus=compute.num_gpus or None,
         fn_constructor_kwargs={"actor": job.actor, "kwargs": dict(job.actor_kwargs), "schema": job.schema,
-                               "labels": list(job.labels)})
+                               "labels": list(job.labels), "columns": progress.columns})
 
 
-def run(job: RowJob, compute: Compute, show_progress: bool = True) -> Progress:
-    """Do the results not done yet and write them as parts under ``job.work`` (by the workers)."""
+def run(job: RowJob, compute: Compute, show_progress: bool = True, desc: str = "rows") -> Progress:
+    """Do the results not done yet and write them as parts under ``job.work`` (by the workers), with a progress bar
+    over the whole job fed by the parts' row counts."""
     progress, done_ref = start(job)
     if progress.done_before:
         logger.info("resuming %s: %d of %d results were done before", job.work, progress.done_before,
                     progress.expected)
-    if progress.left <= 0:
-        return progress
-    ds = dataset(job, progress, done_ref, compute)
-    ds.context.enable_progress_bars = show_progress
-    fs, path = Files(job.options).resolve(job.work)
-    ds.write_parquet(path, filesystem=fs, filename_provider=_PartNames(), min_rows_per_file=compute.part_rows)
+    with progress_bar(show_progress, total=progress.expected, initial=progress.done_before, desc=desc,
+                      smoothing=0.05) as bar:
+        for rows in execute(job, progress, done_ref, compute):
+            bar.update(rows)
     return progress
+
+
+def execute(job: RowJob, progress: Progress, done_ref: Any, compute: Compute) -> Iterator[int]:
+    """The run after :func:`start`: the results left, written as parts by the workers; yields each part's row count
+    as it is written (nothing else of the results reaches the driver)."""
+    if progress.left <= 0:
+        return
+    ds = dataset(job, progress, done_ref, compute).map_batches(
+        _write_part, batch_size=compute.part_rows, batch_format="pyarrow",
+        fn_kwargs={"work": job.work, "options": job.options})
+    # Ray Data's bars count this run's blocks per stage; the caller's bar counts the job's results
+    ds.context.enable_progress_bars = False
+    # no prefetch: each count reaches the driver as its part is written, not when the next one is
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        yield from batch.column("rows").to_pylist()
 
 
 def compacted(work: str, options: StorageOptions, expected: Progress, batch_rows: int = 4096) -> Iterator[pa.Table]:

@@ -24,6 +24,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from ray.data.extensions import ArrowTensorArray
 
 from parity import FIXTURE, expected_rows, write_official_checkpoint
 from pipelines.data.manifest import rows_to_table, write_manifest
@@ -31,6 +32,7 @@ from pipelines.infra.runtime import ClusterError, check_gpus
 from pipelines.infra.settings import TrackingConfig
 from pipelines.score.config import ActorPlan, ScoreConfig, plan_actors
 from pipelines.score.job import ScoreResult, prepare, record, score
+from pipelines.score.outputs import Written
 from pipelines.score.scorer import Scorer
 from pipelines.score.variants import variant_block
 from pipelines.score.workdir import WorkDir
@@ -307,12 +309,11 @@ def collections_counts(ids: list[str], rows: int) -> list[int]:
 def test_a_variant_that_fails_is_its_own_row_error():
     """WebP cannot hold a 17000-px panorama: that variant fails with its reason, the image's others are made."""
     wide = np.zeros((2, 17000, 3), np.uint8)
-    batch = {"row_id": np.array(["a"], object), "uri": np.array(["wide.png"], object),
-             "image": wide[None], "error": np.array([None], object),
-             "variants": np.array([np.array(["webp=80", "none"], object)], object)}
+    batch = pa.table({"row_id": ["a"], "uri": ["wide.png"], "image": ArrowTensorArray.from_numpy(wide[None]),
+                      "error": pa.array([None], pa.string()), "variants": [["webp=80", "none"]]})
     variants = {v.label: v for v in parse_variants(["webp=80"])}
     out = pa.concat_tables(variant_block(batch, variants, None, seed=0)).to_pydict()
-    assert out["variant"] == ["webp=80", "none"] and out["error"][1] is None
+    assert out["variant"] == ["webp=80", "none"] and out["error"][1] is None and out["uri"] == ["wide.png"] * 2
     assert out["error"][0].startswith("perturb_failed: webp=80: ValueError") and "WebP limit" in out["error"][0]
 
 
@@ -432,15 +433,21 @@ def test_what_can_be_checked_before_ray_starts_fails_before_it(problem, weights,
     assert "Started a local Ray instance" not in done.stderr and "starting a local Ray" not in done.stdout, done.stderr
 
 
+def written(errors: list) -> Written:
+    counts = Written()
+    counts.add(pa.table({"error": pa.array(errors, pa.string())}))
+    return counts
+
+
 def test_summary_reports_start_up_apart_from_the_rate():
-    table = pa.table({"error": [None] * 9 + ["truncated: cut.jpg"]})
+    table = written([None] * 9 + ["truncated: cut.jpg"])
     summary = ScoreResult("out.parquet", table, 10, 20.0, {}, first=(8.0, 1)).summary()
     assert "scored 10 images in 20.0 s (0.50 img/s; first results after 8.0 s, 0.75 img/s since)" in summary
     assert "9 scored, 1 failed (truncated: 1)" in summary
     assert "since" not in ScoreResult("out.parquet", table, 10, 20.0, {}, first=(20.0, 10)).summary()
     assert "since" not in ScoreResult("out.parquet", table, 10, 20.0, {}, first=(15.0, 8)).summary()  # a burst
     assert not ScoreResult("out.parquet", table, 10, 20.0, {}).all_failed and "error:" not in summary
-    failed = ScoreResult("out.parquet", pa.table({"error": ["missing: /x/a.jpg does not exist"] * 2}), 2, 1.0, {})
+    failed = ScoreResult("out.parquet", written(["missing: /x/a.jpg does not exist"] * 2), 2, 1.0, {})
     assert failed.all_failed and "error: none of the 2 rows could be scored, e.g. missing: /x/a.jpg" in failed.summary()
 
 

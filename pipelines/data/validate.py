@@ -24,11 +24,12 @@ import logging
 import pyarrow as pa
 import pyarrow.compute as pc
 
+import ray
+
+from pipelines import rowjob
 from pipelines.data.config import ValidateConfig
-from pipelines.infra.console import progress_bar
-from pipelines.data.dataset import read_manifest_dataset
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
-from pipelines.data.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, read_manifest, write_manifest
+from pipelines.data.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, write_manifest
 from pipelines.infra.runtime import init_ray
 from pipelines.infra.storage import Files, StorageOptions, absolute, join
 from spai_core.config import dump_config, to_dict
@@ -108,12 +109,17 @@ def _check_one(uri: str, files: Files, max_pixels: int) -> dict:
     return row
 
 
-def _check_batch(batch: pa.Table, options: StorageOptions, max_pixels: int) -> pa.Table:
-    files = Files(options)
-    checked = [_check_one(uri, files, max_pixels) for uri in batch.column("uri").to_pylist()]
-    for field in CHECK_SCHEMA:
-        batch = batch.append_column(field, pa.array([row[field.name] for row in checked], field.type))
-    return batch
+class Checker:
+    """The validation job's actor (:mod:`pipelines.rowjob`): the checks of each row's file."""
+
+    def __init__(self, options: StorageOptions, max_pixels: int):
+        self.files = Files(options)  # one S3 client per actor, not per image
+        self.max_pixels = max_pixels
+
+    def __call__(self, batch: dict) -> pa.Table:
+        checked = [_check_one(uri, self.files, self.max_pixels) for uri in batch["uri"]]
+        return pa.table({field.name: pa.array([row[field.name] for row in checked], field.type)
+                         for field in CHECK_SCHEMA})
 
 
 def find_duplicates(table: pa.Table) -> tuple[pa.Table, int]:
@@ -146,31 +152,26 @@ def default_output(uri: str) -> str:
 
 def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
                       options: StorageOptions | None = None, progress: bool = True) -> ValidationReport:
-    """Decode every image of a manifest with Ray Data; write the validated manifest (with the job's
-    :class:`ValidateConfig` beside it), rejects, leakage and duplicates tables."""
+    """Decode every image of a manifest in a :mod:`pipelines.rowjob` job (rows read in tasks, checks written by the
+    workers under ``<output>.parts``); write the validated manifest (with the job's :class:`ValidateConfig` beside
+    it), rejects, leakage and duplicates tables."""
     options = options or StorageOptions.from_env()
     output_uri = output_uri or default_output(uri)
     cfg = ValidateConfig(absolute(uri), absolute(output_uri), max_pixels)
-    manifest = read_manifest(uri, options)
-    # A validated manifest already has the check columns: drop them so every row is checked afresh, not trusted.
-    manifest = manifest.drop_columns([name for name in CHECK_SCHEMA.names if name in manifest.column_names])
     init_ray()
-    checked = read_manifest_dataset(manifest).map_batches(
-        _check_batch, batch_format="pyarrow", batch_size=BATCH_SIZE,
-        fn_kwargs={"options": options, "max_pixels": max_pixels})
-    checked.context.enable_progress_bars = False  # Ray Data's bars count blocks per operator; ours counts images
-    blocks = []  # metadata only (no pixels), so collecting them on the driver is cheap
-    with progress_bar(progress, total=manifest.num_rows, desc="validating", unit="img") as bar:
-        for block in checked.iter_batches(batch_format="pyarrow", batch_size=None):
-            bar.update(block.num_rows)
-            if block.num_rows:
-                blocks.append(block)
-    if not blocks:
+    # A validated manifest already has the check columns: the checks replace them, so every row is checked afresh.
+    job = rowjob.RowJob(rowjob.Rows(cfg.manifest), cfg.output.rstrip("/") + ".parts", Checker,
+                        {"options": options, "max_pixels": max_pixels}, CHECK_SCHEMA, decode=False, options=options)
+    rowjob.remove(job.work, options)  # a run stopped before: validation starts over
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    # one CPU left to the read and write tasks, which the actors would otherwise starve
+    compute = rowjob.Compute(workers=max(1, cpus - 1), batch_size=BATCH_SIZE)
+    found = rowjob.run(job, compute, progress, desc="validating")
+    if found.rows == 0:
         raise ManifestError(f"{uri} has no rows to validate; rebuild it with `spai manifest`")
-    table = pa.concat_tables(blocks)
-    if table.num_rows != manifest.num_rows:
-        raise RuntimeError(f"validation of {uri} returned {table.num_rows} rows for {manifest.num_rows} inputs; "
-                           "this is a bug, please report it")
+    # metadata only (no pixels): the findings need every row's hash together
+    table = pa.concat_tables(rowjob.compacted(job.work, options, found)).drop_columns(["row_id", "variant"])
+    rowjob.remove(job.work, options)
     failed = pc.is_valid(table.column("reason"))
     accepted = table.filter(pc.invert(failed)).drop_columns(["reason", "message"])
     rejects = table.filter(failed)

@@ -1,8 +1,7 @@
-"""What a scoring job reads: the input's rows (each with a stable ``row_id``) and the weights, checked on the driver
-before any actor starts."""
+"""What a scoring job reads: the input (a manifest read in Ray tasks, or a small listing made here) and the weights,
+checked on the driver before any actor starts."""
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import json
@@ -15,8 +14,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipelines.data.manifest import NOTES_KEY, present_splits, resolve_input, split_rows
-from pipelines.infra.storage import Files, StorageOptions, basename, filesystem, is_s3
+from pipelines.data.manifest import NOTES_KEY, present_splits, read_sidecar, resolve_input, split_rows
+from pipelines.infra.storage import Files, StorageOptions, absolute, basename, filesystem, is_s3
+from pipelines.rowjob import Rows, Shard, plan_shards
 from pipelines.score.config import ScoreConfig, ScoreError
 from spai_core.onnx_runtime import load_detector
 
@@ -24,19 +24,16 @@ RESULT_COLUMNS = ("row_id", "variant", "perturbation", "strength", "score", "log
                   "precision", "options", "threshold", "predicted")
 
 
-def row_ids(uris: Sequence[str]) -> list[str]:
-    """Stable ids: hash of the uri and its occurrence number (a uri listed twice is two rows), order-independent."""
-    seen: collections.Counter[str] = collections.Counter()
-    ids = []
-    for uri in uris:
-        ids.append(hashlib.sha256(f"{uri}\n{seen[uri]}".encode()).hexdigest()[:32])
-        seen[uri] += 1
-    return ids
+def input_digest(shards: Sequence[Shard], split: str | None) -> str:
+    """A fingerprint of the input (its files, row groups and row counts, or the driver's listing) and the split: a
+    resume must see the same input. Row ids and contents are not read for it: they are the read tasks' to compute."""
+    what = [(s.name, s.row_group, s.offset, s.rows) for s in shards]
+    return hashlib.sha256(json.dumps([what, split]).encode()).hexdigest()
 
 
-def input_digest(table: pa.Table) -> str:
-    """A fingerprint of the input's rows (their ids, in any order): a resume must see the same input."""
-    return hashlib.sha256("\n".join(sorted(table.column("row_id").to_pylist())).encode()).hexdigest()
+def listing_digest(table: pa.Table) -> str:
+    """A fingerprint of a listing made on the driver (a folder, a CSV): its uris in order."""
+    return hashlib.sha256("\n".join(table.column("uri").to_pylist()).encode()).hexdigest()
 
 
 def clash_free(name: str) -> str:
@@ -44,9 +41,20 @@ def clash_free(name: str) -> str:
     return f"input_{name}" if name in RESULT_COLUMNS else name
 
 
-def input_table(cfg: ScoreConfig, options: StorageOptions) -> tuple[pa.Table, dict[str, Any]]:
-    """Manifest rows of the input (one split if asked), clashing names prefixed, plus a ``row_id`` column; and what
-    the listing skipped (a folder's files that are not images by name or content), so the summary can say so."""
+def is_manifest(uri: str, options: StorageOptions) -> bool:
+    """A manifest (a ``.parquet`` file or a folder with ``_manifest.json``): read in Ray tasks, not on the driver."""
+    return uri.lower().endswith(".parquet") or (not uri.lower().endswith(".csv") and read_sidecar(uri, options)
+                                                is not None)
+
+
+def input_rows(cfg: ScoreConfig, options: StorageOptions) -> tuple[Rows, list[Shard], str, dict[str, Any]]:
+    """What the job reads (clashing names prefixed), its shards, its fingerprint, and what a listing skipped (a
+    folder's files that are not images by name or content), so the summary can say so. A manifest is planned from
+    its Parquet footers; a folder, CSV or image is listed here, on the driver (small inputs)."""
+    if is_manifest(cfg.input, options):
+        rows = Rows(absolute(cfg.input), cfg.split, clash_free)  # absolute: read by workers in another folder
+        shards = plan_shards(rows.source, options, cfg.split)
+        return rows, shards, input_digest(shards, cfg.split), {}
     table = resolve_input(cfg.input, root=cfg.root, options=options, recursive=cfg.recursive)
     skipped = json.loads((table.schema.metadata or {}).get(NOTES_KEY, b"{}")).get("skipped", {})
     if cfg.split is not None:
@@ -54,9 +62,9 @@ def input_table(cfg: ScoreConfig, options: StorageOptions) -> tuple[pa.Table, di
         table = split_rows(table, cfg.split)
         if table.num_rows == 0:
             raise ScoreError(f"{cfg.input} has no rows of split {cfg.split!r} (it has {present}); fix --split")
-    ids = pa.array(row_ids(table.column("uri").to_pylist()), pa.string())
-    table = table.rename_columns([clash_free(name) for name in table.column_names])
-    return table.append_column("row_id", ids), skipped
+    rows = Rows(table, None, clash_free)
+    shards = plan_shards(table, options)
+    return rows, shards, listing_digest(table), skipped
 
 
 def check_weights(uri: str, options: StorageOptions, runtime: str = "pytorch") -> tuple[str, dict[str, Any]]:

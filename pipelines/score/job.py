@@ -1,9 +1,11 @@
 """``spai score``: batch scoring of an image corpus with Ray Data, streaming, resumable, at any resolution.
 
-Pipeline (:mod:`~pipelines.score.scorer`): input (image, folder, official CSV, manifest, ``s3://`` prefix) ->
-manifest rows -> decode (+ resize and degradations) on CPU tasks -> :class:`~pipelines.score.scorer.Scorer` actors,
-each holding one :class:`~spai_core.detector.Detector` (one actor per GPU, else ``--workers`` CPU actors) -> the
-driver, which writes finished rows as part files.
+Pipeline (:mod:`~pipelines.score.scorer`, a :mod:`pipelines.rowjob` job): input (image, folder, official CSV,
+manifest, ``s3://`` prefix) -> manifest rows, read in Ray tasks (a manifest by file and row group; a folder, CSV or
+image is listed on the driver) -> decode (+ resize and degradations) on CPU tasks ->
+:class:`~pipelines.score.scorer.Scorer` actors, each holding one :class:`~spai_core.detector.Detector` (one actor per
+GPU, else ``--workers`` CPU actors) -> Parquet part files, written by the workers. No row and no result passes
+through the driver until the output is streamed together at the end.
 
 Checks first, then Ray: the config, the output (a finished one needs ``--overwrite``), the MLflow store, the input's
 listing, the weights (loaded once on the driver, the way every actor will) and, for a local Ray, the GPUs asked for
@@ -15,12 +17,14 @@ and its variants made in the same Ray Data task. A result is one (input row, var
 fails on its own, and what the output's ``variant``, ``perturbation`` and ``strength`` columns name (a plain job scores
 the variant ``none`` only and has no such columns).
 
-Resumability (:mod:`~pipelines.score.workdir`): every input row gets a stable ``row_id`` (hash of its uri and its
-occurrence number). Finished rows are written in small Parquet part files under a work directory next to the output
+Resumability (:mod:`~pipelines.score.workdir`, :mod:`pipelines.rowjob`): every input row gets a stable ``row_id``
+(hash of its manifest file's name, its row index in that file and its uri), computed in the read task. Finished rows
+are written by the workers in Parquet part files (``--part-rows`` each) under a work directory next to the output
 (``<output>.parts/``), together with ``job.json`` (model hash, scoring options, input fingerprint). A re-run of the
-same command reads the finished row ids, scores only the others, then assembles the output from the parts (first
-result per row id wins), checks that every input row is there exactly once, writes it, and deletes the work directory.
-A re-run with other weights, options or input is refused, so one output never mixes two configurations.
+same command skips the finished (row, variant) pairs in the read tasks, scores the others, then streams the output
+from the parts in input order (sorted in the cluster; first result per pair wins), checks that every input row is
+there exactly once, and deletes the work directory. A re-run with other weights, options or input is refused, so one
+output never mixes two configurations.
 
 Output (:mod:`~pipelines.score.outputs`, our layout): the input columns (a name that clashes with a result column gets
 an ``input_`` prefix), then ``row_id`` (a sweep's ``variant``, ``perturbation`` and ``strength`` after it), ``score``
@@ -41,7 +45,6 @@ KILLED or FAILED; its resumption is a new run whose ``resumed_rows`` says how ma
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -49,19 +52,19 @@ import os
 import time
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
+from pipelines import rowjob
 from pipelines.infra import tracking
 from pipelines.infra.console import progress_bar
 from pipelines.infra.runtime import ClusterError, check_gpus, init_ray, local_capacity, node_cpus
 from pipelines.infra.storage import Files, StorageOptions, basename
 from pipelines.score.config import ActorPlan, ScoreConfig, ScoreError, plan_actors
-from pipelines.score.inputs import check_weights, input_digest, input_table
-from pipelines.score.outputs import absolute_paths, assemble, write_config, write_outputs
-from pipelines.score.scorer import score_rows
-from pipelines.score.variants import pairs, todo_rows
+from pipelines.rowjob import Rows, Shard
+from pipelines.score.inputs import check_weights, input_rows
+from pipelines.score.outputs import Written, absolute_paths, result_batch, write_config, write_outputs
+from pipelines.score.scorer import compute, scoring_job
 from pipelines.score.workdir import WorkDir
 from spai_core.config import check_config, to_dict
 
@@ -70,40 +73,30 @@ logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class ScoreResult:
-    """What a scoring job did: the output table (our layout), and counts for the summary."""
+    """What a scoring job did: the output's counts (:class:`~pipelines.score.outputs.Written`), for the summary."""
 
     output: str
-    table: pa.Table
-    scored_now: int  # rows scored by this invocation (the rest came from an interrupted run)
+    written: Written
+    scored_now: int  # results scored by this invocation (the rest came from an interrupted run)
     seconds: float
     skipped: dict[str, Any]  # files the input listing left out: {"count", "why", "examples"}, or empty
-    first: tuple[float, int] | None = None  # seconds to the first results and their rows: start-up apart from speed
+    # seconds to the first part written and its results: start-up apart from speed
+    first: tuple[float, int] | None = None
     tracking_uri: str | None = None  # the MLflow store of the job's run, when tracked
     run_id: str | None = None
     decoded: int = 0  # images this invocation read and decoded (a sweep scores several variants of each)
 
-    @property
-    def errors(self) -> list[str]:
-        return [e for e in self.table.column("error").to_pylist() if e is not None]
-
-    @staticmethod
-    def reasons(errors: list[str]) -> collections.Counter[str]:
-        """Failed rows per reason (the part of an error before its colon)."""
-        return collections.Counter(e.split(":", 1)[0] for e in errors)
-
     def metrics(self) -> dict[str, float]:
         """Counts and speed for MLflow: rows, scored, failed (and per reason), this invocation's images/s."""
-        errors = self.errors
-        reasons = self.reasons(errors)
-        return {"rows": self.table.num_rows, "scored": self.table.num_rows - len(errors), "failed": len(errors),
+        rows, failed = self.written.rows, self.written.failed
+        return {"rows": rows, "scored": rows - failed, "failed": failed,
                 "scored_now": self.scored_now, "decoded": self.decoded, "seconds": self.seconds,
                 "images_per_s": self.scored_now / self.seconds if self.seconds else 0.0,
                 **({"first_results_s": self.first[0]} if self.first else {}),
-                **{f"failed_{reason}": count for reason, count in reasons.items()}}
+                **{f"failed_{reason}": count for reason, count in self.written.reasons.items()}}
 
     def summary(self) -> str:
-        errors = self.errors
-        reasons = self.reasons(errors)
+        rows, failed, reasons = self.written.rows, self.written.failed, self.written.reasons
         rate = f"{self.scored_now / self.seconds if self.seconds else 0.0:.2f} img/s"
         # The rate since the first results says something only if they came early (else it is a burst of last rows).
         if self.first and self.scored_now > self.first[1] and self.first[0] <= self.seconds / 2:
@@ -111,22 +104,22 @@ class ScoreResult:
             rate += f"; first results after {self.first[0]:.1f} s, {since:.2f} img/s since"
         what = (f"{self.scored_now} images" if self.decoded in (0, self.scored_now)
                 else f"{self.scored_now} variants of {self.decoded} images")
-        lines = [f"scored {what} in {self.seconds:.1f} s ({rate}); output has "
-                 f"{self.table.num_rows} rows: {self.table.num_rows - len(errors)} scored, {len(errors)} failed"
+        lines = [f"scored {what} in {self.seconds:.1f} s ({rate}); output has {rows} rows: {rows - failed} scored, "
+                 f"{failed} failed"
                  + (" (" + ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())) + ")" if reasons else "")]
         if self.skipped:
             lines.append(f"not in the output: {self.skipped['count']} input file(s) {self.skipped['why']}, e.g. "
                          + ", ".join(self.skipped["examples"][:3]))
         lines.append(f"wrote {self.output}")
         if self.all_failed:
-            lines.append(f"error: none of the {len(errors)} rows could be scored, e.g. {errors[0]}; check the input's "
-                         "paths (--root for a CSV), the storage settings and the weights")
+            lines.append(f"error: none of the {failed} rows could be scored, e.g. {self.written.example}; check the "
+                         "input's paths (--root for a CSV), the storage settings and the weights")
         return "\n".join(lines)
 
     @property
     def all_failed(self) -> bool:
         """Every row failed: an exit status for scripts, though the output (each row's reason) is written."""
-        return self.table.num_rows > 0 and self.table.column("error").null_count == 0
+        return self.written.rows > 0 and self.written.failed == self.written.rows
 
 
 @dataclasses.dataclass
@@ -136,7 +129,9 @@ class Job:
     cfg: ScoreConfig
     files: Files
     work: WorkDir
-    table: pa.Table
+    rows: Rows
+    shards: list[Shard]
+    digest: str  # the input's fingerprint (see inputs.input_digest)
     skipped: dict[str, Any]
     model_id: str
     provenance: dict[str, Any]
@@ -158,9 +153,9 @@ def prepare(cfg: ScoreConfig, options: StorageOptions) -> Job:
                          "it, or choose another --output")
     # an unreachable store fails now
     tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri) if cfg.tracking.enabled else None
-    table, skipped = input_table(cfg, options)
+    rows, shards, digest, skipped = input_rows(cfg, options)
     model_id, provenance = check_weights(cfg.weights, options, cfg.runtime)
-    job = Job(cfg, files, work, table, skipped, model_id, provenance, tracking_uri)
+    job = Job(cfg, files, work, rows, shards, digest, skipped, model_id, provenance, tracking_uri)
     if job.threshold is not None:
         logger.info("predicting AI-generated iff score > %g, the threshold the weights carry (%s); output columns "
                     "threshold and predicted", job.threshold, provenance["threshold"].get("target"))
@@ -201,8 +196,7 @@ def cluster_plan(cfg: ScoreConfig) -> ActorPlan:
 def record(job: Job, plan: ActorPlan) -> None:
     """Record the job in its work folder, or check it against the record of the run it continues (the precision
     resolved by the plan is part of it); then save its config beside the output."""
-    job.work.start({"model_id": job.model_id, "rows": job.table.num_rows, **job.cfg.options(plan.precision),
-                    "input_digest": input_digest(job.table)})
+    job.work.start({"model_id": job.model_id, **job.cfg.options(plan.precision), "input_digest": job.digest})
     write_config(job.cfg, job.files)
 
 
@@ -224,29 +218,37 @@ def score(cfg: ScoreConfig, options: StorageOptions | None = None, progress: boo
 
 
 def run_job(job: Job, plan: ActorPlan, progress: bool) -> ScoreResult:
-    """Score the rows not done yet, assemble and write the output, and track the run."""
-    cfg, table, work = job.cfg, job.table, job.work
-    variants = cfg.variants()
-    todo = todo_rows(table, work.read_parts(), [v.label for v in variants])
-    total, left = table.num_rows * len(variants), pairs(todo)
-    if left < total:
-        logger.info("resuming %s: %d of %d rows were scored before", work.uri, total - left, total)
-    run_id = start_tracking(job, plan, resumed=total - left)
+    """Score the results not done yet (the workers write them), stream the output from them, and track the run."""
+    cfg, work = job.cfg, job.work
+    rows = scoring_job(job.rows, cfg, plan, job.model_id, job.files.options, work)
+    found, done = rowjob.start(rows, job.shards)
+    if found.rows == 0:
+        work.remove()
+        raise ScoreError(f"{cfg.input} has no rows" + (f" of split {cfg.split!r}; fix --split" if cfg.split else ""))
+    if found.done_before:
+        logger.info("resuming %s: %d of %d rows were scored before", work.uri, found.done_before, found.expected)
+    run_id = start_tracking(job, plan, resumed=found.done_before)
     with tracking.ended_on_error(job.tracking_uri, run_id) if run_id else contextlib.nullcontext():
         started, first = time.monotonic(), None
-        if left:
+        if found.left:
             logger.info("loading the model on %d %s actor(s); scoring starts when it is loaded", plan.workers,
                         "GPU" if plan.device == "cuda" else "CPU")
-            with progress_bar(progress, total=total, initial=total - left, unit="img", desc="scoring",
+            with progress_bar(progress, total=found.expected, initial=found.done_before, unit="img", desc="scoring",
                               smoothing=0.05) as bar:
-                first = score_rows(todo, cfg, plan, job.model_id, job.files.options, work, bar)
+                for written in rowjob.execute(rows, found, done, compute(cfg, plan)):
+                    bar.update(written)
+                    first = first or (time.monotonic() - started, written)
         seconds = time.monotonic() - started
-        out = assemble(table, work.read_parts(), job.model_id, cfg.options(plan.precision), job.threshold,
-                       variants if cfg.sweep else None)
-        write_outputs(out, cfg, job.files)
+        variants = cfg.variants() if cfg.sweep else None
+        try:
+            written = write_outputs(
+                (result_batch(batch, job.model_id, cfg.options(plan.precision), job.threshold, variants)
+                 for batch in rowjob.compacted(work.uri, job.files.options, found)), cfg, job.files)
+        except rowjob.MissingResults as exc:
+            raise ScoreError(f"{exc} (rows of {work.uri})") from exc
         work.remove()
-    result = ScoreResult(cfg.output, out, left, seconds, job.skipped, first and (first[0] - started, first[1]),
-                         job.tracking_uri, run_id, decoded=todo.num_rows)
+    result = ScoreResult(cfg.output, written, found.left, seconds, job.skipped, first, job.tracking_uri, run_id,
+                         decoded=found.rows_left)
     if run_id:
         finish_tracking(result)
     return result

@@ -1,26 +1,26 @@
-"""What a scoring job writes: its config (``<output>.config.yaml``, first), then the output table in our layout or
-the official CSV one (with ``<output>.errors.csv``), assembled from the work folder's parts."""
+"""What a scoring job writes: its config (``<output>.config.yaml``, first), then the output in our layout or the
+official CSV one (with ``<output>.errors.csv``), streamed from the work folder's parts in input order."""
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from pipelines.data.manifest import parquet_bytes
-from pipelines.infra.storage import Files, absolute
-from pipelines.perturb import NONE, Variant
-from pipelines.score.config import ScoreConfig, ScoreError
+from pipelines.infra.storage import Files, absolute, is_s3
+from pipelines.perturb import Variant
+from pipelines.score.config import ScoreConfig
 from pipelines.score.inputs import clash_free
-from pipelines.score.variants import expand, result_keys, variant_columns
-from pipelines.score.workdir import write_atomic
+from pipelines.score.variants import variant_columns
 from spai_core.config import dump_config
 from spai_core.metrics import sigmoid
 
@@ -40,43 +40,41 @@ def write_config(cfg: ScoreConfig, files: Files) -> str:
     return uri
 
 
-def assemble(table: pa.Table, parts: pa.Table, model_id: str, options: Mapping[str, Any],
-             threshold: float | None = None, variants: Sequence[Variant] | None = None) -> pa.Table:
-    """Input rows joined with their results (first result per row and variant), in input order; every row must have
-    one. A sweep's ``variants`` repeat each row once per variant, with the variant columns after ``row_id``.
-    With the calibrated ``threshold`` of the weights, also that and ``predicted`` (1 iff score > threshold)."""
-    table = expand(table, variants or [NONE])
-    n = table.num_rows
-    labels = variant_columns(variants, n // len(variants)) if variants else {}
-    keys = result_keys(table.column("row_id"), labels.get("variant", pa.repeat(pa.scalar(NONE.label), n)))
-    index = pc.index_in(keys, value_set=result_keys(parts.column("row_id"), parts.column("variant")))
-    if index.null_count:
-        raise ScoreError(f"{index.null_count} of {n} rows have no result; re-run the same command to score them")
-    found = parts.take(index)
-    logit = found.column("logit")
+def result_batch(batch: pa.Table, model_id: str, options: Mapping[str, Any], threshold: float | None = None,
+                 variants: Sequence[Variant] | None = None) -> pa.Table:
+    """A compacted batch of parts (the input's columns, ``row_id``, ``variant``, ``logit``, ``tiles``, ``error``) in
+    the output layout: a sweep's variant columns after ``row_id`` (a plain job has none), then the score and the
+    job's columns; with the calibrated ``threshold`` of the weights, also that and ``predicted`` (1 iff score >
+    threshold)."""
+    n = batch.num_rows
+    logit = batch.column("logit")
     # failed rows (null logit) keep a null score
     score = pa.array(sigmoid(logit.fill_null(0.0).to_numpy()), pa.float64(),
                      mask=logit.is_null().to_numpy(zero_copy_only=False))
-    results = {**labels, "score": score, "logit": logit, "tiles": found.column("tiles"),
-               "error": found.column("error"), "model_id": pa.repeat(pa.scalar(model_id), n),
+    labels = variant_columns(variants, batch.column("variant")) if variants else {}
+    results = {**labels, "score": score, "logit": logit, "tiles": batch.column("tiles"),
+               "error": batch.column("error"), "model_id": pa.repeat(pa.scalar(model_id), n),
                "precision": pa.repeat(pa.scalar(options["precision"]), n),
                "options": pa.repeat(pa.scalar(json.dumps(options, sort_keys=True)), n)}
     if threshold is not None:
         results["threshold"] = pa.repeat(pa.scalar(threshold, pa.float64()), n)
         results["predicted"] = pc.greater(score, threshold).cast(pa.int8())  # null where the row failed
-    out = table
+    out = batch.select(batch.column_names[:batch.column_names.index("row_id") + 1])
     for name, column in results.items():
         out = out.append_column(name, column)
     return out
 
 
-def official_table(table: pa.Table, cfg: ScoreConfig, files: Files) -> pa.Table:
-    """The official output layout: the input CSV's columns in its order (``image, split, class`` for other inputs)
-    plus the score in a column named ``cfg.tag``. Unknown labels stay empty rather than the official dummy 1."""
+def official_header(cfg: ScoreConfig, files: Files) -> list[str]:
+    """The official layout's columns: the input CSV's in its order (``image, split, class`` for other inputs)."""
     if cfg.input.lower().endswith(".csv"):
-        header = next(csv.reader(io.StringIO(files.read(cfg.input).decode("utf-8-sig"))))
-    else:
-        header = ["image", "split", "class"]
+        return next(csv.reader(io.StringIO(files.read(cfg.input).decode("utf-8-sig"))))
+    return ["image", "split", "class"]
+
+
+def official_table(table: pa.Table, header: Sequence[str], tag: str) -> pa.Table:
+    """Output rows in the official layout: the ``header`` columns plus the score in a column named ``tag``. Unknown
+    labels stay empty rather than the official dummy 1."""
 
     def column(name: str) -> pa.ChunkedArray:
         if name == "class":
@@ -86,28 +84,91 @@ def official_table(table: pa.Table, cfg: ScoreConfig, files: Files) -> pa.Table:
         return table.column(clash_free(name))
 
     columns = {name: column(name) for name in header}
-    columns[cfg.tag] = table.column("score")  # replaces an existing column of that name, as the official code does
+    columns[tag] = table.column("score")  # replaces an existing column of that name, as the official code does
     return pa.table(columns)
 
 
-def table_bytes(table: pa.Table, uri: str) -> bytes:
-    """A table as CSV or Parquet, by the suffix of ``uri``."""
-    if not uri.lower().endswith(".csv"):
-        return parquet_bytes(table)
-    sink = io.BytesIO()
-    pacsv.write_csv(table, sink, pacsv.WriteOptions(quoting_style="needed"))
-    return sink.getvalue()
+class TableWriter:
+    """One Parquet or CSV file (by the suffix of ``uri``) written batch by batch, never the whole table in memory;
+    it takes its place only at :meth:`close` (written as ``<uri>.tmp``, then moved), so a stopped job leaves no
+    half output."""
+
+    def __init__(self, uri: str, files: Files):
+        self.uri = uri
+        self.files = files
+        self.fs, self.path = files.resolve(uri)
+        self.rows = 0
+        self._sink = self._writer = self._schema = None
+
+    def write(self, table: pa.Table) -> None:
+        if self._writer is None:
+            if not is_s3(self.uri):
+                self.fs.create_dir(self.path.rsplit("/", 1)[0] or "/", recursive=True)
+            self._sink = self.fs.open_output_stream(self.path + ".tmp")
+            self._schema = table.schema
+            self._writer = (pacsv.CSVWriter(self._sink, table.schema, write_options=pacsv.WriteOptions(
+                quoting_style="needed")) if self.uri.lower().endswith(".csv") else pq.ParquetWriter(
+                    self._sink, table.schema))
+        self._writer.write_table(table.cast(self._schema))
+        self.rows += table.num_rows
+
+    def close(self) -> bool:
+        """Put the file in place; False (and nothing written) when no batch came."""
+        if self._writer is None:
+            return False
+        self._writer.close()
+        self._sink.close()
+        self.fs.move(self.path + ".tmp", self.path)
+        return True
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._sink.close()
+            self.fs.delete_file(self.path + ".tmp")
 
 
-def write_outputs(out: pa.Table, cfg: ScoreConfig, files: Files) -> None:
-    """The output file, and (official layout) the failed rows beside it."""
-    if not cfg.official_csv:
-        write_atomic(files, cfg.output, table_bytes(out, cfg.output))
-        return
-    write_atomic(files, cfg.output, table_bytes(official_table(out, cfg, files), cfg.output))
+@dataclasses.dataclass
+class Written:
+    """Counts of what :func:`write_outputs` wrote: rows, failed rows per reason, a first error for the summary."""
+
+    rows: int = 0
+    reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    example: str | None = None
+
+    @property
+    def failed(self) -> int:
+        return sum(self.reasons.values())
+
+    def add(self, batch: pa.Table) -> None:
+        self.rows += batch.num_rows
+        errors = batch.column("error").drop_null().to_pylist()
+        self.reasons.update(e.split(":", 1)[0] for e in errors)
+        self.example = self.example or (errors[0] if errors else None)
+
+
+def write_outputs(batches: Iterable[pa.Table], cfg: ScoreConfig, files: Files) -> Written:
+    """Stream the output's batches (our layout) into the output file, or (official layout) the official one and the
+    failed rows beside it; the counts for the summary."""
+    main, written = TableWriter(cfg.output, files), Written()
     errors_uri = cfg.output + ".errors.csv"
-    failed = out.filter(pc.is_valid(out.column("error"))).select(["uri", "error"])
-    if failed.num_rows:
-        write_atomic(files, errors_uri, table_bytes(failed, errors_uri))
-    elif files.info(errors_uri).type == pafs.FileType.File:
+    errors = TableWriter(errors_uri, files) if cfg.official_csv else None
+    header = official_header(cfg, files) if cfg.official_csv else None
+    try:
+        for batch in batches:
+            written.add(batch)
+            if errors is None:
+                main.write(batch)
+                continue
+            main.write(official_table(batch, header, cfg.tag))
+            failed = batch.filter(pc.is_valid(batch.column("error"))).select(["uri", "error"])
+            if failed.num_rows:
+                errors.write(failed)
+    except BaseException:
+        main.abort()
+        if errors is not None:
+            errors.abort()
+        raise
+    main.close()
+    if errors is not None and not errors.close() and files.info(errors_uri).type == pafs.FileType.File:
         files.remove(errors_uri)  # left by an earlier run into the same output
+    return written

@@ -1,24 +1,19 @@
-"""The scoring pipeline on Ray Data: manifest rows -> decode, then each image's variants (+ resize), on CPU tasks ->
-:class:`Scorer` actors, each holding one :class:`~spai_core.detector.Detector` -> the driver, which keeps finished
-rows in the work folder."""
+"""The scoring pipeline, a :mod:`pipelines.rowjob` job: manifest rows -> decode, then each image's variants (+ resize),
+on CPU tasks -> :class:`Scorer` actors, each holding one :class:`~spai_core.detector.Detector` -> Parquet parts in the
+work folder, written by the workers."""
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pyarrow as pa
-import ray.data
 import torch
-from tqdm.auto import tqdm
 
-from pipelines.data.dataset import decode_images, read_manifest_dataset
-from pipelines.data.manifest import CORE_COLUMNS
 from pipelines.data.transforms import make_score_transform
 from pipelines.infra.storage import StorageOptions, absolute
+from pipelines.rowjob import Compute, RowJob, Rows
 from pipelines.score.config import ActorPlan, ScoreConfig, ScoreError
 from pipelines.score.inputs import local_weights
 from pipelines.score.variants import variant_block
-from pipelines.score.workdir import PART_SCHEMA, PartBuffer, WorkDir
+from pipelines.score.workdir import PART_SCHEMA, WorkDir
 from spai_core.onnx_runtime import load_detector
 
 
@@ -62,53 +57,22 @@ class Scorer:
         return [result for image in images for result in self._logits([image])]
 
 
-def scored_batches(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str,
-                   options: StorageOptions) -> ray.data.Dataset:
-    """The dataset of ``todo``'s results: decode and variant tasks feeding a pool of :class:`Scorer` actors."""
-    # width/height of a validated manifest let the input blocks be sized by pixels (see dataset.block_bounds)
-    ds = read_manifest_dataset(todo.select([c for c in (*CORE_COLUMNS, "row_id", "variants", "width", "height")
-                                            if c in todo.column_names]))
-    ds = decode_images(ds, None, cfg.seed, options, cfg.max_pixels)
-    # the same task as decoding (Ray fuses the two stages): the decoded image does not cross the object store
-    ds = ds.map_batches(variant_block, batch_format="numpy", batch_size=None,
-                        fn_kwargs={"variants": {v.label: v for v in cfg.variants()},
-                                   "transform": make_score_transform(cfg.transform), "seed": cfg.seed})
-    # Blocks of one model batch each; the repartition boundary also keeps Ray from fusing decoding into the actors,
-    # so decode tasks run beside scoring instead of stalling it (and a GPU never waits on JPEG decoding).
-    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size)
-    ds = ds.map_batches(Scorer, batch_size=cfg.batch_size, batch_format="numpy",
-                        # "true multi-threading" with one call at a time runs calls on the actor's main thread, where
-                        # the model was built. Ray Data's default hands them to a helper thread: a second OpenMP pool,
-                        # and with more OpenMP threads than CPUs libgomp stops spin-waiting, so small ops slow ~2x and
-                        # a CPU model pass ~5%
-                        compute=ray.data.ActorPoolStrategy(size=plan.workers, enable_true_multi_threading=True,
-                                                           max_tasks_in_flight_per_actor=plan.batches_in_flight),
-                        num_cpus=plan.num_cpus,
-                        num_gpus=plan.num_gpus or None,
-                        # absolute: actors on a running cluster (RAY_ADDRESS) work in another folder than the driver
-                        fn_constructor_kwargs={"weights": absolute(cfg.weights), "model_id": model_id, "plan": plan,
-                                               "max_tiles": cfg.max_tiles, "feature_batch": cfg.feature_batch,
-                                               "options": options, "runtime": cfg.runtime})
-    # Ray Data's own bars count only this run's rows; the driver's bar counts the whole corpus instead. (The dataset's
-    # context, shared by its whole chain, is a copy made when it was read: changing the global one now does nothing.)
-    ds.context.enable_progress_bars = False
-    return ds
+def scoring_job(rows: Rows, cfg: ScoreConfig, plan: ActorPlan, model_id: str, options: StorageOptions,
+                work: WorkDir) -> RowJob:
+    """The job as a :class:`~pipelines.rowjob.RowJob`: decode and variant tasks feeding a pool of :class:`Scorer`
+    actors, whose results the workers write under ``work``."""
+    variants = cfg.variants()
+    return RowJob(
+        rows, work.uri, Scorer, schema=PART_SCHEMA, labels=[v.label for v in variants],
+        # absolute: actors on a running cluster (RAY_ADDRESS) work in another folder than the driver
+        actor_kwargs={"weights": absolute(cfg.weights), "model_id": model_id, "plan": plan, "max_tiles": cfg.max_tiles,
+                      "feature_batch": cfg.feature_batch, "options": options, "runtime": cfg.runtime},
+        # the same task as decoding (Ray fuses the two stages): the decoded image does not cross the object store
+        expand=variant_block, expand_kwargs={"variants": {v.label: v for v in variants},
+                                             "transform": make_score_transform(cfg.transform), "seed": cfg.seed},
+        seed=cfg.seed, max_pixels=cfg.max_pixels, options=options)
 
 
-def score_rows(todo: pa.Table, cfg: ScoreConfig, plan: ActorPlan, model_id: str, options: StorageOptions,
-               work: WorkDir, bar: tqdm) -> tuple[float, int] | None:
-    """Stream ``todo`` through decode and the actor pool; finished rows go to the work directory as they come.
-
-    Returns when (``time.monotonic()``) the first results came and how many rows they held, if any came."""
-    buffer, first = PartBuffer(work, cfg.part_rows), None
-    try:
-        # No prefetch: with one, each batch reached the driver only when the next was done, so the progress bar and
-        # the resumable parts lagged a whole batch (minutes on CPU)
-        for batch in scored_batches(todo, cfg, plan, model_id, options).iter_batches(
-                batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            buffer.add(batch)
-            bar.update(batch.num_rows)
-            first = first or (time.monotonic(), batch.num_rows)
-    finally:  # on Ctrl-C too: rows already scored are kept
-        buffer.flush()
-    return first
+def compute(cfg: ScoreConfig, plan: ActorPlan) -> Compute:
+    return Compute(workers=plan.workers, num_cpus=plan.num_cpus, num_gpus=plan.num_gpus, batch_size=cfg.batch_size,
+                   batches_in_flight=plan.batches_in_flight, part_rows=cfg.part_rows)

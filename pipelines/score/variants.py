@@ -1,10 +1,10 @@
-"""The variants of a scoring job: which (image, variant) pairs are still to score, and the Ray Data stage that turns
-each decoded image into its variants.
+"""The variants of a scoring job: the Ray Data stage that turns each decoded image into the variants still to score.
 
 Every job scores variants: a plain job has one, ``none`` (the image as it is); a ``--perturb`` sweep has several. An
 output row, and a part row of the work folder, is one (input row, variant) pair, keyed by ``row_id`` and the variant's
-label. An image is read and decoded once however many of its variants are to score; they are made right after, in the
-same Ray Data task (the stage fuses with decoding), each from its own generator seeded by ``(seed, uri, label)``.
+label (the read tasks of :mod:`pipelines.rowjob` say which pairs are left). An image is read and decoded once however
+many of its variants are to score; they are made right after, in the same Ray Data task (the stage fuses with
+decoding), each from its own generator seeded by ``(seed, uri, label)``.
 """
 from __future__ import annotations
 
@@ -13,34 +13,13 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from ray.data.block import BlockAccessor
 
 from pipelines.data.dataset import DEFAULT_OUTPUT_BYTES, ImageColumnBuilder, Transform
 from pipelines.data.transforms import row_rng
 from pipelines.perturb import Variant
 
 VARIANT_COLUMNS = ("variant", "perturbation", "strength")  # what a sweep adds to each output row
-
-
-def result_keys(row_ids: pa.Array | pa.ChunkedArray, labels: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
-    """One key per (row, variant) pair."""
-    return pc.binary_join_element_wise(row_ids, labels, "\n")
-
-
-def todo_rows(table: pa.Table, done: pa.Table, labels: Sequence[str]) -> pa.Table:
-    """Input rows with variants still to score, each with a ``variants`` list column naming them (in sweep order)."""
-    missing = np.stack([~pc.is_in(table.column("row_id"), value_set=done.filter(pc.equal(done.column("variant"),
-                                                                                          label)).column("row_id"))
-                        .to_numpy(zero_copy_only=False) for label in labels], axis=1)
-    keep = missing.any(axis=1)
-    rows, cols = np.nonzero(missing[keep])
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=int(keep.sum())))]).astype(np.int32)
-    todo = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.asarray(labels, object)[cols], pa.string()))
-    return table.filter(pa.array(keep)).append_column("variants", todo)
-
-
-def pairs(todo: pa.Table) -> int:
-    """The (image, variant) pairs ``todo`` holds."""
-    return int(pc.sum(pc.list_value_length(todo.column("variants"))).as_py() or 0)
 
 
 def _make(image: np.ndarray, variant: Variant, transform: Transform | None, rng: np.random.Generator
@@ -58,43 +37,42 @@ def _make(image: np.ndarray, variant: Variant, transform: Transform | None, rng:
         return None, f"transform_failed: {type(exc).__name__}: {exc}"
 
 
-def variant_block(batch: Mapping[str, np.ndarray], variants: Mapping[str, Variant], transform: Transform | None,
-                  seed: int, max_bytes: int = DEFAULT_OUTPUT_BYTES) -> Iterator[pa.Table]:
-    """``row_id, variant, image, error`` for every variant each decoded row asks for, a table whenever the images fill
-    ``max_bytes``. A row that failed to decode gives each of its variants its error."""
-    wanted = [list(labels) for labels in batch["variants"]]
+def variant_block(batch: pa.Table, variants: Mapping[str, Variant], transform: Transform | None, seed: int,
+                  max_bytes: int = DEFAULT_OUTPUT_BYTES) -> Iterator[pa.Table]:
+    """Every variant each decoded row asks for (its ``variants`` list): the row's columns with ``variant``, ``image``
+    and ``error``, a table whenever the images fill ``max_bytes``. A row that failed to decode gives each of its
+    variants its error."""
+    wanted = batch.column("variants").to_pylist()
+    decoded = BlockAccessor.for_block(batch.select(["image"])).to_batch_format("numpy")["image"]
+    rest = batch.drop_columns(["image", "error", "variants"])
     left = sum(map(len, wanted))
-    for_row = zip(batch["row_id"], batch["uri"], batch["image"], batch["error"], wanted)
-    images, ids, labels, errors = ImageColumnBuilder(left, max_bytes), [], [], []
-    for row_id, uri, image, error, names in for_row:
+    for_row = zip(batch.column("uri").to_pylist(), decoded, batch.column("error").to_pylist(), wanted)
+    images, rows, labels, errors = ImageColumnBuilder(left, max_bytes), [], [], []
+    for index, (uri, image, error, names) in enumerate(for_row):
         for label in names:
             out, failure = (None, error) if error is not None else _make(image, variants[label], transform,
                                                                           row_rng(seed, f"{uri}\n{label}"))
             images.append(out)
-            ids.append(row_id)
+            rows.append(index)
             labels.append(label)
             errors.append(failure)
             if images.full():
-                yield _table(ids, labels, images, errors)
-                left -= len(ids)
-                images, ids, labels, errors = ImageColumnBuilder(left, max_bytes), [], [], []
-    if ids:
-        yield _table(ids, labels, images, errors)
+                yield _table(rest, rows, labels, images, errors)
+                left -= len(rows)
+                images, rows, labels, errors = ImageColumnBuilder(left, max_bytes), [], [], []
+    if rows:
+        yield _table(rest, rows, labels, images, errors)
 
 
-def _table(ids: list[str], labels: list[str], images: ImageColumnBuilder, errors: list[str | None]) -> pa.Table:
-    return pa.table({"row_id": pa.array(ids, pa.string()), "variant": pa.array(labels, pa.string()),
-                     "image": images.finish(), "error": pa.array(errors, pa.string())})
+def _table(rest: pa.Table, rows: list[int], labels: list[str], images: ImageColumnBuilder,
+           errors: list[str | None]) -> pa.Table:
+    return (rest.take(pa.array(rows, pa.int64())).append_column("variant", pa.array(labels, pa.string()))
+            .append_column("image", images.finish()).append_column("error", pa.array(errors, pa.string())))
 
 
-def variant_columns(variants: Sequence[Variant], rows: int) -> dict[str, pa.Array]:
-    """The sweep's columns for ``rows`` input rows, each repeated once per variant (the order of :func:`expand`)."""
-    repeat = np.tile(np.arange(len(variants)), rows)
-    return {"variant": pa.array([v.label for v in variants], pa.string()).take(repeat),
-            "perturbation": pa.array([v.perturbation for v in variants], pa.string()).take(repeat),
-            "strength": pa.array([v.numeric_strength for v in variants], pa.float64()).take(repeat)}
-
-
-def expand(table: pa.Table, variants: Sequence[Variant]) -> pa.Table:
-    """Each input row once per variant, image-major (an image's variants together, in sweep order)."""
-    return table.take(np.repeat(np.arange(table.num_rows), len(variants))) if len(variants) > 1 else table
+def variant_columns(variants: Sequence[Variant], labels: pa.Array | pa.ChunkedArray) -> dict[str, pa.Array]:
+    """A sweep's columns for result rows of these variant ``labels``."""
+    index = pc.index_in(labels, value_set=pa.array([v.label for v in variants], pa.string()))
+    return {"variant": labels,
+            "perturbation": pa.array([v.perturbation for v in variants], pa.string()).take(index),
+            "strength": pa.array([v.numeric_strength for v in variants], pa.float64()).take(index)}
