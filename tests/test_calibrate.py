@@ -205,15 +205,17 @@ def test_score_predicts_with_the_calibrated_threshold(weights, photos, tmp_path)
     for photo in photos[:4]:
         (folder / photo.name).write_bytes(photo.read_bytes())
     (folder / "broken.jpg").write_bytes(b"not a JPEG")
-    first = score(ScoreConfig(weights=str(weights), input=str(folder), output=str(tmp_path / "a.parquet"),
-                              tracking=TrackingConfig(enabled=False)), progress=False).table
+    score(ScoreConfig(weights=str(weights), input=str(folder), output=str(tmp_path / "a.parquet"),
+                      tracking=TrackingConfig(enabled=False)), progress=False)
+    first = pq.read_table(tmp_path / "a.parquet")
     assert not {"threshold", "predicted"} & set(first.column_names)  # weights without a threshold
     scores = first.column("score").drop_null().to_numpy()
     calibrated = tmp_path / "calibrated.safetensors"
     middle = float(np.median(scores))  # some photos above, some not
     update_metadata(weights, calibrated, {"threshold": {"value": middle, "target": "balanced"}})
-    table = score(ScoreConfig(weights=str(calibrated), input=str(folder), output=str(tmp_path / "b.parquet"),
-                              tracking=TrackingConfig(enabled=False)), progress=False).table
+    score(ScoreConfig(weights=str(calibrated), input=str(folder), output=str(tmp_path / "b.parquet"),
+                      tracking=TrackingConfig(enabled=False)), progress=False)
+    table = pq.read_table(tmp_path / "b.parquet")
     assert table.schema.field("threshold").type == pa.float64() and table.schema.field("predicted").type == pa.int8()
     rows = table.to_pylist()
     assert all(row["threshold"] == middle for row in rows)
