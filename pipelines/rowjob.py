@@ -300,8 +300,10 @@ def start(job: RowJob, shards: list[Shard] | None = None) -> tuple[Progress, Any
     rows = sum(s.rows for s in shards) if job.rows.split is None else _count_split(job, shards)
     if len(job.labels) > 255:
         raise ValueError(f"a job has at most 255 labels per row, not {len(job.labels)}")
-    done_ref = _done_keys.remote(job.work, job.options, list(job.labels))
-    count, full = ray.get(_counts.remote(done_ref, len(job.labels)))
+    done_ref, count, full = None, 0, 0
+    if part_uris(job.work, Files(job.options)):  # a fresh job starts no task for it (seconds on a busy machine)
+        done_ref = _done_keys.remote(job.work, job.options, list(job.labels))
+        count, full = ray.get(_counts.remote(done_ref, len(job.labels)))
     columns = input_schema(job.rows.source, shards, job.options).names
     if job.rows.rename is not None:
         columns = [job.rows.rename(name) for name in columns]
