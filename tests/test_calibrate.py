@@ -202,7 +202,7 @@ def test_a_sweep_calibrates_on_its_original_images(weights, tmp_path):
 def test_score_predicts_with_the_calibrated_threshold(weights, photos, tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
-    for photo in photos[:4]:
+    for photo in [p for p in photos if p.name.startswith("skimage__")]:  # three small photos: few tiles to score
         (folder / photo.name).write_bytes(photo.read_bytes())
     (folder / "broken.jpg").write_bytes(b"not a JPEG")
     score(ScoreConfig(weights=str(weights), input=str(folder), output=str(tmp_path / "a.parquet"),
