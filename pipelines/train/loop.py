@@ -29,7 +29,8 @@ from pipelines.infra import storage, tracking
 from pipelines.infra.console import log_to_console
 from pipelines.train import files
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import epoch_shard, first_failure, iter_image_batches, to_image_tensors, to_views_tensor
+from pipelines.train.data import (epoch_shard, first_failure, iter_image_batches, numpy_batches, to_image_tensors,
+                                  to_views_tensor)
 from pipelines.train.epochs import epoch_line, epoch_metrics, no_training_data_message, progress_line, track_best
 from pipelines.train.model import autocast_dtype, configure_finetune, export_model, initial_model, lr_at, make_optimizer
 from spai_core.checkpoint import save_checkpoint
@@ -149,9 +150,14 @@ class WorkerRun:
         self.model.train()
         started = last_progress = time.time()
         local = {"seen": 0, "loss": 0.0, "failed": 0, "failure": None, "grad_norm_max": 0.0}
-        shard = epoch_shard(self.train_rows, epoch, cfg.seed, self.rank, self.world, equal=True)
-        batches = iter_image_batches(shard, self.train_transform, cfg.seed + epoch, cfg.per_worker_batch,
-                                     self.options, drop_last=True)
+        if cfg.data_feed == "trainer":  # Ray Train's equal streaming split of the dataset the driver built
+            import ray.train
+
+            batches = numpy_batches(ray.train.get_dataset_shard("train"), cfg.per_worker_batch, drop_last=True)
+        else:
+            shard = epoch_shard(self.train_rows, epoch, cfg.seed, self.rank, self.world, equal=True)
+            batches = iter_image_batches(shard, self.train_transform, cfg.seed + epoch, cfg.per_worker_batch,
+                                         self.options, drop_last=True)
         for step_in_epoch, batch in enumerate(batches):
             self._step(epoch * self.steps_per_epoch + step_in_epoch, step_in_epoch, batch, local)
             done = step_in_epoch + 1
