@@ -15,7 +15,6 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 OFFICIAL_RECIPE = CONFIG_DIR / "spai.yaml"  # what `spai train` and `spai tune` start from without --config
 FINETUNE_MODES = ("head", "full", "svd")
 AMP_MODES = ("auto", "fp32", "bf16", "fp16")
-DATA_FEEDS = ("worker", "trainer")
 
 
 @dataclass
@@ -75,9 +74,6 @@ class TrainConfig:
     gpus_per_worker: float = option(0.0, flag="--gpus-per-worker", help="GPUs per worker (0: CPU, gloo)")
     cpus_per_worker: float = 1.0
     registered_model: str | None = "spai"  # MLflow registered model for the best checkpoint (null: none)
-    # worker: each rank streams its own (seed, epoch) shard through Ray Data | trainer: one dataset handed to
-    # TorchTrainer(datasets=), split by Ray Train (benchmarks/bench_train.py compares them)
-    data_feed: str = "worker"
     progress_every_s: float = 60.0  # rank 0 logs a progress line within an epoch at most this often (0: every step)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -87,8 +83,6 @@ class TrainConfig:
         """Signs and ranges first, so that a negative value is not reported as a mismatch of two fields."""
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"must be one of {', '.join(FINETUNE_MODES)}, got {self.finetune!r}", "finetune")
-        if self.data_feed not in DATA_FEEDS:
-            raise ConfigError(f"must be one of {', '.join(DATA_FEEDS)}, got {self.data_feed!r}", "data_feed")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"must be one of {', '.join(AMP_MODES)}, got {self.amp!r}", "amp")
         for name in ("epochs", "batch_size", "val_batch_size", "keep_checkpoints", "workers"):

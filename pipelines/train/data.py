@@ -30,26 +30,7 @@ def iter_image_batches(table: pa.Table, transform, seed: int, batch_size: int, o
     # Without it the threads that format prefetched batches hand them over as they finish, so batches (and the
     # weights they train) differ from run to run: a seeded run must see the same batches in the same order.
     ds.context.execution_options.preserve_order = True
-    yield from numpy_batches(ds, batch_size, drop_last)
-
-
-def numpy_batches(ds, batch_size: int, drop_last: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Numpy batches of a dataset or of a Ray Train dataset shard, two prefetched."""
-    return ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2)
-
-
-def trainer_dataset(table: pa.Table, transform, seed: int, options: storage.StorageOptions):
-    """The train split as one dataset for ``TorchTrainer(datasets=)`` (``data_feed: trainer``): shuffled by Ray Data
-    with ``seed`` combined with Ray's execution index (a new order each epoch; a plain int seed would repeat one
-    order) and decoded in Ray Data tasks. The dataset is built once, so its augmentation seed cannot follow the
-    epoch, and a restarted or resumed run counts executions from 0 again."""
-    import ray.data
-
-    shuffled = read_manifest_dataset(table).random_shuffle(seed=ray.data.RandomSeedConfig(seed,
-                                                                                           reseed_after_execution=True))
-    ds = decode_images(shuffled, transform, seed=seed, options=options)
-    ds.context.enable_progress_bars = False  # each epoch's split would draw its bars in every worker's log
-    return ds
+    yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, prefetch_batches=2)
 
 
 def to_views_tensor(images, device: torch.device) -> torch.Tensor:

@@ -14,14 +14,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipelines.data.manifest import CORE_COLUMNS, read_manifest, split_rows
-from pipelines.data.transforms import make_train_transform
+from pipelines.data.manifest import read_manifest, split_rows
 from pipelines.infra import storage, tracking
 from pipelines.infra.resume import check_resumable
 from pipelines.infra.runtime import ClusterError, local_capacity
 from pipelines.train import files
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import trainer_dataset
 from pipelines.train.epochs import best_of
 from pipelines.train.loop import LoopInputs, train_loop
 from pipelines.train.model import initial_model
@@ -199,8 +197,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, callbacks: list | None 
             storage.Files(options).remove(data_error_uri)
     inputs = LoopInputs(to_dict(cfg), dataclasses.asdict(options), tracked.run_id, tracked.uri, data_error_uri)
     trainer = TorchTrainer(train_loop, train_loop_config=dataclasses.asdict(inputs),
-                           scaling_config=scaling(cfg), run_config=run_config(cfg, callbacks, options),
-                           **trainer_datasets(cfg, options))
+                           scaling_config=scaling(cfg), run_config=run_config(cfg, callbacks, options))
     with tracked.ended_on_error():
         try:
             result = trainer.fit()
@@ -211,20 +208,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, callbacks: list | None 
         if storage.exists(data_error_uri, options):
             raise TrainingDataError(storage.read_bytes(data_error_uri, options).decode())
     return export_weights(result, run_dir, cfg, options, tracked)
-
-
-def trainer_datasets(cfg: TrainConfig, options: storage.StorageOptions) -> dict[str, Any]:
-    """``datasets=`` and ``dataset_config=`` of the trainer for ``data_feed: trainer`` (nothing for ``worker``)."""
-    if cfg.data_feed != "trainer":
-        return {}
-    import ray.train
-
-    manifest = read_manifest(cfg.manifest, options).select(list(CORE_COLUMNS))
-    train = trainer_dataset(split_rows(manifest, "train"), make_train_transform(cfg.augment), cfg.seed, options)
-    ingest = ray.train.DataConfig.default_ingest_options()
-    ingest.preserve_order = True  # its best chance at the same batches for the same seed
-    return {"datasets": {"train": train},
-            "dataset_config": ray.train.DataConfig(datasets_to_split=["train"], execution_options=ingest)}
 
 
 def record_run(cfg: TrainConfig, tracked: Tracked, options: storage.StorageOptions) -> None:
