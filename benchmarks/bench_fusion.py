@@ -7,7 +7,7 @@ Every step is the library call behind a CLI command, each kept in ``--work`` and
 configs/tiny.yaml``), or ``--spai WEIGHTS``; 3. the offline CLIP ViT-B/16 weights (``spai backbone``); 4. features
 of every image (``spai fusion extract``, CLIP as the semantic encoder); 5. the two heads (``spai fusion train``,
 configs/fusion.yaml and configs/fusion_logit.yaml); 6. the test split scored by each model with the derivative
-sweep (``spai score --perturb``); 7. ``spai evaluate`` of the three tables side by side, printed as one table.
+sweep (``spai score --perturb``); 7. ``spai evaluate`` of each table, printed side by side as one table.
 
     nice -n 19 python benchmarks/bench_fusion.py --work bench_fusion_out      # ~1 h on 2 busy cores
 """
@@ -73,16 +73,18 @@ def scored(name: str, weights: str, manifest: str, work: Path, cpus: int) -> str
     return str(out)
 
 
-def auc_table(report, models: list[str], seen: list[str]) -> str:
-    """Rows: generator (seen ones marked); columns: each variant x model; cells: AUC against all test reals."""
-    auc = {(r.get("table", r["run"]), r.get("variant", "none"), r["generator"]): r["auc"] for r in report.rows}
-    variants = ["none", *DERIVATIVES]
-    generators = list(dict.fromkeys(g for (_, _, g) in auc))
+def auc_table(reports: dict, seen: list[str]) -> str:
+    """Rows: generator (seen ones marked); columns: each variant x model; cells: AUC against all test reals.
+    ``reports``: model -> its ``spai evaluate`` report."""
+    auc = {(model, r.get("variant", "none"), r["generator"]): r["auc"] for model, report in reports.items()
+           for r in report.rows}
+    variants = list(dict.fromkeys(v for (_, v, _) in auc))  # sweep labels, e.g. sticker=3
+    generators = list(dict.fromkeys(g for (_, _, g) in auc if g != "real"))
     head = "| generator | " + " | ".join(f"{v if v != 'none' else 'clean'}: {m}" for v in variants
-                                         for m in models) + " |"
-    lines = [head, "|---|" + "---:|" * (len(variants) * len(models))]
+                                         for m in reports) + " |"
+    lines = [head, "|---|" + "---:|" * (len(variants) * len(reports))]
     for gen in generators:
-        cells = [auc.get((m, v, gen)) for v in variants for m in models]
+        cells = [auc.get((m, v, gen)) for v in variants for m in reports]
         label = f"{gen} (seen)" if gen in seen else gen
         lines.append(f"| {label} | " + " | ".join("-" if c is None or c != c else f"{c:.3f}" for c in cells) + " |")
     return "\n".join(lines)
@@ -114,13 +116,13 @@ def main() -> None:
     for name, recipe in HEADS.items():
         step(f"{name} head")
         models[name] = fused(name, recipe, features, work)
-    tables = {}
+    reports = {}
     for name, weights in models.items():
         step(f"scoring the test split with {name}: clean and {', '.join(DERIVATIVES)}")
-        tables[name] = read_scores(scored(name, weights, manifest, work, args.cpus))
-    report = evaluate(tables, split="test", seen=seen, bootstrap=0)
+        table = read_scores(scored(name, weights, manifest, work, args.cpus))
+        reports[name] = evaluate({name: table}, split="test", seen=seen, bootstrap=0)
     print(f"\n## Held-out AUC per generator (test split of {manifest}; SPAI: {spai}; semantic: CLIP ViT-B/16)\n")
-    print(auc_table(report, list(models), seen))
+    print(auc_table(reports, seen))
     print(f"\ntotal {(time.time() - started) / 60:.1f} min")
 
 
