@@ -208,9 +208,10 @@ def redone_rows(parts: Path) -> int | None:
 
 
 def steady_segment(samples: list[tuple[float, int]], before: int) -> tuple[int, float]:
-    """(rows, seconds) of one run after its first new part: start-up and model load left out."""
+    """(rows, seconds) of one run after its first new part: start-up and model load left out; (0, 0) while it has
+    written fewer than two parts (no rate to tell)."""
     new = [(t, n) for t, n in samples if n > before]
-    return (new[-1][1] - new[0][1], new[-1][0] - new[0][0]) if len(new) > 1 else (0, 0.0)
+    return (new[-1][1] - new[0][1], new[-1][0] - new[0][0]) if new and new[-1][1] > new[0][1] else (0, 0.0)
 
 
 def bench(design: str, code: Path, manifest: Path, rows: int, weights: Path, work: Path, address: str, nodes: list[int],
