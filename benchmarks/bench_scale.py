@@ -200,7 +200,7 @@ def redone_rows(parts: Path) -> int | None:
     if not files:
         return 0
     schema = pq.read_schema(files[0])
-    keys = [c for c in ("row_id", "uri", "variant") if c in schema.names]
+    keys = [c for c in ("row_id", "variant") if c in schema.names]  # the result key in both designs
     if not keys:
         return None
     table = pa.concat_tables([pq.read_table(f, columns=keys) for f in files])
