@@ -56,6 +56,9 @@ PART_PREFIX = "part-"
 INPUT_PREFIX = "_input_"  # what an input column named like a decoded one is called between reading and writing
 SHARD_ROWS = 2048  # rows per shard of a table listed on the driver
 COMPACT_ROWS = 250_000  # input positions per partition of the compaction's sort
+# The job's own small tasks (done keys, counts) run on the cluster's CPUs like Ray Data's tasks, not inside the
+# placement group of a caller such as a Tune trial, whose bundle (a hundredth of a CPU) they could never fit
+OUTSIDE_ANY_PLACEMENT_GROUP = "DEFAULT"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +227,7 @@ def part_uris(work: str, files: Files) -> list[str]:
             if u.rsplit("/", 1)[-1].startswith(PART_PREFIX)]
 
 
-@ray.remote
+@ray.remote(scheduling_strategy=OUTSIDE_ANY_PLACEMENT_GROUP)
 def _done_keys(work: str, options: StorageOptions, labels: Sequence[str]) -> np.ndarray:
     """Sorted keys of the results already in ``work``; unreadable parts (cut by a kill) go."""
     files, keys, index = Files(options), [], {label: i for i, label in enumerate(labels)}
@@ -240,7 +243,7 @@ def _done_keys(work: str, options: StorageOptions, labels: Sequence[str]) -> np.
     return np.unique(np.concatenate(keys)) if keys else np.empty(0, "S16")
 
 
-@ray.remote
+@ray.remote(scheduling_strategy=OUTSIDE_ANY_PLACEMENT_GROUP)
 def _counts(done: np.ndarray, labels: int) -> tuple[int, int]:
     """(results done, rows with every label done)."""
     rows = np.frombuffer(done.tobytes(), np.uint8).reshape(-1, 16)[:, :15].copy().view("S15").ravel()
@@ -320,7 +323,7 @@ def input_schema(source: str | pa.Table, shards: Sequence[Shard], options: Stora
     return conform(pq.read_schema(fs.open_input_file(path)).empty_table(), where=shards[0].uri).schema
 
 
-@ray.remote
+@ray.remote(scheduling_strategy=OUTSIDE_ANY_PLACEMENT_GROUP)
 def _split_count(uri: str | None, table: pa.Table | None, split: str, options: StorageOptions) -> int:
     if uri is None:
         return split_rows(table, split).num_rows
@@ -393,8 +396,8 @@ def execute(job: RowJob, progress: Progress, done_ref: Any, compute: Compute) ->
 
 
 def compacted(work: str, options: StorageOptions, expected: Progress, batch_rows: int = 4096) -> Iterator[pa.Table]:
-    """The parts in input order (a row's labels in job order), each key once, in batches: sorted in the cluster,
-    streamed to the caller. Raises :class:`MissingResults` at the end when fewer than ``expected`` keys came."""
+    """The parts in input order (a row's labels in job order), each key once, in batches streamed to the caller
+    (:func:`_sorted_parts`). Raises :class:`MissingResults` at the end when fewer than ``expected`` keys came."""
     positions = sum(s.rows for s in expected.shards)
     files = Files(options)
     uris = part_uris(work, files)
@@ -402,15 +405,8 @@ def compacted(work: str, options: StorageOptions, expected: Progress, batch_rows
     if uris:
         fs, _ = files.resolve(work)
         paths = [files.resolve(u)[1] for u in uris]
-        # Input positions are known, so ranges of them are the sort's partitions: no sampling pass, and a small job
-        # is one partition (Ray's default of 200 cost seconds on ten rows)
-        step = COMPACT_ROWS
-        ds = ray.data.read_parquet(paths, filesystem=fs).sort(
-            [ORDER, LABEL_INDEX], boundaries=list(range(step, positions, step)) or [positions])
-        ds.context.execution_options.preserve_order = True
-        ds.context.enable_progress_bars = False
         last = None
-        for batch in ds.iter_batches(batch_size=batch_rows, batch_format="pyarrow"):
+        for batch in _sorted_parts(paths, fs, positions, expected.expected, batch_rows):
             pos = np.stack([np.asarray(batch.column(ORDER)), np.asarray(batch.column(LABEL_INDEX))], axis=1)
             new = np.ones(len(pos), bool)
             new[1:] = np.any(pos[1:] != pos[:-1], axis=1)
@@ -424,6 +420,27 @@ def compacted(work: str, options: StorageOptions, expected: Progress, batch_rows
                 yield batch
     if seen != expected.expected:
         raise MissingResults(expected.expected - seen, expected.expected)
+
+
+def _sorted_parts(paths: list[str], fs: pafs.FileSystem, positions: int, results: int,
+                  batch_rows: int) -> Iterator[pa.Table]:
+    """The parts' rows by input position and label, in batches of ``batch_rows``.
+
+    A job of at most :data:`COMPACT_ROWS` results is sorted where the caller runs: a Ray Data sort costs seconds of
+    task start-up, and inside a Tune trial its shuffle tasks would be held to the trial's placement group, which they
+    cannot fit. A larger one is sorted in the cluster, partitioned by ranges of input positions, which are known (no
+    sampling pass)."""
+    if results <= COMPACT_ROWS:
+        table = pa.concat_tables([pq.read_table(path, filesystem=fs) for path in paths], promote_options="permissive")
+        yield from (pa.Table.from_batches([b]) for b in
+                    table.sort_by([(ORDER, "ascending"), (LABEL_INDEX, "ascending")]).to_batches(batch_rows))
+        return
+    step = COMPACT_ROWS
+    ds = ray.data.read_parquet(paths, filesystem=fs).sort(
+        [ORDER, LABEL_INDEX], boundaries=list(range(step, positions, step)) or [positions])
+    ds.context.execution_options.preserve_order = True
+    ds.context.enable_progress_bars = False
+    yield from ds.iter_batches(batch_size=batch_rows, batch_format="pyarrow")
 
 
 class MissingResults(RuntimeError):

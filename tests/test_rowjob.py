@@ -45,7 +45,7 @@ def compact(job: rowjob.RowJob, progress: rowjob.Progress) -> pa.Table:
     return pa.concat_tables(rowjob.compacted(job.work, job.options, progress))
 
 
-def test_every_row_once_in_input_order_and_a_lost_part_is_redone(manifest, tmp_path):
+def test_every_row_once_in_input_order_and_a_lost_part_is_redone(manifest, tmp_path, monkeypatch):
     uri, table = manifest
     job = rowjob.RowJob(rowjob.Rows(uri), str(tmp_path / "work"), Heights, {"scale": 2}, SCHEMA,
                         options=StorageOptions())
@@ -67,4 +67,7 @@ def test_every_row_once_in_input_order_and_a_lost_part_is_redone(manifest, tmp_p
         compact(job, first)
     again = rowjob.run(job, compute, show_progress=False)
     assert again.done_before == 20 - lost
+    assert compact(job, again).equals(out)
+    # a job over COMPACT_ROWS results is sorted in the cluster, by ranges of input positions: the same table
+    monkeypatch.setattr(rowjob, "COMPACT_ROWS", 6)
     assert compact(job, again).equals(out)
