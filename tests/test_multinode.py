@@ -90,6 +90,7 @@ def ray_cluster(names: tuple[str, ...], log_dir: Path):
     try:
         start("head", "--head", f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=0", "--include-dashboard=false")
         wait_for(lambda: _reachable(address), 60, "the head's GCS")
+        ray.shutdown()  # a Ray another test left up (one that failed before its own shutdown) is not this cluster
         ray.init(address=address)
         for name in names:  # one at a time: each node registers before the next starts
             start(name, f"--address={address}", f"--num-cpus={NODE_CPUS}")
