@@ -29,7 +29,7 @@ import ray
 from pipelines import rowjob
 from pipelines.data.config import ValidateConfig
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
-from pipelines.data.manifest import CORE_COLUMNS, ManifestError, parquet_bytes, write_manifest
+from pipelines.data.manifest import CORE_COLUMNS, ManifestError, manifest_files, parquet_bytes, write_manifest
 from pipelines.infra.runtime import init_ray
 from pipelines.infra.storage import Files, StorageOptions, absolute, join
 from spai_core.config import dump_config, to_dict
@@ -158,6 +158,7 @@ def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int =
     options = options or StorageOptions.from_env()
     output_uri = output_uri or default_output(uri)
     cfg = ValidateConfig(absolute(uri), absolute(output_uri), max_pixels)
+    manifest_files(cfg.manifest, options)  # a missing or unreadable manifest is refused before Ray starts
     init_ray()
     # A validated manifest already has the check columns: the checks replace them, so every row is checked afresh.
     job = rowjob.RowJob(rowjob.Rows(cfg.manifest), cfg.output.rstrip("/") + ".parts", Checker,
