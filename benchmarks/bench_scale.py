@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import subprocess
 import sys
 import threading
@@ -49,7 +48,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench_score import _children, make_corpus, make_weights, tree_pss
+from bench_score import make_corpus, make_weights, tree_memory, tree_pss
 from pipelines.data.manifest import MANIFEST_SCHEMA, ROWS_PER_FILE, SCHEMA_VERSION, SIDECAR
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,21 +142,6 @@ class PartCounter:
         return sum(self.seen.values())
 
 
-def tree_shm(roots: list[int]) -> int:
-    """Bytes of shared memory (``Pss_Shmem``) mapped by ``roots`` and their descendants: the object stores' pages
-    in use by the raylets, workers and driver, each page counted once however many processes map it."""
-    tree, stack, total = _children(), list(roots), 0
-    while stack:
-        pid = stack.pop()
-        stack += tree.get(pid, [])
-        try:
-            match = re.search(r"^Pss_Shmem:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
-        except OSError:  # the process ended while we looked
-            continue
-        total += int(match.group(1)) * 1024 if match else 0
-    return total
-
-
 def run_job(command: list[str], env: dict, cwd: Path, log: Path, counter: PartCounter, nodes: list[int],
             seconds: float, stop_at: int, row: Row) -> tuple[list[tuple[float, int]], bool]:
     """Run ``command`` until it ends, writes ``stop_at`` rows, or ``seconds`` pass (then SIGKILL); returns the
@@ -171,7 +155,7 @@ def run_job(command: list[str], env: dict, cwd: Path, log: Path, counter: PartCo
         def sample_memory() -> None:
             while not stop.wait(POLL_SECONDS):
                 row.driver_peak = max(row.driver_peak, tree_pss(process.pid))
-                row.store_peak = max(row.store_peak, tree_shm([process.pid, *nodes]))
+                row.store_peak = max(row.store_peak, tree_memory([process.pid, *nodes], "Pss_Shmem"))
 
         sampler = threading.Thread(target=sample_memory, daemon=True)
         sampler.start()

@@ -174,18 +174,25 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_pss(root: int) -> int:
-    """Bytes of proportional set size of ``root`` and all its descendants."""
-    tree, stack, total = _children(), [root], 0
+def tree_memory(roots: list[int], field: str = "Pss") -> int:
+    """Bytes of one ``smaps_rollup`` field (``Pss``: proportional set size; ``Pss_Shmem``: its shared-memory part)
+    summed over ``roots`` and all their descendants, each page counted once however many processes map it."""
+    tree, stack, total = _children(), list(roots), 0
+    pattern = re.compile(rf"^{field}:\s+(\d+) kB", re.M)
     while stack:
         pid = stack.pop()
         stack += tree.get(pid, [])
         try:
-            match = re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.M)
-        except OSError:
+            match = pattern.search(Path(f"/proc/{pid}/smaps_rollup").read_text())
+        except OSError:  # the process ended while we looked
             continue
         total += int(match.group(1)) * 1024 if match else 0
     return total
+
+
+def tree_pss(root: int) -> int:
+    """Bytes of proportional set size of ``root`` and all its descendants."""
+    return tree_memory([root])
 
 
 def gpu_utilisation() -> float | None:
