@@ -3,14 +3,16 @@ server, a local Ray shared by the tests that ask for it, and MLflow stores of th
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from corpus import learning_corpus_config, session_corpus, small_corpus_config
+from fusion_features import extract, save_tiny_spai
 from s3server import aws_env_for, reset_moto, running_moto
 
 # Ray's token authentication is for shared clusters; the local test clusters (and their subprocesses) skip it.
@@ -135,6 +137,37 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     shared = item.config.stash.get(SHARED_RAY, None)
     if shared is not None and "ray_session" not in item.fixturenames:
         shared.stop()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sem-SPAI
+
+
+@pytest.fixture(scope="session")
+def tiny_spai_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny SPAI checkpoint (random weights from a fixed seed): the frozen spectral model of the fusion tests."""
+    return save_tiny_spai(tmp_path_factory.mktemp("spai") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def _session_features(tmp_path_factory: pytest.TempPathFactory, small_corpus: str,
+                      tiny_spai_file: str) -> Callable[[], Path]:
+    """The small corpus's feature table, extracted the first time a module asks (on the shared Ray it needs)."""
+    output = tmp_path_factory.mktemp("features")
+
+    @functools.cache
+    def extracted() -> Path:
+        result = extract(small_corpus, tiny_spai_file, output)
+        assert (result.rows, result.failed, result.done_before) == (48, 0, 0)
+        return output
+    return extracted
+
+
+@pytest.fixture(scope="module")
+def fusion_features(ray_session: None, _session_features: Callable[[], Path]) -> Path:
+    """The small corpus's Sem-SPAI feature table (tiny SPAI, a small random ViT), one extraction per session: tests
+    may redo parts of it, but must leave it as they found it."""
+    return _session_features()
 
 
 # ---------------------------------------------------------------------------------------------------------------

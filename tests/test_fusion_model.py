@@ -10,14 +10,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from spai_core.backbones import BackboneError
-from spai_core.checkpoint import CheckpointError, load_model, read_metadata, save_checkpoint
+from spai_core.checkpoint import CheckpointError, load_model, read_metadata
 from spai_core.config import ConfigError
 from spai_core.detector import Detector, file_sha256
 from spai_core.fusion import (FusedDetector, FusedModel, FusionConfig, build_fused, build_head, load_fused,
                               save_fused)
 from spai_core.onnx_runtime import load_detector
 from spai_core.semantic import SemanticConfig, SemanticEncoder
-from spai_core.spai import build_model, get_model_config
 
 TINY_SEMANTIC = SemanticConfig("timm:test_vit")  # random 64-d ViT, the same in every process (seed 0)
 TINY_SPECTRAL = 88  # spai_tiny's descriptor_dim: 6 statistics x 4 layers + a 64-d spectral context vector
@@ -33,19 +32,11 @@ def _tensors(images: list[np.ndarray]) -> list[torch.Tensor]:
     return [torch.from_numpy(img).permute(2, 0, 1).float() / 255 for img in images]
 
 
-@pytest.fixture(scope="module")
-def spai_file(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("fusion") / "tiny.safetensors"
-    save_checkpoint(path, build_model(get_model_config("spai_tiny", descriptor_norm=True)).eval())
-    return str(path)
-
-
-def _trained(spai_file: str, kind: str = "late", steps: int = 3) -> FusedModel:
+def _trained(tiny_spai_file: str, kind: str = "late", steps: int = 3) -> FusedModel:
     """A fused model whose head took a few AdamW steps (on every parameter: the frozen ones must not move)."""
     torch.manual_seed(1)
     head = build_head(FusionConfig(kind=kind), TINY_SPECTRAL, 64)
-    model = build_fused(spai_file, TINY_SEMANTIC, head).train()
+    model = build_fused(tiny_spai_file, TINY_SEMANTIC, head).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
     images, labels = _tensors(_images()), torch.tensor([0.0, 1.0, 1.0])
     for _ in range(steps):
@@ -89,10 +80,10 @@ def test_bad_configs_say_what_to_use():
         SemanticEncoder(SemanticConfig("timm:test_vit", weights="/nonexistent/clip.safetensors"))
 
 
-def test_frozen_parts_get_no_gradient_and_stay_unchanged(spai_file):
-    before = build_fused(spai_file, TINY_SEMANTIC)
+def test_frozen_parts_get_no_gradient_and_stay_unchanged(tiny_spai_file):
+    before = build_fused(tiny_spai_file, TINY_SEMANTIC)
     frozen = {k: v.clone() for k, v in before.state_dict().items()}
-    model = _trained(spai_file)
+    model = _trained(tiny_spai_file)
     for name, param in model.named_parameters():
         assert name.startswith("head.") == param.requires_grad, name
         if not name.startswith("head."):
@@ -106,9 +97,9 @@ def test_frozen_parts_get_no_gradient_and_stay_unchanged(spai_file):
 
 
 @pytest.mark.parametrize("kind", ["late", "logit"])
-def test_save_load_round_trip_gives_identical_logits_through_load_detector(spai_file, tmp_path, kind):
-    model = _trained(spai_file, kind)
-    extractor = FusedDetector.for_extraction(spai_file, TINY_SEMANTIC, "cpu", "fp32")
+def test_save_load_round_trip_gives_identical_logits_through_load_detector(tiny_spai_file, tmp_path, kind):
+    model = _trained(tiny_spai_file, kind)
+    extractor = FusedDetector.for_extraction(tiny_spai_file, TINY_SEMANTIC, "cpu", "fp32")
     path = tmp_path / "fused.safetensors"
     save_fused(path, model, {"run": "r1", "epoch": 3}, features=extractor.identity)
     loaded = load_detector(path, device="cpu", precision="fp32")
@@ -128,36 +119,36 @@ def test_save_load_round_trip_gives_identical_logits_through_load_detector(spai_
         load_model(path)
 
 
-def test_features_are_deterministic_and_match_spai(spai_file):
+def test_features_are_deterministic_and_match_spai(tiny_spai_file):
     images = _images()
-    first = FusedDetector.for_extraction(spai_file, TINY_SEMANTIC, "cpu", "fp32")
+    first = FusedDetector.for_extraction(tiny_spai_file, TINY_SEMANTIC, "cpu", "fp32")
     spectral, spai_logit, semantic = first.features(images)
     assert spectral.shape == (3, TINY_SPECTRAL) and spai_logit.shape == (3,) and semantic.shape == (3, 64)
     assert spectral.dtype == semantic.dtype == np.float32
-    again = FusedDetector.for_extraction(spai_file, TINY_SEMANTIC, "cpu", "fp32").features(images)
+    again = FusedDetector.for_extraction(tiny_spai_file, TINY_SEMANTIC, "cpu", "fp32").features(images)
     for a, b in zip((spectral, spai_logit, semantic), again):
         np.testing.assert_array_equal(a, b)
     # One image alone gives its row of the batch (up to float rounding of a different tile batch).
     alone = first.features(images[1])
     for a, b in zip((spectral, spai_logit, semantic), alone):
         np.testing.assert_allclose(a[1:2], b, atol=1e-5)
-    np.testing.assert_array_equal(spai_logit, Detector.from_pretrained(spai_file, "cpu", "fp32").logits(images))
+    np.testing.assert_array_equal(spai_logit, Detector.from_pretrained(tiny_spai_file, "cpu", "fp32").logits(images))
     assert [len(x) for x in first.features([])] == [0, 0, 0]
 
 
-def test_a_head_saved_with_other_backbones_is_refused(spai_file, tmp_path):
-    model = _trained(spai_file, steps=1)
-    other = FusedDetector.for_extraction(spai_file, SemanticConfig("timm:test_vit", seed=1), "cpu", "fp32")
+def test_a_head_saved_with_other_backbones_is_refused(tiny_spai_file, tmp_path):
+    model = _trained(tiny_spai_file, steps=1)
+    other = FusedDetector.for_extraction(tiny_spai_file, SemanticConfig("timm:test_vit", seed=1), "cpu", "fp32")
     with pytest.raises(CheckpointError, match="trained on features of semantic timm:test_vit"):
         save_fused(tmp_path / "x.safetensors", model, features=other.identity)
     wide = build_head(FusionConfig(), TINY_SPECTRAL, 3072)
     with pytest.raises(CheckpointError, match="3072-d semantic features, but the frozen models give 88-d and 64-d"):
-        build_fused(spai_file, TINY_SEMANTIC, wide)
+        build_fused(tiny_spai_file, TINY_SEMANTIC, wide)
 
 
-def test_a_checkpoint_naming_another_encoder_is_refused(spai_file, tmp_path):
+def test_a_checkpoint_naming_another_encoder_is_refused(tiny_spai_file, tmp_path):
     path = tmp_path / "fused.safetensors"
-    save_fused(path, _trained(spai_file, steps=1))
+    save_fused(path, _trained(tiny_spai_file, steps=1))
     state = load_file(str(path))
     with safe_open(str(path), "pt") as fh:
         header = fh.metadata()

@@ -17,81 +17,59 @@ from mlflow.tracking import MlflowClient
 from pipelines.evaluate.protocol import evaluate
 from pipelines.evaluate.tables import read_scores
 from pipelines.features.config import FeaturesConfig
+from fusion_features import extract
 from pipelines.features.job import INFO, PARTS, TABLE, FeaturesError, run_extraction
 from pipelines.fusion.config import FUSION_RECIPE, FusionTrainConfig
 from pipelines.fusion.run import run_fusion
 from pipelines.infra.settings import TrackingConfig
 from pipelines.score.config import ScoreConfig
 from pipelines.score.job import score
-from spai_core.checkpoint import save_checkpoint
 from spai_core.config import ConfigError, load_config
 from spai_core.fusion import load_fused
-from spai_core.spai import build_model, get_model_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_session")]
-SEMANTIC = {"encoder": "timm:test_vit"}  # 64-d, random weights from a fixed seed
 
 
-@pytest.fixture(scope="module")
-def spai_file(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("spai") / "tiny.safetensors")
-    torch.manual_seed(0)
-    save_checkpoint(path, build_model(get_model_config("spai_tiny", descriptor_norm=True)).eval())
-    return path
-
-
-def extract(manifest: str, weights: str, output: Path, **extra):
-    return run_extraction(load_config(FeaturesConfig, None, flags={
-        "manifest": manifest, "weights": weights, "output": str(output), "semantic": SEMANTIC, "part_rows": 12,
-        "batch_size": 6, **extra}), show_progress=False)
-
-
-@pytest.fixture(scope="module")
-def features(small_corpus, spai_file, tmp_path_factory) -> Path:
-    output = tmp_path_factory.mktemp("features")
-    result = extract(small_corpus, spai_file, output)
-    assert (result.rows, result.failed, result.done_before) == (48, 0, 0)
-    return output
-
-
-def test_features_are_keyed_rows_with_both_widths_and_the_models_identity(features):
-    table = pq.read_table(features / TABLE)
+def test_features_are_keyed_rows_with_both_widths_and_the_models_identity(fusion_features):
+    table = pq.read_table(fusion_features / TABLE)
     assert {"row_id", "uri", "label", "generator", "split", "spectral", "spai_logit", "semantic", "error"} <= set(
         table.column_names)
     assert table.schema.field("spectral").type == pa.list_(pa.float32(), 88)
     assert table.schema.field("semantic").type == pa.list_(pa.float32(), 64)
     assert len(set(table.column("row_id").to_pylist())) == table.num_rows == 48
-    info = json.loads((features / INFO).read_text())
+    info = json.loads((fusion_features / INFO).read_text())
     assert info["identity"]["semantic"]["encoder"] == "timm:test_vit"
     assert (info["spectral_dim"], info["semantic_dim"]) == (88, 64)
 
 
-def test_a_rerun_finds_every_row_done_and_a_lost_part_is_redone_identically(features, small_corpus, spai_file):
-    before = pq.read_table(features / TABLE)
-    again = extract(small_corpus, spai_file, features)
+def test_a_rerun_finds_every_row_done_and_a_lost_part_is_redone_identically(fusion_features, small_corpus,
+                                                                           tiny_spai_file):
+    before = pq.read_table(fusion_features / TABLE)
+    again = extract(small_corpus, tiny_spai_file, fusion_features)
     assert (again.done_before, again.rows) == (48, 48)
-    lost = sorted((features / PARTS).glob("part-*.parquet"))[0]
+    lost = sorted((fusion_features / PARTS).glob("part-*.parquet"))[0]
     lost_rows = pq.read_metadata(lost).num_rows
     lost.unlink()
-    resumed = extract(small_corpus, spai_file, features, workers=1, batch_size=4)  # how it runs may change
+    # how it runs may change
+    resumed = extract(small_corpus, tiny_spai_file, fusion_features, workers=1, batch_size=4)
     assert resumed.done_before == 48 - lost_rows
-    after = pq.read_table(features / TABLE)
+    after = pq.read_table(fusion_features / TABLE)
     assert after.column("row_id").equals(before.column("row_id"))
     for name in ("spectral", "spai_logit", "semantic"):  # deterministic: the redone rows match bit for bit
         assert after.column(name).equals(before.column(name)), name
 
 
-def test_extracting_into_a_folder_of_other_models_is_refused(features, small_corpus, spai_file):
+def test_extracting_into_a_folder_of_other_models_is_refused(fusion_features, small_corpus, tiny_spai_file):
     with pytest.raises(Exception, match="other settings.*semantic.encoder"):
         run_extraction(load_config(FeaturesConfig, None, flags={
-            "manifest": small_corpus, "weights": spai_file, "output": str(features),
+            "manifest": small_corpus, "weights": tiny_spai_file, "output": str(fusion_features),
             "semantic": {"encoder": "timm:test_convnext"}}), show_progress=False)
 
 
-def test_train_score_evaluate_end_to_end(features, small_corpus, spai_file, tmp_path, mlflow_store):
+def test_train_score_evaluate_end_to_end(fusion_features, small_corpus, tiny_spai_file, tmp_path, mlflow_store):
     cfg = load_config(FusionTrainConfig, FUSION_RECIPE, flags={
-        "features": str(features), "output": str(tmp_path / "runs"), "name": "late", "epochs": 3, "batch_size": 8,
-        "head.proj_dim": 16, "head.fusion_dim": 32, "tracking.uri": mlflow_store})
+        "features": str(fusion_features), "output": str(tmp_path / "runs"), "name": "late", "epochs": 3,
+        "batch_size": 8, "head.proj_dim": 16, "head.fusion_dim": 32, "tracking.uri": mlflow_store})
     result = run_fusion(cfg)
     assert Path(result.best_checkpoint).is_file() and (tmp_path / "runs" / "late" / "config.yaml").is_file()
     run = MlflowClient(mlflow_store).get_run(result.mlflow_run_id)
@@ -104,9 +82,9 @@ def test_train_score_evaluate_end_to_end(features, small_corpus, spai_file, tmp_
     fused_out, spai_out = str(tmp_path / "fused.parquet"), str(tmp_path / "spai.parquet")
     score(ScoreConfig(weights=result.best_checkpoint, input=small_corpus, output=fused_out, split="test",
                       device="cpu", tracking=no_mlflow), progress=False)
-    score(ScoreConfig(weights=spai_file, input=small_corpus, output=spai_out, split="test", device="cpu",
+    score(ScoreConfig(weights=tiny_spai_file, input=small_corpus, output=spai_out, split="test", device="cpu",
                       tracking=no_mlflow), progress=False)
-    table = pq.read_table(features / TABLE)
+    table = pq.read_table(fusion_features / TABLE)
     test = table.filter(pc.equal(table.column("split"), "test"))
     with torch.no_grad():
         expected = model.head(*(torch.as_tensor(np.stack(test.column(c).to_numpy(zero_copy_only=False)))
