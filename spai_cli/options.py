@@ -105,14 +105,13 @@ def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> A
 
 def trials_config(cls: type, args: argparse.Namespace, layers: Callable[[], Any], job: str) -> Any:
     """The config of a job whose trials are training runs (``spai tune``, ``spai benchmark``): ``KEY=VALUE`` set its
-    base training config; with ``--resume`` it starts from the saved config of the job ``--name`` names, else from
-    ``layers()`` (what ``--config`` gave)."""
+    trials' base config (``cls.base_section``); with ``--resume`` it starts from the saved config of the job ``--name``
+    names, else from ``layers()`` (what ``--config`` gave)."""
     from tune.search import saved_search  # the library a command uses is imported when it runs
 
     flags = flag_values(args)
-    overrides = [f"train.{item}" for item in getattr(args, OVERRIDES_DEST) or ()]
-    if not args.resume:
-        return load_config(cls, layers(), overrides, flags)
-    if not flags.get("name"):
+    if args.resume and not flags.get("name"):
         raise ConfigError(f"--resume needs the --name of the {job} to continue (its folder under --output)")
-    return load_config(cls, saved_search(flags.get("output", cls().output), flags["name"]), overrides, flags)
+    data = saved_search(flags.get("output", cls().output), flags["name"]) if args.resume else layers()
+    overrides = [f"{cls.base_section(data)}.{item}" for item in getattr(args, OVERRIDES_DEST) or ()]
+    return load_config(cls, data, overrides, flags)

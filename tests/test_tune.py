@@ -279,7 +279,7 @@ def test_asha_search_mlflow_and_resume(manifest, tmp_path, monkeypatch):
         for row in rows:
             model, _ = load_model(row["checkpoint"])
             assert model.cfg.mask_radius == int(row["model.mask_radius"])
-        best = max(rows, key=lambda r: float(r["best_val_auc"]))
+        best = max(rows, key=lambda r: (float(r["best_val_auc"]), r["status"] == "completed"))  # a tie: the one ASHA kept
         assert load_model(search / "best.safetensors")[0].cfg.mask_radius == int(best["model.mask_radius"])
 
         # the best config is a ready training config (manifest included), and `spai train` accepts it
@@ -323,3 +323,55 @@ def test_asha_search_mlflow_and_resume(manifest, tmp_path, monkeypatch):
         assert len(client.search_model_versions("name = 'spai'")) == 1
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_session")
+def test_a_fusion_head_search_checks_its_space_against_the_fusion_config(fusion_features, tmp_path, mlflow_store,
+                                                                         capsys):
+    """The same search over a Sem-SPAI head (`spai fusion train` trials, inferred from the fusion recipe): a grid of
+    the two head kinds on a tiny feature table, ASHA off its rungs, one parent MLflow run with a child per trial."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.fusion.config import FUSION_RECIPE, FusionTrainConfig
+    from spai_core.fusion import load_fused
+
+    space = {"scheduler": {"max_t": 2, "grace_period": 1},
+             "params": {"head.kind": {"type": "grid", "values": ["late", "logit"]},
+                        "optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}}}
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    recipe = {**read_yaml(FUSION_RECIPE), "head": {"proj_dim": 16, "fusion_dim": 32}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    command = ["tune", "--config", str(tmp_path / "recipe.yaml"), "--features", str(fusion_features),
+               "--trials", "1", "--output", str(tmp_path / "out"), "--name", "heads"]
+    # the space's keys are checked against the fusion config, not spai train's
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**space, "params": {"model.mask_radius": {
+        "type": "randint", "low": 8, "high": 32}}}))
+    assert spai([*command, "--space", str(tmp_path / "bad.yaml")]) == 2
+    assert "'model.mask_radius' is not a training config field" in capsys.readouterr().err
+
+    # KEY=VALUE set fields of the fusion recipe, as they set spai train's in a spai search
+    assert spai([*command, "--space", str(tmp_path / "space.yaml"), "batch_size=8"]) == 0
+    search = tmp_path / "out" / "heads"
+    rows = read_table(search)
+    # ASHA may stop the worse head at the rung of epoch 1; the best trial trained both epochs and exported its head
+    assert [r["head.kind"] for r in rows] == ["late", "logit"]
+    assert all(r["status"] in ("completed", "stopped_early") for r in rows)
+    best = max(rows, key=lambda r: (float(r["best_val_auc"]), r["status"] == "completed"))  # a tie: the one ASHA kept
+    assert best["status"] == "completed" and int(best["epochs"]) == 2
+    model, _ = load_fused(search / "best.safetensors")
+    assert model.head.cfg.kind == best["head.kind"]
+    best_cfg = load_config(FusionTrainConfig, search / "best_config.yaml")
+    assert (best_cfg.head.kind, best_cfg.features, best_cfg.epochs, best_cfg.batch_size) == (
+        best["head.kind"], str(fusion_features), 2, 8)
+    assert "spai fusion train --config" in (search / "best_config.yaml").read_text()
+
+    client = MlflowClient(mlflow_store)
+    runs = client.search_runs([client.get_experiment_by_name("spai-tune").experiment_id])
+    (parent,) = [r.info.run_id for r in runs if r.data.tags.get("spai.kind") == "tune"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert sorted(children) == sorted(r["trial_id"] for r in rows)
+    for row in rows:
+        child = children[row["trial_id"]]
+        assert child.data.tags["spai.tune.status"] == row["status"]
+        assert child.info.status == ("FINISHED" if row["status"] == "completed" else "KILLED")

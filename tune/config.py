@@ -6,14 +6,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Mapping
 
+from pipelines.fusion.config import FusionTrainConfig
 from pipelines.infra.settings import TrackingConfig
 from pipelines.train.config import CONFIG_DIR, OFFICIAL_RECIPE, TrainConfig
 from spai_core.config import ConfigError, option, read_yaml, section, to_dict
 from tune.space import SearchSpace, check_space, trial_config
+from tune.trainers import TRAINERS, Trainer
 
 DEFAULT_SPACE = CONFIG_DIR / "search_space.yaml"
+FUSION_SPACE = CONFIG_DIR / "fusion_search_space.yaml"  # the default space of a fusion head search
 
 
 @dataclass
@@ -47,15 +50,30 @@ class TrialsConfig:
         if self.gpus_per_worker < 0:
             raise ConfigError(f"must be 0 or more, got {self.gpus_per_worker}", "gpus_per_worker")
         try:
-            trial_config(self.trial_base(self.output), {})
+            trial_config(self.trial_base(self.output), {}, self.trainer_spec.config)
         except ConfigError as exc:
             raise ConfigError(f"the base training config does not fit {self.workers_per_trial} worker(s) per trial "
                               f"and {self.trial_epochs} epochs: {exc}", "workers_per_trial") from None
 
+    @staticmethod
+    def base_section(layers: Mapping[str, Any]) -> str:
+        """The section of the trials' base config in a config file layer (``KEY=VALUE`` overrides set it)."""
+        return "train"
+
+    @property
+    def trainer_spec(self) -> Trainer:
+        """What the trials are: ``spai train`` runs."""
+        return TRAINERS["spai"]
+
+    @property
+    def base_config(self) -> Any:
+        """The config every trial starts from, of :attr:`trainer_spec`'s class."""
+        return self.train
+
     @property
     def trial_epochs(self) -> int:
         """Epochs every trial trains: the base config's."""
-        return self.train.epochs
+        return self.base_config.epochs
 
     def trial_base(self, train_dir: str, tracking_uri: str | None = None) -> dict[str, Any]:
         """The training config every trial starts from (as a dict): ``train`` with the job's data, weights,
@@ -74,19 +92,51 @@ class TrialsConfig:
 
 @dataclass
 class TuneConfig(TrialsConfig):
-    """A search of ``trials`` samples of ``space`` around the ``train`` config; each trial is a ``spai train`` run."""
+    """A search of ``trials`` samples of ``space`` around a base config: ``train`` (each trial a ``spai train``
+    run), or ``fusion`` with ``trainer: fusion`` (each trial a ``spai fusion train`` run on the ``features`` table)."""
 
     trials: int = option(8, flag="--trials", help="number of trials to sample (a grid: repeats of it)")
+    # what every trial trains (tune.trainers): spai, or fusion when --config is a `spai fusion train` recipe
+    trainer: str = "spai"
+    features: str | None = option(None, flag="--features", help="feature table of `spai fusion extract` (fusion "
+                                  "trials)")
+    fusion: FusionTrainConfig = section(FusionTrainConfig, flags=False)  # base config of fusion trials
     space: SearchSpace = section(SearchSpace, flags=False)
 
     def validate(self) -> None:
         if self.trials < 1:
             raise ConfigError(f"must be at least 1, got {self.trials}", "trials")
+        if self.trainer not in TRAINERS:
+            raise ConfigError(f"must be one of {', '.join(TRAINERS)}, got {self.trainer!r}", "trainer")
+        if self.trainer == "fusion":
+            if self.init or self.backbone_weights:
+                raise ConfigError("fusion trials train a head on frozen features; --init and --backbone do not "
+                                  "apply", "init")
         super().validate()
         try:
-            check_space(self.space, self.trial_base(self.output))
+            check_space(self.space, self.trial_base(self.output), self.trainer_spec.config)
         except ConfigError as exc:
             raise ConfigError(str(exc), f"space.{exc.field}") from None
+
+    @staticmethod
+    def base_section(layers: Mapping[str, Any]) -> str:
+        return "fusion" if layers.get("trainer") == "fusion" else "train"
+
+    @property
+    def trainer_spec(self) -> Trainer:
+        return TRAINERS[self.trainer]
+
+    @property
+    def base_config(self) -> Any:
+        return self.fusion if self.trainer == "fusion" else self.train
+
+    def trial_base(self, train_dir: str, tracking_uri: str | None = None) -> dict[str, Any]:
+        if self.trainer != "fusion":
+            return super().trial_base(train_dir, tracking_uri)
+        tracking = {**to_dict(self.tracking), "uri": tracking_uri or self.tracking.uri}
+        return {**to_dict(self.fusion), "features": self.features, "output": train_dir, "epochs": self.trial_epochs,
+                "workers": self.workers_per_trial, "gpus_per_worker": self.gpus_per_worker,
+                "registered_model": None, "tracking": tracking}
 
     @property
     def trial_epochs(self) -> int:
@@ -106,10 +156,14 @@ def search_layers(config: str | None, space: str | None) -> dict[str, Any]:
     """The config file layer of a search from ``--config`` and ``--space``.
 
     ``--config`` is either a saved search config (it has a ``train`` section) or a training config, which becomes the
-    base of every trial (default: the official recipe). ``--space`` replaces the search space (default:
-    ``configs/search_space.yaml`` unless a saved search brings its own).
+    base of every trial (default: the official recipe); a fusion head config (it has a ``head`` section) makes a
+    fusion search. ``--space`` replaces the search space (default: ``configs/search_space.yaml``, or
+    ``configs/fusion_search_space.yaml`` for a fusion recipe, unless a saved search brings its own).
     """
     data = trial_layers(config)
+    if "head" in data["train"]:  # a `spai fusion train` config
+        data = {"trainer": "fusion", "fusion": data["train"]}
     if space or "space" not in data:
-        data["space"] = read_yaml(space or DEFAULT_SPACE, "search space")
+        data["space"] = read_yaml(space or (FUSION_SPACE if data.get("trainer") == "fusion" else DEFAULT_SPACE),
+                                  "search space")
     return data

@@ -201,14 +201,15 @@ def plot_curves(trials: list[TrialSummary], metric: str) -> bytes:
 
 
 def best_config_yaml(best: TrialSummary, cfg: TuneConfig, search_dir: str) -> str:
-    """The best trial's full training config, ready for ``spai train --config``, with where it came from: the trials'
-    config with the base's own output, registered model and tracking."""
-    base = {**cfg.trial_base(cfg.train.output), "registered_model": cfg.train.registered_model,
-            "tracking": to_dict(cfg.train.tracking)}
+    """The best trial's full training config, ready for ``spai train --config`` (``spai fusion train --config`` for
+    a fusion search), with where it came from: the trials' config with the base's own output, registered model and
+    tracking."""
+    own = cfg.base_config
+    base = {**cfg.trial_base(own.output), "registered_model": own.registered_model, "tracking": to_dict(own.tracking)}
     metric = cfg.space.scheduler.metric
     header = (f"# Best trial {best.trial_id} of the search {search_dir}: {metric} {best.best_value:.4f} at epoch "
-              f"{best.best_epoch}.\n# Train it with: spai train --config THIS_FILE\n")
-    return header + dump_config(trial_config(base, best.params))
+              f"{best.best_epoch}.\n# Train it with: {cfg.trainer_spec.command} --config THIS_FILE\n")
+    return header + dump_config(trial_config(base, best.params, cfg.trainer_spec.config))
 
 
 def report_search(results: list, cfg: TuneConfig, record: SearchRecord,
@@ -218,7 +219,7 @@ def report_search(results: list, cfg: TuneConfig, record: SearchRecord,
 
     asha = cfg.space.scheduler
     client = MlflowClient(record.tracking_uri) if record.parent_run_id else None
-    trials = sorted((summarize_trial(r, asha, record.train_dir, cfg.train.patience, client, options)
+    trials = sorted((summarize_trial(r, asha, record.train_dir, cfg.base_config.patience, client, options)
                      for r in results), key=lambda t: t.trial_id)
     if client:
         close_trial_runs(client, trials)
@@ -249,7 +250,7 @@ def log_search(outputs: dict[str, bytes], trials: list[TrialSummary], best: Tria
         for name, data in outputs.items():
             (Path(tmp) / name).write_bytes(data)
             tracking.log_artifact(uri, run_id, Path(tmp) / name)
-    name = cfg.train.registered_model
+    name = cfg.base_config.registered_model
     if weights is not None and name:
         version = tracking.log_weights(uri, run_id, weights, files.BEST_WEIGHTS, name)
         logger.info(f"[spai tune] registered {name} version {version} (best trial)")

@@ -1,7 +1,8 @@
 """``spai tune``: hyperparameter search over the training config with Ray Tune and ASHA, tracked in MLflow.
 
-Every trial is a real ``spai train`` run: a small Tune function trainable calls
-:func:`pipelines.train.run.run_training`, whose Ray Train workers (distributed when a trial has several) report each
+Every trial is a real ``spai train`` run (or, with ``trainer: fusion``, a ``spai fusion train`` run of a Sem-SPAI
+head; :mod:`tune.trainers`): a small Tune function trainable calls :func:`pipelines.train.run.run_training` (or
+:func:`pipelines.fusion.run.run_fusion`), whose Ray Train workers (distributed when a trial has several) report each
 epoch to Tune through ``TuneReportCallback``, the Train V2 / Tune interop. ASHA stops trials whose validation AUC
 trails their peers' at a rung. A search lives in ``<output>/<name>/``:
 
@@ -30,19 +31,18 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipelines.data.manifest import read_manifest, split_rows
+from pipelines.data.manifest import split_rows
 from pipelines.infra import storage, tracking
 from pipelines.infra.resume import check_resumable
 from pipelines.infra.runtime import check_gpus, init_ray, node_cpus
 from pipelines.train import files
-from pipelines.train.config import TrainConfig
 from pipelines.train.epochs import epoch_metric_names
-from pipelines.train.model import initial_model
-from pipelines.train.run import TrainResult, check_local_resources, run_training
+from pipelines.train.run import check_local_resources
 from spai_core.config import ConfigError, check_config, dump_config, to_dict
 from tune.config import TrialsConfig, TuneConfig
 from tune.report import TIME_ATTR, SearchRecord, SearchResult, report_search
 from tune.space import trial_config, tune_param_space
+from tune.trainers import TRAINERS
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class TrialSetup:
 
     base: dict[str, Any]  # the trials' training config (TuneConfig.trial_base): output is the search's train dir
     parent_run_id: str | None  # the search's MLflow run; trials are its children
+    trainer: str = "spai"  # what a trial runs (tune.trainers.TRAINERS): its config class and run function
 
 
 @dataclass
@@ -86,7 +87,7 @@ class Search:
     @property
     def setup(self) -> TrialSetup:
         return TrialSetup(self.cfg.trial_base(storage.join(self.dir, files.SEARCH_TRIALS), self.tracking_uri),
-                          self.parent_run_id)
+                          self.parent_run_id, self.cfg.trainer_spec.name)
 
     def record(self, options: storage.StorageOptions) -> None:
         marker = {"mlflow_run_id": self.parent_run_id, "tracking_uri": self.tracking_uri,
@@ -99,19 +100,17 @@ class Search:
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
-    """Tune function trainable: one ``spai train`` run with the sampled ``params``, reporting every epoch to Tune.
-
-    A trial restarted by a resumed search finds its Train run and continues it from its last checkpoint.
-    """
+    """Tune function trainable: one run of the setup's trainer with the sampled ``params``, reporting every epoch to
+    Tune. A ``spai train`` trial restarted by a resumed search continues its Train run from its last checkpoint."""
+    trainer = TRAINERS[setup.trainer]
     trial_id = ray.tune.get_context().get_trial_id()
-    train_trial(dataclasses.replace(trial_config(setup.base, params), name=trial_id), setup.parent_run_id)
+    cfg = dataclasses.replace(trial_config(setup.base, params, trainer.config), name=trial_id)
+    train_trial(cfg, setup.parent_run_id, setup.trainer)
 
 
-def train_trial(cfg: TrainConfig, parent_run_id: str | None) -> TrainResult:
-    """A trial's ``spai train`` run ``cfg``, reporting every epoch to Tune; a trial restarted by a resumed search
-    finds its Train run (by ``cfg.name``) and continues it from its last checkpoint."""
-    resume = storage.exists(storage.join(cfg.output, cfg.name, files.RUN_MARKER))
-    return run_training(cfg, resume=resume, callbacks=[EpochReport()], parent_run_id=parent_run_id)
+def train_trial(cfg: Any, parent_run_id: str | None, trainer: str = "spai") -> Any:
+    """A trial's run ``cfg`` (of ``trainer``), reporting every epoch to Tune."""
+    return TRAINERS[trainer].run(cfg, parent_run_id, [EpochReport()])
 
 
 def trial_dirname(trial) -> str:
@@ -179,28 +178,32 @@ def driver_trainable(trial, setup: Any):
 
 def resolved(cfg: T, prefix: str = "tune", splits: str = "train and val") -> T:
     """``cfg`` checked, with absolute paths (trials run in other folders and on other nodes) and a name (default:
-    ``prefix`` and the time); a manifest with rows of ``splits`` is required."""
+    ``prefix`` and the time); the trials' data (a manifest, or a feature table) with rows of ``splits`` is
+    required."""
     check_config(cfg)
-    if not cfg.manifest:
-        raise ConfigError(f"--manifest (manifest): no manifest given; pass the manifest (a path or s3:// URI) with "
+    data = cfg.trainer_spec.data
+    if not getattr(cfg, data):
+        what = "manifest" if data == "manifest" else "feature table of `spai fusion extract`"
+        raise ConfigError(f"--{data} ({data}): no {what} given; pass the {what} (a path or s3:// URI) with "
                           f"{splits} rows")
-    absolute = {k: storage.absolute(getattr(cfg, k)) for k in ("manifest", "output", "init", "backbone_weights")
+    absolute = {k: storage.absolute(getattr(cfg, k)) for k in (data, "output", "init", "backbone_weights")
                 if getattr(cfg, k)}
     return dataclasses.replace(cfg, **absolute, name=cfg.name or time.strftime(f"{prefix}-%Y%m%d-%H%M%S"))
 
 
 def preflight(cfg: TuneConfig, options: storage.StorageOptions) -> None:
     """What a search can check before Ray starts: the manifest and metric, the weights, and that a trial fits."""
-    # fail fast on a missing manifest or a metric training never reports, before starting Ray and MLflow runs
-    check_metric(cfg.space.scheduler.metric, read_manifest(cfg.manifest, options))
-    check_trial(cfg)
+    # fail fast on missing data or a metric training never reports, before starting Ray and MLflow runs
+    trainer = cfg.trainer_spec
+    check_metric(cfg.space.scheduler.metric, trainer.metric_rows(getattr(cfg, trainer.data), options))
+    check_trial(cfg, options)
 
 
-def check_trial(cfg: TrialsConfig) -> None:
-    """The weights every trial starts from load, and a trial fits this machine (a local Ray)."""
-    one_trial = trial_config(cfg.trial_base(cfg.output), {})
-    if cfg.init or cfg.backbone_weights:  # a wrong file fails here, not in every trial
-        initial_model(one_trial)
+def check_trial(cfg: TrialsConfig, options: storage.StorageOptions | None = None) -> None:
+    """The weights (or head) every trial starts from load, and a trial fits this machine (a local Ray)."""
+    trainer = cfg.trainer_spec
+    one_trial = trial_config(cfg.trial_base(cfg.output), {}, trainer.config)
+    trainer.check(one_trial, options or storage.StorageOptions.from_env())
     check_local_resources(one_trial)
 
 
@@ -279,6 +282,9 @@ def resume_search(cfg: TuneConfig) -> SearchResult:
     rungs start empty: trials are compared only with results reported after the resume.
     """
     options = storage.StorageOptions.from_env()
+    if cfg.trainer == "fusion":  # spai fusion train has no resume: a restarted trial would find its run and fail
+        raise ConfigError("--resume (resume): a fusion search cannot be resumed (its trials train in seconds); start "
+                          "it again with another --name")
     search = reopen_search(resolved(cfg), options)
     return _fit(restore_tuner(search, _trainable(search), options), search, options)
 

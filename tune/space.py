@@ -8,9 +8,10 @@ A space file (``configs/search_space.yaml`` is the default) looks like::
       optim.lr: {type: loguniform, low: 1.0e-5, high: 1.0e-3}
       model.mask_radius: {type: randint, low: 8, high: 32}
 
-Every key of ``params`` must be a field of :class:`pipelines.train.config.TrainConfig`, and every value its
-distribution can produce must give a valid config; both are checked with the search's config, so a typo fails
-before any trial runs.
+Every key of ``params`` must be a field of the trials' config class (:class:`pipelines.train.config.TrainConfig`,
+or :class:`pipelines.fusion.config.FusionTrainConfig` for a fusion head search, e.g. ``head.proj_dim``), and every
+value its distribution can produce must give a valid config; both are checked with the search's config, so a typo
+fails before any trial runs.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ LISTED = ("choice", "grid")
 FIXED_FIELDS = {"epochs": "it is scheduler.max_t", "workers": "set it with --workers-per-trial",
                 "gpus_per_worker": "set it with --gpus-per-worker",
                 "cpus_per_worker": "it sizes the CPUs reserved per trial; set it in the base config",
-                "manifest": "set it with --manifest", "output": "trials run under the search's --output",
+                "manifest": "set it with --manifest", "features": "set it with --features",
+                "output": "trials run under the search's --output",
                 "name": "trials are named by their ids", "init": "set it with --init",
                 "backbone_weights": "set it with --backbone", "tracking": "trials are tracked with the search",
                 "registered_model": "the search registers its best trial"}
@@ -108,9 +110,6 @@ class SearchSpace:
                 raise ConfigError(str(exc), f"params.{path}.{exc.field}") from None
             if path in FIXED_FIELDS or path.split(".")[0] in FIXED_FIELDS:
                 raise ConfigError(f"{path} cannot be searched: {FIXED_FIELDS[path.split('.')[0]]}", f"params.{path}")
-            if _is_integer_field(field_type(path)) and spec.type in ("loguniform", "uniform"):
-                raise ConfigError(f"{path} is an integer; use randint, choice or grid, not {spec.type}",
-                                  f"params.{path}")
 
 
 def field_type(path: str, cls: type = TrainConfig) -> Any:
@@ -137,12 +136,15 @@ def _is_integer_field(annotation: Any) -> bool:
     return inner[0] is int
 
 
-def check_space(space: SearchSpace, base: Mapping[str, Any]) -> None:
-    """Fail early on a space whose distributions can produce an invalid trial config around ``base``."""
+def check_space(space: SearchSpace, base: Mapping[str, Any], cls: type = TrainConfig) -> None:
+    """Fail early on a space whose keys are not fields of config class ``cls`` or whose distributions can produce an
+    invalid trial config around ``base``."""
     for path, spec in space.params.items():
+        if _is_integer_field(field_type(path, cls)) and spec.type in ("loguniform", "uniform"):
+            raise ConfigError(f"{path} is an integer; use randint, choice or grid, not {spec.type}", f"params.{path}")
         for value in spec.probes():
             try:
-                trial_config(base, {path: value})
+                trial_config(base, {path: value}, cls)
             except (ConfigError, ValueError, TypeError) as exc:
                 raise ConfigError(f"{path}={value!r} gives an invalid training config: {exc}",
                                   f"params.{path}") from None
@@ -171,8 +173,9 @@ def plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> TrainConfig:
-    """The checked training config of one trial: the ``base`` config dict with each dotted ``params`` path set."""
+def trial_config(base: Mapping[str, Any], params: Mapping[str, Any], cls: type = TrainConfig) -> Any:
+    """The checked config (of class ``cls``) of one trial: the ``base`` config dict with each dotted ``params`` path
+    set."""
     data = copy.deepcopy(dict(base))
     for path, value in params.items():
         *sections, leaf = path.split(".")
@@ -180,4 +183,4 @@ def trial_config(base: Mapping[str, Any], params: Mapping[str, Any]) -> TrainCon
         for section in sections:
             node = node[section]
         node[leaf] = plain(value)
-    return check_config(from_dict(TrainConfig, data))
+    return check_config(from_dict(cls, data))

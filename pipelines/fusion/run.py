@@ -23,8 +23,8 @@ from pipelines.infra import storage, tracking
 from pipelines.score.inputs import local_weights
 from pipelines.train import files
 from pipelines.train.epochs import best_of
-from pipelines.train.run import Tracked, check_local_resources, check_splits, run_config, scaling
-from spai_core.config import check_config, dump_config, from_dict, to_dict
+from pipelines.train.run import Tracked, check_local_resources, check_splits, record_run, run_config, scaling
+from spai_core.config import check_config, from_dict, to_dict
 from spai_core.fusion import FusionConfig, build_fused, build_head, save_fused
 from spai_core.semantic import SemanticConfig
 
@@ -98,7 +98,7 @@ def run_fusion(cfg: FusionTrainConfig, callbacks: list | None = None,
     init_ray(reserved_cpus=cfg.workers * cfg.cpus_per_worker)
     tracked = start_tracking(cfg, head, parent_run_id)
     with tracked.ended_on_error():
-        storage.write_bytes(storage.join(run_dir, files.CONFIG), dump_config(cfg).encode(), options)
+        record_run(cfg, tracked, options)  # its config, and the marker naming its MLflow run (what spai tune reads)
         train_rows = int(pc.sum(pc.equal(rows.column("split"), "train")).as_py() or 0)
         logger.info(f"[spai fusion] {cfg.head.kind} head on {train_rows} train rows of {cfg.features} "
                     f"({info['spectral_dim']}-d spectral, {info['semantic_dim']}-d semantic)")
