@@ -131,6 +131,35 @@ def test_write_read_roundtrip_and_sidecar(genimage, tmp_path):
     assert pq.read_table(uri).sort_by("uri").select(back.column_names).cast(back.schema).equals(back.sort_by("uri"))
 
 
+def test_a_manifest_written_in_batches_in_any_order_holds_every_row_once(genimage, tmp_path, monkeypatch):
+    """ManifestWriter (what ``spai validate`` streams into): batches mixing splits and generators go to one file per
+    split and generator, each of at most ROWS_PER_FILE rows in the order they came; the counts are the whole's."""
+    from pipelines.data.manifest.io import ManifestWriter
+
+    monkeypatch.setattr(m.io, "ROWS_PER_FILE", 3)
+    monkeypatch.setattr(m.io, "FLUSH_ROWS", 2)
+    table = m.from_genimage(str(genimage))
+    shuffled = table.take(list(range(1, table.num_rows, 2)) + list(range(0, table.num_rows, 2)))
+    writer = ManifestWriter(str(tmp_path / "man"))
+    for start in range(0, shuffled.num_rows, 5):
+        writer.write(shuffled.slice(start, 5))
+    uri = writer.close({"builder": "test"})
+    sidecar = json.loads((tmp_path / "man" / m.SIDECAR).read_text())
+    assert sidecar["counts"] == m.count_summary(table)
+    written: dict[tuple, list[str]] = {}
+    for entry in sidecar["files"]:
+        rows = pq.read_table(tmp_path / "man" / entry["path"])
+        assert 0 < rows.num_rows == entry["rows"] <= 3
+        assert set(rows.column("split").to_pylist()) == {entry["split"]}
+        assert set(rows.column("generator").to_pylist()) == {entry["generator"]}
+        written.setdefault((entry["split"], entry["generator"]), []).extend(rows.column("uri").to_pylist())
+    for (split, generator), uris in written.items():
+        assert uris == [r["uri"] for r in shuffled.to_pylist() if (r["split"], r["generator"]) == (split, generator)]
+    assert m.read_manifest(uri).sort_by("uri").equals(table.sort_by("uri"))
+    assert len(sidecar["files"]) == sum(-(-n // 3) for n in table.group_by(["split", "generator"]).aggregate(
+        [("uri", "count")]).column("uri_count").to_pylist())
+
+
 def test_a_manifest_with_the_old_sidecar_name_is_read_and_rewritten_with_the_new(genimage, tmp_path):
     out = tmp_path / "man"
     m.write_manifest(m.from_genimage(str(genimage)), str(out), {"builder": "a"})

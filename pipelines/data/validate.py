@@ -23,13 +23,15 @@ import logging
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 import ray
 
 from pipelines import rowjob
 from pipelines.data.config import ValidateConfig
 from pipelines.data.decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image, read_image_bytes
-from pipelines.data.manifest import CORE_COLUMNS, ManifestError, manifest_files, parquet_bytes, write_manifest
+from pipelines.data.manifest import CORE_COLUMNS, MANIFEST_SCHEMA, ManifestError, manifest_files, parquet_bytes
+from pipelines.data.manifest.io import ManifestWriter, ParquetSink
 from pipelines.infra.runtime import init_ray
 from pipelines.infra.storage import Files, StorageOptions, absolute, join
 from spai_core.config import dump_config, to_dict
@@ -47,6 +49,9 @@ LEAKAGE_SCHEMA = pa.schema([("sha256", pa.string()), ("uris", pa.list_(pa.string
                             ("splits", pa.list_(pa.string()))])
 DUPLICATES_FILE = "_duplicates.parquet"
 DUPLICATES_SCHEMA = LEAKAGE_SCHEMA.append(pa.field("labels", pa.list_(pa.int8())))  # distinct non-null labels
+# what the leakage, conflict and duplicate findings need of each accepted row
+FINDING_SCHEMA = pa.schema([CHECK_SCHEMA.field("sha256"),
+                            *(MANIFEST_SCHEMA.field(name) for name in ("uri", "split", "label"))])
 # Hashes listed in the summary per finding; the Parquet files hold them all.
 EXAMPLES = 10
 
@@ -154,11 +159,12 @@ def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int =
                       options: StorageOptions | None = None, progress: bool = True) -> ValidationReport:
     """Decode every image of a manifest in a :mod:`pipelines.rowjob` job (rows read in tasks, checks written by the
     workers under ``<output>.parts``); write the validated manifest (with the job's :class:`ValidateConfig` beside
-    it), rejects, leakage and duplicates tables."""
+    it) and the rejects table streaming from the parts, then the leakage and duplicates tables."""
     options = options or StorageOptions.from_env()
     output_uri = output_uri or default_output(uri)
     cfg = ValidateConfig(absolute(uri), absolute(output_uri), max_pixels)
     manifest_files(cfg.manifest, options)  # a missing or unreadable manifest is refused before Ray starts
+    writer = ManifestWriter(cfg.output, options)  # so is an output that is not a manifest's folder
     init_ray()
     # A validated manifest already has the check columns: the checks replace them, so every row is checked afresh.
     job = rowjob.RowJob(rowjob.Rows(cfg.manifest), cfg.output.rstrip("/") + ".parts", Checker,
@@ -170,30 +176,68 @@ def validate_manifest(uri: str, output_uri: str | None = None, max_pixels: int =
     found = rowjob.run(job, compute, progress, desc="validating")
     if found.rows == 0:
         raise ManifestError(f"{uri} has no rows to validate; rebuild it with `spai manifest`")
-    # metadata only (no pixels): the findings need every row's hash together
-    table = pa.concat_tables(rowjob.compacted(job.work, options, found)).drop_columns(["row_id", "variant"])
-    rowjob.remove(job.work, options)
-    failed = pc.is_valid(table.column("reason"))
-    accepted = table.filter(pc.invert(failed)).drop_columns(["reason", "message"])
-    rejects = table.filter(failed)
-    rejects = rejects.select(list(CORE_COLUMNS) + [c for c in rejects.column_names if c not in CORE_COLUMNS])
-    duplicated, copies = find_duplicates(accepted)
-    leakage = with_several(duplicated, "splits").select(LEAKAGE_SCHEMA.names)
-    conflicts = with_several(duplicated, "labels")
-    reasons = dict(collections.Counter(rejects.column("reason").to_pylist()))
-    write_manifest(accepted, output_uri, {"builder": "validate", "config": to_dict(cfg), "notes": {
-        "rejected": reasons, "leakage_hashes": leakage.num_rows, "duplicates_within_split": copies,
-        "label_conflict_hashes": conflicts.num_rows, "duplicated_hashes": duplicated.num_rows}}, options,
-        config_yaml=dump_config(cfg))
     files = Files(options)
     rejects_uri, leakage_uri, duplicates_uri = (join(output_uri, name)
                                                 for name in (REJECTS_FILE, LEAKAGE_FILE, DUPLICATES_FILE))
-    for target, findings in ((rejects_uri, rejects), (leakage_uri, leakage), (duplicates_uri, duplicated)):
+    rejects = ParquetSink(rejects_uri, files)
+    reasons: collections.Counter = collections.Counter()
+    for batch in rowjob.compacted(job.work, options, found):  # in input order, a batch at a time
+        batch = batch.drop_columns(["row_id", "variant"])
+        failed = pc.is_valid(batch.column("reason"))
+        writer.write(batch.filter(pc.invert(failed)).drop_columns(["reason", "message"]))
+        bad = batch.filter(failed)
+        rejects.write(bad.select(list(CORE_COLUMNS) + [c for c in bad.column_names if c not in CORE_COLUMNS]))
+        reasons.update(bad.column("reason").to_pylist())
+    rejects.close()
+    rowjob.remove(job.work, options)
+    accepted = writer.rows
+    duplicated, copies = find_duplicates(repeated_content(writer.finish(), accepted, options))
+    leakage = with_several(duplicated, "splits").select(LEAKAGE_SCHEMA.names)
+    conflicts = with_several(duplicated, "labels")
+    writer.close({"builder": "validate", "config": to_dict(cfg), "notes": {
+        "rejected": dict(reasons), "leakage_hashes": leakage.num_rows, "duplicates_within_split": copies,
+        "label_conflict_hashes": conflicts.num_rows, "duplicated_hashes": duplicated.num_rows}},
+        config_yaml=dump_config(cfg))
+    for target, findings in ((leakage_uri, leakage), (duplicates_uri, duplicated)):
         files.write(target, parquet_bytes(findings))
     return ValidationReport(
         manifest_uri=uri, output_uri=output_uri, rejects_uri=rejects_uri, leakage_uri=leakage_uri,
-        duplicates_uri=duplicates_uri, total=table.num_rows, accepted=accepted.num_rows, rejected=rejects.num_rows,
-        reasons=reasons, leakage=leakage, duplicates=copies, conflicts=conflicts, duplicated=duplicated.num_rows)
+        duplicates_uri=duplicates_uri, total=found.rows, accepted=accepted, rejected=sum(reasons.values()),
+        reasons=dict(reasons), leakage=leakage, duplicates=copies, conflicts=conflicts, duplicated=duplicated.num_rows)
+
+
+def repeated_content(uris: list[str], rows: int, options: StorageOptions) -> pa.Table:
+    """The sha256, uri, split and label of the rows of Parquet files ``uris`` (``rows`` in all) whose content hash
+    is on more than one row: all that :func:`find_duplicates` needs.
+
+    Up to :data:`pipelines.rowjob.COMPACT_ROWS` rows are read where the caller runs (a Ray Data job costs seconds of
+    start-up); more are counted per hash in the cluster, so that only the repeated hashes' rows reach the caller."""
+    files = Files(options)
+    fs, _ = files.resolve(uris[0])
+    paths = [files.resolve(u)[1] for u in uris]
+    if rows <= rowjob.COMPACT_ROWS:
+        table = pa.concat_tables([pq.read_table(p, filesystem=fs, columns=FINDING_SCHEMA.names) for p in paths])
+        counts = table.group_by("sha256").aggregate([("uri", "count")])
+        return _rows_with(table, counts.filter(pc.greater(counts.column("uri_count"), 1)).column("sha256")
+                          .combine_chunks())
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=FINDING_SCHEMA.names)
+    ds.context.enable_progress_bars = False
+    # partitions of about COMPACT_ROWS hashes, not Ray's default of 200 (each one an aggregator to start)
+    counts = ds.groupby("sha256", num_partitions=-(-rows // rowjob.COMPACT_ROWS)).count().map_batches(_repeated_hashes, batch_format="pyarrow")
+    hashes = pa.chunked_array([chunk for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow")
+                               for chunk in batch.column("sha256").chunks], pa.string()).combine_chunks()
+    if len(hashes) == 0:
+        return FINDING_SCHEMA.empty_table()
+    rows_of = ds.map_batches(_rows_with, batch_format="pyarrow", fn_kwargs={"hashes": hashes})
+    return pa.concat_tables(rows_of.iter_batches(batch_size=None, batch_format="pyarrow"))
+
+
+def _repeated_hashes(counts: pa.Table) -> pa.Table:
+    return counts.filter(pc.greater(counts.column("count()"), 1)).select(["sha256"])
+
+
+def _rows_with(rows: pa.Table, hashes: pa.Array) -> pa.Table:
+    return rows.filter(pc.is_in(rows.column("sha256"), value_set=hashes))
 
 
 def run_validation(cfg: ValidateConfig, progress: bool = True) -> ValidationReport:

@@ -18,6 +18,7 @@ from typing import TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from pipelines.infra.net import connect_error
@@ -271,11 +272,14 @@ class Files:
     def write(self, uri: str, data: bytes) -> None:
         """Write ``data`` to ``uri``, creating local parent folders."""
         def _write(fs: pafs.FileSystem, path: str) -> None:
-            if isinstance(fs, pafs.LocalFileSystem):
-                fs.create_dir(os.path.dirname(path), recursive=True)
-            with fs.open_output_stream(path) as stream:
+            with _output_stream(fs, path) as stream:
                 stream.write(data)
         self.call(uri, "write", _write)
+
+    def open_output(self, uri: str) -> pa.NativeFile:
+        """A stream writing ``uri`` (on S3 a multipart upload: the object appears when it is closed), creating local
+        parent folders."""
+        return self.call(uri, "write", _output_stream)
 
     def remove(self, uri: str) -> None:
         """Delete one file."""
@@ -347,6 +351,12 @@ def _local_files(folder: str, recursive: bool) -> Iterator[str]:
                 yield path
         if not recursive:
             break
+
+
+def _output_stream(fs: pafs.FileSystem, path: str) -> pa.NativeFile:
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    return fs.open_output_stream(path)
 
 
 def _read(fs: pafs.FileSystem, path: str, size: int | None) -> bytes:

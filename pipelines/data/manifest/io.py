@@ -4,7 +4,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -13,13 +13,15 @@ import pyarrow.parquet as pq
 
 from pipelines.infra.storage import Files, StorageOptions, absolute, join
 
-from .schema import MANIFEST_SCHEMA, NOTES_KEY, ManifestError, check_values, conform, count_summary, rows_to_table
+from .schema import (MANIFEST_SCHEMA, NOTES_KEY, ManifestError, add_counts, check_values, conform, count_summary,
+                     rows_to_table)
 
 SCHEMA_VERSION = 1
 SIDECAR = "_manifest.json"  # "_": dataset readers (pyarrow, pandas, Spark) skip it, so the folder reads as Parquet
 LEGACY_SIDECAR = "manifest.json"  # its name before 2026-12; still read, and replaced when the manifest is rewritten
 CONFIG_FILE = "_config.yaml"  # the config of the command that wrote the manifest: `spai ... --config` reruns it
 ROWS_PER_FILE = 100_000
+FLUSH_ROWS = 16_384  # rows a file written in batches buffers before it writes them as one row group
 
 
 def _safe_name(value: str | None) -> str:
@@ -47,15 +49,134 @@ def table_from_parquet(data: bytes) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(data)).read(use_threads=False)
 
 
-def _partitions(table: pa.Table) -> list[tuple[str, str | None, pa.Table]]:
-    """(split, generator, rows) runs of a table sorted by split, generator and uri, at most ROWS_PER_FILE each."""
+def _runs(table: pa.Table) -> Iterator[tuple[tuple[str, str | None], pa.Table]]:
+    """((split, generator), rows) of each run of consecutive rows with the same split and generator."""
     keys = list(zip(table.column("split").to_pylist(), table.column("generator").to_pylist()))
-    parts, start = [], 0
+    start = 0
     for end in range(1, len(keys) + 1):
-        if end == len(keys) or keys[end] != keys[start] or end - start == ROWS_PER_FILE:
-            parts.append((*keys[start], table.slice(start, end - start)))
+        if end == len(keys) or keys[end] != keys[start]:
+            yield keys[start], table.slice(start, end - start)
             start = end
-    return parts
+
+
+class ParquetSink:
+    """One Parquet file on any storage, written a table at a time (zstd) in row groups of at least
+    :data:`FLUSH_ROWS` rows. Its schema is the first table's; later tables must cast to it."""
+
+    def __init__(self, uri: str, files: Files):
+        self.uri, self.files = uri, files
+        self.rows = 0
+        self.schema: pa.Schema | None = None
+        self._buffer: list[pa.Table] = []
+        self._stream: pa.NativeFile | None = None
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, table: pa.Table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+        elif not table.schema.equals(self.schema):
+            try:
+                table = table.cast(self.schema)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as exc:
+                raise ManifestError(f"{self.uri}: rows whose columns ({table.schema.names}) do not match the earlier "
+                                    f"rows' ({exc}); every input file needs the same columns and types") from exc
+        self._buffer.append(table)
+        self.rows += table.num_rows
+        if sum(t.num_rows for t in self._buffer) >= FLUSH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._writer is None:
+            self._stream = self.files.open_output(self.uri)
+            self._writer = pq.ParquetWriter(self._stream, self.schema, compression="zstd")
+        if self._buffer:
+            self._writer.write_table(pa.concat_tables(self._buffer))
+            self._buffer = []
+
+    def close(self) -> None:
+        """Write what is buffered and the file's footer (closing again does nothing)."""
+        if self._stream is not None and self._stream.closed:
+            return
+        self._flush()
+        self._writer.close()
+        self._stream.close()
+
+
+class ManifestWriter:
+    """A manifest written a table at a time, so that no process holds all its rows: each (split, generator) goes to
+    its own Parquet files of at most :data:`ROWS_PER_FILE` rows, rows in the order they come; :meth:`close` writes
+    the sidecar. An existing manifest at ``uri`` is replaced when ``overwrite``, else refused (when it is opened)."""
+
+    def __init__(self, uri: str, options: StorageOptions | None = None, overwrite: bool = True):
+        self.uri = absolute(uri)
+        self.files = Files(options)
+        self._previous = _previous_files(self.uri, self.files, overwrite)
+        self._open: dict[tuple[str, str | None], ParquetSink] = {}
+        self._entries: list[dict[str, Any]] = []
+        self._counts: dict[str, Any] = {}
+        self._notes: dict[str, Any] = {}
+        self._schema: pa.Schema | None = None
+
+    def write(self, table: pa.Table) -> None:
+        """Add rows (checked and typed as :func:`conform` and :func:`check_values` do)."""
+        self._notes.update(json.loads((table.schema.metadata or {}).get(NOTES_KEY, b"{}")))
+        table = conform(table.replace_schema_metadata(None))
+        check_values(table)
+        self._schema = self._schema or table.schema
+        add_counts(self._counts, count_summary(table))
+        for key, rows in _runs(table):
+            while rows.num_rows:
+                sink = self._sink(key)
+                room = ROWS_PER_FILE - sink.rows
+                sink.write(rows.slice(0, room))
+                rows = rows.slice(room)
+
+    def _sink(self, key: tuple[str, str | None]) -> ParquetSink:
+        """The open file of ``key`` with room for more rows (a new one when it is full)."""
+        sink = self._open.get(key)
+        if sink is None or sink.rows >= ROWS_PER_FILE:
+            split, generator = key
+            path = f"{split}/part-{len(self._entries):05d}-{_safe_name(generator)}.parquet"
+            sink = self._open[key] = ParquetSink(join(self.uri, path), self.files)
+            self._entries.append({"path": path, "split": split, "generator": generator, "sink": sink})
+        return sink
+
+    @property
+    def rows(self) -> int:
+        return sum(entry["sink"].rows for entry in self._entries)
+
+    def finish(self) -> list[str]:
+        """Close the data files and return their URIs; they are a manifest once :meth:`close` writes the sidecar."""
+        if not self._entries:  # an empty manifest is one empty file, so that readers find its columns
+            self._sink(("test", None)).write(self._schema.empty_table() if self._schema else
+                                             conform(MANIFEST_SCHEMA.empty_table()))
+        for entry in self._entries:
+            entry["sink"].close()
+        return [entry["sink"].uri for entry in self._entries]
+
+    def close(self, build_info: Mapping[str, Any], config_yaml: str | None = None) -> str:
+        """Finish the files and write the sidecar (``build_info``: how the manifest was made, see
+        :func:`write_manifest`); returns the manifest's URI."""
+        self.finish()
+        entries = [{**{k: v for k, v in e.items() if k != "sink"}, "rows": e["sink"].rows} for e in self._entries]
+        sidecar = {
+            "format": "spai-manifest",
+            "schema_version": SCHEMA_VERSION,
+            "columns": {field.name: str(field.type) for field in self._schema or MANIFEST_SCHEMA},
+            "counts": self._counts or count_summary(MANIFEST_SCHEMA.empty_table()),
+            "files": entries,
+            "build": {**build_info, "notes": {**self._notes, **build_info.get("notes", {})},
+                      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
+        }
+        self.files.write(join(self.uri, SIDECAR), json.dumps(sidecar, indent=2, default=str).encode())
+        if config_yaml is not None:
+            self.files.write(join(self.uri, CONFIG_FILE), config_yaml.encode())
+        # Old files go only once the new sidecar points elsewhere, so a failed write leaves the old manifest readable.
+        stale = set(self._previous) | {LEGACY_SIDECAR} | ({CONFIG_FILE} if config_yaml is None else set())
+        for path in stale - {e["path"] for e in entries}:
+            if self.files.info(join(self.uri, path)).type == pafs.FileType.File:
+                self.files.remove(join(self.uri, path))
+        return self.uri
 
 
 def _previous_files(uri: str, files: Files, overwrite: bool = True) -> list[str]:
@@ -85,43 +206,20 @@ def check_output(uri: str, overwrite: bool, options: StorageOptions | None = Non
 def write_manifest(table_or_rows: pa.Table | Sequence[Mapping[str, Any]], uri: str, build_info: Mapping[str, Any],
                    options: StorageOptions | None = None, overwrite: bool = True,
                    config_yaml: str | None = None) -> str:
-    """Write a manifest directory (Parquet per split/generator + ``_manifest.json``) and return its URI.
+    """Write a manifest directory (Parquet per split/generator + ``_manifest.json``) and return its URI; rows sorted
+    by split, generator and uri (:class:`ManifestWriter` writes one in batches, in the order they come).
 
     ``build_info`` says how it was made (builder name, config); the time, counts, file list and any builder notes
     (e.g. files skipped) are added. An existing manifest at ``uri`` is replaced when ``overwrite``, else refused.
     ``config_yaml``, the command's config, is saved beside the sidecar (:data:`CONFIG_FILE`).
     """
     table = table_or_rows if isinstance(table_or_rows, pa.Table) else rows_to_table(table_or_rows)
-    notes = json.loads((table.schema.metadata or {}).get(NOTES_KEY, b"{}"))
+    writer = ManifestWriter(uri, options, overwrite)
+    notes = (table.schema.metadata or {}).get(NOTES_KEY)
     table = conform(table.replace_schema_metadata(None))
-    check_values(table)
-    table = table.sort_by([("split", "ascending"), ("generator", "ascending"), ("uri", "ascending")])
-    uri = absolute(uri)
-    files = Files(options)
-    previous = _previous_files(uri, files, overwrite)
-    entries = []
-    for index, (split, generator, part) in enumerate(_partitions(table) or [("test", None, table)]):
-        path = f"{split}/part-{index:05d}-{_safe_name(generator)}.parquet"
-        files.write(join(uri, path), parquet_bytes(part))
-        entries.append({"path": path, "split": split, "generator": generator, "rows": part.num_rows})
-    sidecar = {
-        "format": "spai-manifest",
-        "schema_version": SCHEMA_VERSION,
-        "columns": {field.name: str(field.type) for field in table.schema},
-        "counts": count_summary(table),
-        "files": entries,
-        "build": {**build_info, "notes": {**notes, **build_info.get("notes", {})},
-                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
-    }
-    files.write(join(uri, SIDECAR), json.dumps(sidecar, indent=2, default=str).encode())
-    if config_yaml is not None:
-        files.write(join(uri, CONFIG_FILE), config_yaml.encode())
-    # Old files go only once the new sidecar points elsewhere, so a failed write leaves the old manifest readable.
-    stale = set(previous) | {LEGACY_SIDECAR} | ({CONFIG_FILE} if config_yaml is None else set())
-    for path in stale - {e["path"] for e in entries}:
-        if files.info(join(uri, path)).type == pafs.FileType.File:
-            files.remove(join(uri, path))
-    return uri
+    writer.write(table.sort_by([("split", "ascending"), ("generator", "ascending"), ("uri", "ascending")])
+                 .replace_schema_metadata({NOTES_KEY: notes} if notes else None))
+    return writer.close(build_info, config_yaml)
 
 
 def sidecar_uri(uri: str, files: Files) -> str | None:

@@ -116,6 +116,14 @@ def count_summary(table: pa.Table) -> dict[str, Any]:
     }
 
 
+def add_counts(total: dict[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
+    """Counts of a :func:`count_summary` added into ``total`` (the summary of a table written in batches)."""
+    for key, value in more.items():
+        total[key] = (add_counts(total.get(key, {}), value) if isinstance(value, Mapping)
+                      else total.get(key, 0) + value)
+    return total
+
+
 def format_summary(table: pa.Table, splits_by_group: bool = False) -> str:
     """A small text table: rows per split and label, then per generator; ``splits_by_group`` when the builder split
     the rows by group (``manifest folders``), which a group per image undoes."""
