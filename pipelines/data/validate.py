@@ -218,12 +218,12 @@ def repeated_content(uris: list[str], rows: int, options: StorageOptions) -> pa.
     if rows <= rowjob.COMPACT_ROWS:
         table = pa.concat_tables([pq.read_table(p, filesystem=fs, columns=FINDING_SCHEMA.names) for p in paths])
         counts = table.group_by("sha256").aggregate([("uri", "count")])
-        return _rows_with(table, counts.filter(pc.greater(counts.column("uri_count"), 1)).column("sha256")
-                          .combine_chunks())
+        return _rows_with(table, _repeated_hashes(counts, "uri_count").column("sha256").combine_chunks())
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=FINDING_SCHEMA.names)
     ds.context.enable_progress_bars = False
     # partitions of about COMPACT_ROWS hashes, not Ray's default of 200 (each one an aggregator to start)
-    counts = ds.groupby("sha256", num_partitions=-(-rows // rowjob.COMPACT_ROWS)).count().map_batches(_repeated_hashes, batch_format="pyarrow")
+    counts = ds.groupby("sha256", num_partitions=-(-rows // rowjob.COMPACT_ROWS)).count()
+    counts = counts.map_batches(_repeated_hashes, batch_format="pyarrow")
     hashes = pa.chunked_array([chunk for batch in counts.iter_batches(batch_size=None, batch_format="pyarrow")
                                for chunk in batch.column("sha256").chunks], pa.string()).combine_chunks()
     if len(hashes) == 0:
@@ -232,8 +232,9 @@ def repeated_content(uris: list[str], rows: int, options: StorageOptions) -> pa.
     return pa.concat_tables(rows_of.iter_batches(batch_size=None, batch_format="pyarrow"))
 
 
-def _repeated_hashes(counts: pa.Table) -> pa.Table:
-    return counts.filter(pc.greater(counts.column("count()"), 1)).select(["sha256"])
+def _repeated_hashes(counts: pa.Table, column: str = "count()") -> pa.Table:
+    """The hashes whose row count (``column``; ``count()`` from Ray Data) is over one."""
+    return counts.filter(pc.greater(counts.column(column), 1)).select(["sha256"])
 
 
 def _rows_with(rows: pa.Table, hashes: pa.Array) -> pa.Table:
