@@ -11,18 +11,20 @@ logger = logging.getLogger(__name__)
 DESCRIPTION = ("Hyperparameter search over the training config with Ray Tune and ASHA. "
                "configs/search_space.yaml is the default space (lr, mask radius, weight decay and batch "
                "size; epochs are ASHA's max_t). Every search saves its config as <output>/<name>/config.yaml: "
-               "--config of that file reruns the search.")
+               "--config of that file reruns the search. A `spai fusion train` recipe as --config (with --features) "
+               "searches a Sem-SPAI head instead, over configs/fusion_search_space.yaml.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from tune.config import TuneConfig
 
     add_config_options(p, TuneConfig, config_help="base training config YAML of every trial (default: the official "
-                       "recipe), or a search's saved config.yaml")
-    p.add_argument("--space", default=None, help="search space YAML (default: configs/search_space.yaml)")
+                       "recipe), a fusion head recipe (configs/fusion.yaml), or a search's saved config.yaml")
+    p.add_argument("--space", default=None, help="search space YAML (default: configs/search_space.yaml, or "
+                   "configs/fusion_search_space.yaml for a fusion recipe)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted search (its --name) without "
                    "re-running finished trials")
-    # KEY=VALUE (added above) are overrides of the base training config, e.g. optim.warmup_epochs=1
+    # KEY=VALUE (added above) are overrides of the trials' base config, e.g. optim.warmup_epochs=1
 
 
 def run(args: argparse.Namespace) -> int:

@@ -162,6 +162,23 @@ def test_a_wrong_value_fails_before_ray_starts_naming_the_flag(values, message, 
     assert message in err and "Traceback" not in err and not ray.is_initialized(), err
 
 
+@pytest.mark.parametrize("values, message", [
+    (["--manifest", "m"], "error: --manifest (manifest): fusion trials read a feature table: pass --features"),
+    ([], "error: --features (features): no feature table of `spai fusion extract` given"),
+    (["--features", "f", "head.kind=early"], "error: fusion.head.kind: kind must be one of late, logit"),
+    (["--features", "f", "--init", "w.safetensors"], "error: --init (init): fusion trials train a head on frozen"),
+])
+def test_a_fusion_search_refuses_what_does_not_apply_to_a_head_before_ray_starts(values, message, tmp_path, capsys):
+    import ray
+
+    assert spai(["tune", "--config", str(CONFIG_DIR / "fusion.yaml"), "--output", str(tmp_path / "out"),
+                 *values]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not ray.is_initialized(), err
+    assert spai(["tune", "--config", str(CONFIG_DIR / "tiny.yaml"), "--features", "f"]) == 2
+    assert "--features is for a fusion head search" in capsys.readouterr().err
+
+
 def test_concurrency_leaves_each_node_a_cpu_for_decoding(monkeypatch):
     import tune.search
 

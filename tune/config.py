@@ -112,6 +112,12 @@ class TuneConfig(TrialsConfig):
             if self.init or self.backbone_weights:
                 raise ConfigError("fusion trials train a head on frozen features; --init and --backbone do not "
                                   "apply", "init")
+            if self.manifest:
+                raise ConfigError("fusion trials read a feature table: pass --features (the folder of `spai fusion "
+                                  "extract`), not --manifest", "manifest")
+        elif self.features:
+            raise ConfigError("--features is for a fusion head search: pass a `spai fusion train` recipe "
+                              "(configs/fusion.yaml) as --config", "features")
         super().validate()
         try:
             check_space(self.space, self.trial_base(self.output), self.trainer_spec.config)
