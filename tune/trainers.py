@@ -53,15 +53,11 @@ def _run_fusion(cfg, parent_run_id: str | None, callbacks: list):
 
 
 def _feature_rows(features: str, options: storage.StorageOptions) -> pa.Table:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from pipelines.features.job import TABLE, read_info
+    from pipelines.features.job import read_info
+    from pipelines.fusion.run import usable_rows
 
     read_info(features, options)  # a folder without a finished table fails with what to run
-    fs, path = storage.Files(options).resolve(storage.join(features, TABLE))
-    table = pq.read_table(path, filesystem=fs, columns=["split", "label", "generator", "error"])
-    return table.filter(pc.is_null(table.column("error")))
+    return usable_rows(features, options, ("split", "label", "generator"))
 
 
 def _check_fusion(cfg, options: storage.StorageOptions) -> None:

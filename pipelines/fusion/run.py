@@ -55,10 +55,11 @@ def head_config(cfg: FusionTrainConfig, info: dict[str, Any]) -> FusionConfig:
     return head
 
 
-def usable_rows(features: str, options: storage.StorageOptions) -> Any:
-    """The table's rows with features (no ``error``), ``split`` and ``label`` only: what the split checks read."""
+def usable_rows(features: str, options: storage.StorageOptions, columns: tuple[str, ...] = ("split", "label")) -> Any:
+    """The table's rows with features (no ``error``), ``columns`` only (``split`` and ``label``: what the split
+    checks read)."""
     fs, path = storage.Files(options).resolve(storage.join(features, TABLE))
-    table = pq.read_table(path, filesystem=fs, columns=["split", "label", "error"])
+    table = pq.read_table(path, filesystem=fs, columns=[*columns, "error"])
     return table.filter(pc.is_null(table.column("error"))).drop_columns(["error"])
 
 
