@@ -24,7 +24,8 @@ the run is then marked cut), and is resumed with the same command for at most ``
   stores' pages in use, each counted once (Ray's own store stats need ``grpcio``, which this venv lacks); each
   job gets a fresh cluster so that the peak is its own;
 - ``resume``: seconds from the restart to the first row written by the resumed run, and rows redone (rows in the
-  parts beyond the distinct keys: results written twice).
+  parts beyond the distinct keys: results written twice; a finished job has removed its parts, so ``-``).
+- ``rows written``: the output's rows for a finished job, else the rows in its parts.
 
 Only ``rows/s`` of runs that reached their steady state mean anything; numbers on a machine shared with other work
 are noisy (run it with ``nice``). The goal (issue #28): driver memory flat in corpus size (10M within 1.2x of
@@ -224,7 +225,8 @@ def bench(design: str, code: Path, manifest: Path, rows: int, weights: Path, wor
         steady.append(steady_segment(samples, at_kill))
     done, spent = map(sum, zip(*steady))
     row.rate = done / spent if spent > 0 else float("nan")
-    row.done = counter.rows()
+    # a finished job compacts its parts into the output and removes them: then its output's rows are what it wrote
+    row.done = pq.read_metadata(output).num_rows if ended and output.exists() else counter.rows()
     row.redone = redone_rows(parts) if parts.is_dir() else None
     return row
 
