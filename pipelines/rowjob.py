@@ -41,7 +41,7 @@ import ray
 import ray.data
 from ray.data.block import BlockAccessor
 
-from pipelines.data.dataset import DECODED_COLUMNS, decode_images
+from pipelines.data.dataset import DECODED_COLUMNS, block_bounds, decode_images
 from pipelines.data.decode import DEFAULT_MAX_PIXELS
 from pipelines.data.manifest import MANIFEST_SCHEMA, ManifestError, conform, manifest_files, split_rows
 from pipelines.infra.console import progress_bar
@@ -119,8 +119,8 @@ class Rows:
 def _read_shard(batch: pa.Table, rows: Rows, shards: Sequence[Shard], table: pa.Table | None,
                 options: StorageOptions, labels: Sequence[str], done: Any) -> Iterator[pa.Table]:
     """Manifest rows of the shards in ``batch`` with ``row_id``, ``_order`` and the ``variants`` (labels) still to
-    do; rows with none left are dropped. One table per shard: Ray Data joins what a task yields into blocks of up
-    to its target block size anyway, so a shard is one decode task, which streams its decoded rows on."""
+    do; rows with none left are dropped. Blocks sized by :func:`~pipelines.data.dataset.block_bounds`: one decode
+    task each."""
     done_keys = ray.get(done) if done is not None else None
     for index in batch.column("shard").to_pylist():
         shard = shards[index]
@@ -148,10 +148,13 @@ def _read_shard(batch: pa.Table, rows: Rows, shards: Sequence[Shard], table: pa.
             continue
         part = part.take(pa.array(keep)).append_column(
             "variants", pa.array([left[i] for i in keep], pa.list_(pa.string())))
+        bounds = block_bounds(part)  # by pixels when the manifest knows image sizes
         # input columns named like those decoding adds (a CSV's image path, a validated manifest's sizes) keep
         # their values under another name until the results are written
-        yield part.rename_columns([f"{INPUT_PREFIX}{name}" if name in DECODED_COLUMNS else name
-                                   for name in part.column_names])
+        part = part.rename_columns([f"{INPUT_PREFIX}{name}" if name in DECODED_COLUMNS else name
+                                    for name in part.column_names])
+        for start, end in zip(bounds, bounds[1:]):
+            yield part.slice(start, end - start)
 
 
 def one_label(batch: pa.Table, **_: Any) -> pa.Table:
@@ -342,9 +345,8 @@ def dataset(job: RowJob, progress: Progress, done_ref: Any, compute: Compute) ->
     table = job.rows.source if isinstance(job.rows.source, pa.Table) else None
     ds = ray.data.from_items([{"shard": i} for i in range(len(progress.shards))],
                              override_num_blocks=max(1, len(progress.shards)))
-    # Reads hold no CPU, two at a time: a CPU held by a read waiting on its consumers (Ray Data backpressures a task's
-    # outputs) could leave none to decode with. Other resources than decoding's also keep the two stages unfused.
-    ds = ds.map_batches(_read_shard, batch_format="pyarrow", batch_size=1, num_cpus=0, concurrency=2,
+    # a fraction of a CPU: reading does not fuse with decoding, so each read block is its own decode task
+    ds = ds.map_batches(_read_shard, batch_format="pyarrow", batch_size=1, num_cpus=0.5,
                         fn_kwargs={"rows": job.rows, "shards": progress.shards, "table": table,
                                    "options": job.options, "labels": list(job.labels), "done": done_ref})
     if job.decode:
@@ -383,9 +385,8 @@ def execute(job: RowJob, progress: Progress, done_ref: Any, compute: Compute) ->
     as it is written (nothing else of the results reaches the driver)."""
     if progress.left <= 0:
         return
-    # a write holds no CPU: with every CPU decoding or scoring, writes that waited for one would hold back the parts
     ds = dataset(job, progress, done_ref, compute).map_batches(
-        _write_part, batch_size=compute.part_rows, batch_format="pyarrow", num_cpus=0,
+        _write_part, batch_size=compute.part_rows, batch_format="pyarrow",
         fn_kwargs={"work": job.work, "options": job.options})
     # Ray Data's bars count this run's blocks per stage; the caller's bar counts the job's results
     ds.context.enable_progress_bars = False
