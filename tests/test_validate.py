@@ -13,12 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import rowjob
 from pipelines.data import manifest as m
 from pipelines.data.decode import DecodeError, decode_image
-from pipelines.data.validate import (DUPLICATES_SCHEMA, LEAKAGE_SCHEMA, ValidationReport, repeated_content,
-                                     validate_manifest)
-from pipelines.infra.storage import StorageOptions
+from pipelines.data.validate import DUPLICATES_SCHEMA, LEAKAGE_SCHEMA, ValidationReport, validate_manifest
 from spai_cli.main import main as spai
 from test_manifest import make_photos
 
@@ -188,17 +185,6 @@ def test_label_conflicts_and_all_duplicates_are_listed(copies):
     assert "label conflicts: 2 content hash(es)" in summary
     assert f"  {_sha(paths['a'])[:12]}  0,1  " in summary and f"  {_sha(paths['c'])[:12]}  0,1  " in summary
     assert "duplicates: 3 content hash(es) on more than one row, 2 extra copies within a split" in summary
-
-
-def test_over_the_local_limit_content_hashes_are_counted_in_the_cluster_with_the_same_result(copies, monkeypatch):
-    """Over ``rowjob.COMPACT_ROWS`` rows the hashes are counted by Ray Data, so that the driver holds only the
-    repeated hashes' rows: the rows of the local count."""
-    _, report = copies
-    options, uris = StorageOptions.from_env(), m.manifest_files(report.output_uri)
-    local = repeated_content(uris, report.accepted, options)
-    assert local.num_rows == 6  # a, b and c twice each
-    monkeypatch.setattr(rowjob, "COMPACT_ROWS", 3)
-    assert repeated_content(uris, report.accepted, options).sort_by("uri").equals(local.sort_by("uri"))
 
 
 def test_a_validated_manifest_validates_again_with_the_same_result(report, tmp_path):
