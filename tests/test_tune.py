@@ -20,9 +20,11 @@ import pytest
 import torch
 import yaml
 
+from polling import wait_for
 from pipelines.data.decode import decode_image
-from pipelines.demo.corpus import DemoCorpusConfig, build_demo_corpus
 from pipelines.data.manifest import read_manifest, write_manifest
+from pipelines.demo.corpus import DemoCorpusConfig, build_demo_corpus
+from pipelines.infra.runtime import remove_orphaned_placement_groups
 from pipelines.train.config import CONFIG_DIR, TrainConfig
 from spai_cli.main import build_parser
 from spai_cli.main import main as spai
@@ -340,6 +342,35 @@ def test_asha_search_mlflow_and_resume(manifest, tmp_path, monkeypatch):
         assert len(client.search_model_versions("name = 'spai'")) == 1
     finally:
         ray.shutdown()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_dead_actors_placement_group_is_removed_and_a_drivers_kept():
+    """What a killed trial's Train run leaves (a placement group whose creator actor died) is freed; the driver's
+    own groups, and those of live actors, are not. Left in place, the first kept the shared 2-CPU Ray's next job
+    waiting for a CPU forever."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def create(self) -> str:
+            group = placement_group([{"CPU": 0.5}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    creator = Creator.remote()
+    orphan = ray.get(creator.create.remote())
+    own = placement_group([{"CPU": 0.5}])
+    ray.get(own.ready())
+    try:
+        assert remove_orphaned_placement_groups() == 0  # its creator is alive
+        ray.kill(creator)
+        assert wait_for(remove_orphaned_placement_groups, 30, "the dead actor's placement group to go") == 1
+        states = {group: placement_group_table()[group]["state"] for group in (orphan, own.id.hex())}
+        assert states == {orphan: "REMOVED", own.id.hex(): "CREATED"}
+    finally:
+        remove_placement_group(own)
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from ray.tune.search import BasicVariantGenerator
 from pipelines.data.manifest import split_rows
 from pipelines.infra import storage, tracking
 from pipelines.infra.resume import check_resumable
-from pipelines.infra.runtime import check_gpus, init_ray, node_cpus
+from pipelines.infra.runtime import check_gpus, init_ray, node_cpus, remove_orphaned_placement_groups
 from pipelines.train import files
 from pipelines.train.epochs import epoch_metric_names
 from pipelines.train.run import check_local_resources
@@ -118,6 +118,20 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
+class OrphanSweep(ray.tune.Callback):
+    """Every few seconds of a search, frees what stopped trials' Train runs left holding CPUs
+    (:func:`~pipelines.infra.runtime.remove_orphaned_placement_groups`), so that the trials after them start."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._last = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self._last >= self.interval_s:
+            self._last = time.monotonic()
+            remove_orphaned_placement_groups()
+
+
 def per_trial_cpus(base: dict[str, Any]) -> float:
     """CPUs one trial holds while it runs: its Train workers' and its driver's."""
     return base["workers"] * base["cpus_per_worker"] + DRIVER_CPUS
@@ -159,7 +173,7 @@ def make_tuner(search: Search, options: storage.StorageOptions) -> ray.tune.Tune
 def run_config(search_dir: str, options: storage.StorageOptions) -> ray.tune.RunConfig:
     """Tune keeps a search's state (and its trials' results) in the search folder, on s3:// too."""
     fs, path = storage.filesystem(storage.parent(search_dir), options)
-    return ray.tune.RunConfig(name=storage.basename(search_dir), storage_path=path,
+    return ray.tune.RunConfig(name=storage.basename(search_dir), storage_path=path, callbacks=[OrphanSweep()],
                               storage_filesystem=fs if storage.is_s3(search_dir) else None)
 
 
@@ -341,6 +355,8 @@ def fit_trials(tuner: ray.tune.Tuner, search: Search, options: storage.StorageOp
     except BaseException as exc:
         finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+    finally:  # the last stopped trials' groups, before the Ray is used for anything else
+        remove_orphaned_placement_groups()
     if unfinished_trials(search.dir, options):
         finish("KILLED")
         logger.warning(f"search interrupted; continue it with: {search.command} --resume --output "

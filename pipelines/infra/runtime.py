@@ -13,9 +13,10 @@ from spai_core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
-# Polls Ray's State API, which needs the dashboard that a local Ray here does not start: without one it warns every
-# few seconds for the whole run, and it has nothing to do there (the local Ray ends with the driver, placement groups
-# too). With a dashboard its queries succeed, so raising its level hides nothing on a cluster but a flaky State API.
+# Polls Ray's State API, which needs the dashboard that a local Ray here does not start (it needs ray[default]):
+# without one it warns every few seconds for the whole run and never sees its controller die, so what it would remove
+# remove_orphaned_placement_groups does. With a dashboard its queries succeed, so raising its level hides nothing on
+# a cluster but a flaky State API.
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 # Ray Data says which progress display it picked, and how to turn on the bars we turn off for our own
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
@@ -99,6 +100,31 @@ def check_gpus(needed: float, asked: str) -> None:
         return
     raise ClusterError(f"{asked} needs {needed:g} GPU(s) but the local Ray has {have:g}; ask for fewer, drop the GPU "
                        "options to run on CPU, or set RAY_ADDRESS to a Ray cluster with GPUs")
+
+
+def remove_orphaned_placement_groups() -> int:
+    """Remove the placement groups whose creator, an actor, has died; returns how many.
+
+    Ray keeps a placement group until its creator actor *and* its job have ended. A Tune trial that ASHA stops is
+    killed with the Train run inside it, whose worker group's placement group then holds its CPUs until the driver
+    exits: on a small cluster the next trials, and any job after the search in the same process, wait for CPUs
+    forever. Ray Train's own cleaner actor does this through the State API, which only a Ray with a dashboard serves.
+    Placement groups of drivers and detached ones are left alone."""
+    from ray._private.state import state  # the GCS table: the public one does not say who created a group
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+    from ray.util.placement_group import PlacementGroup
+
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        group = PlacementGroupTableData.FromString(raw)
+        if (group.state == PlacementGroupTableData.REMOVED or group.is_detached or not group.creator_actor_dead
+                or ray.ActorID(group.creator_actor_id).is_nil()):
+            continue
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+        removed += 1
+    if removed:
+        logger.info("removed %d placement group(s) of ended actors (stopped trials' Train workers)", removed)
+    return removed
 
 
 def setup_worker() -> None:
