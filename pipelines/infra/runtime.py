@@ -109,16 +109,17 @@ def remove_orphaned_placement_groups() -> int:
     killed with the Train run inside it, whose worker group's placement group then holds its CPUs until the driver
     exits: on a small cluster the next trials, and any job after the search in the same process, wait for CPUs
     forever. Ray Train's own cleaner actor does this through the State API, which only a Ray with a dashboard serves.
-    Placement groups of drivers and detached ones are left alone."""
+    Only this job's groups are touched, and of those not the driver's own or detached ones."""
     from ray._private.state import state  # the GCS table: the public one does not say who created a group
     from ray.core.generated.gcs_pb2 import PlacementGroupTableData
     from ray.util.placement_group import PlacementGroup
 
+    job = ray.JobID.from_hex(ray.get_runtime_context().get_job_id()).binary()
     removed = 0
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         group = PlacementGroupTableData.FromString(raw)
-        if (group.state == PlacementGroupTableData.REMOVED or group.is_detached or not group.creator_actor_dead
-                or ray.ActorID(group.creator_actor_id).is_nil()):
+        if (group.creator_job_id != job or group.state == PlacementGroupTableData.REMOVED or group.is_detached
+                or not group.creator_actor_dead or ray.ActorID(group.creator_actor_id).is_nil()):
             continue
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
         removed += 1
